@@ -1,0 +1,365 @@
+"""The one params schema: every key declared once with its type, default, range and doc.
+
+`load_params(path, overrides)` reads `params.yaml`, applies `--set a.b=c` overrides and validates.
+Unknown keys and bad values raise `ConfigError` whose message names the key path, the value and
+what is allowed (with the closest key for a typo). The CLI turns it into exit status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the schema; the message says what to fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class DemoDataParams(Section):
+    crop: int = Field(128, ge=16, le=512, description="IHC slide crop size in px (BreCaHAD-style overlapping crops)")
+    stride: int = Field(64, ge=8, le=512, description="IHC crop stride in px (crops overlap when stride < crop)")
+    lfw_faces: int = Field(100, ge=0, le=100, description="how many of the 100 LFW faces in skimage's lfw_subset to add")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of images put in the seeded 'test' split")
+    seed: int = Field(0, ge=0, description="seed of the train/test split")
+
+
+class DataParams(Section):
+    dataset: str = Field("demo", min_length=1, description="curated dataset to train on: folder name under data.root")
+    root: str = Field("data", min_length=1, description="folder that holds the curated datasets")
+    demo: DemoDataParams = Field(default_factory=DemoDataParams, description="the offline demo dataset")
+
+
+# ---------------------------------------------------------------------------------------- model
+class ModelParams(Section):
+    arch: Literal["dcgan"] = Field("dcgan", description="generator/discriminator family")
+    resolution: Literal[32, 64] = Field(32, description="image side in px; images are resized to it")
+    z_dim: int = Field(128, ge=1, le=4096, description="latent z dimension")
+    g_channels: int = Field(64, ge=4, le=1024, description="generator width (channels of its last block)")
+    d_channels: int = Field(64, ge=4, le=1024, description="discriminator width (channels of its first block)")
+
+    @property
+    def d_blocks(self) -> int:
+        """Number of stride-2 blocks in the DCGAN discriminator (resolution → 4)."""
+        return int(math.log2(self.resolution)) - 2
+
+
+# ------------------------------------------------------------------------------------------- fq
+class FQParams(Section):
+    enabled: bool = Field(True, description="quantize discriminator features (FQ-GAN, ICML 2020)")
+    codebook_size: int = Field(64, ge=2, le=65536, description="K = 2^P dictionary entries (sweep axis)")
+    decay: float = Field(0.9, ge=0.0, lt=1.0, description="EMA decay λ of the dictionary (sweep axis; paper 0.9)")
+    alpha: float = Field(1.0, ge=0.0, le=1000.0, description="weight α of L_Q in L_GAN + α·L_Q (sweep axis)")
+    alpha_warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up of α from 0 (0 = no warm-up)")
+    commitment: float = Field(0.25, ge=0.0, le=100.0, description="β of the commitment loss β‖sg(e) − h‖²")
+    eps: float = Field(1e-5, gt=0.0, le=1.0, description="ε of the Laplace smoothing of the EMA counts")
+    mode: Literal["feed", "regularize"] = Field(
+        "feed", description="feed: D's next layer sees quantized h′ (paper); regularize: it sees h (official code)"
+    )
+    init: Literal["batch", "random"] = Field(
+        "batch", description="initial dictionary: K vectors of the first batch, or N(0, 1) as the official code"
+    )
+    feed_warmup_steps: int = Field(0, ge=0, description="in feed mode, D's next layer sees h for this many steps first")
+    layers: list[int] = Field(
+        default_factory=lambda: [1, 2], min_length=1, description="D blocks (0-based) whose output is quantized"
+    )
+
+    @field_validator("codebook_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (K = 2^P), got {v}")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(i < 0 for i in v):
+            raise ValueError(f"must be distinct non-negative block indices, got {v}")
+        return sorted(v)
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainParams(Section):
+    steps: int = Field(400, ge=1, description="total optimisation steps (one D step + one G step each)")
+    batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
+    lr_g: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of G")
+    lr_d: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
+    beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
+    loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="adversarial loss")
+    g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="decay of the EMA generator G_ema")
+    diffaugment: list[Literal["color", "translation", "cutout"]] = Field(
+        default_factory=lambda: ["color", "translation", "cutout"],
+        description="DiffAugment policies applied to real and fake images before D ([] = off)",
+    )
+    log_every: int = Field(10, ge=1, description="steps between metric logs (also the FQ utilisation window)")
+    sample_every: int = Field(100, ge=1, description="steps between fixed-z sample grids")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    seed: int = Field(0, ge=0, description="seed of init, batches, z and augmentation")
+    workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks)")
+    use_gpu: Literal["auto", "true", "false"] = Field("auto", description="train on GPU: auto = when Ray sees one")
+    out_dir: str = Field("runs/demo", min_length=1, description="run folder: checkpoints/, samples/, metrics.json")
+
+
+# -------------------------------------------------------------------------------------- metrics
+class MetricsParams(Section):
+    num_fake: int = Field(500, ge=2, description="generated images for FID/KID (from G_ema)")
+    batch_size: int = Field(100, ge=1, description="batch size of feature extraction")
+    inception_weights: str | None = Field(
+        None, description="local Inception weights (torch-fidelity .pth); unset = fixed-seed random CNN (fid_randcnn)"
+    )
+    randcnn_seed: int = Field(0, ge=0, description="seed of the random-CNN feature network")
+    kid_subset_size: int = Field(100, ge=2, description="KID subset size (capped at the smaller image count)")
+    kid_subsets: int = Field(50, ge=1, description="KID subsets averaged")
+
+
+# --------------------------------------------------------------------------------------- mlflow
+class MlflowParams(Section):
+    tracking_uri: str | None = Field(
+        None, description="tracking URI; unset = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project"
+    )
+    experiment: str = Field("sqgan", min_length=1, description="MLflow experiment name")
+    artifact_root: str = Field("mlartifacts", min_length=1, description="artifact folder of new experiments")
+    run_name: str | None = Field(None, description="run name; unset = MLflow picks one")
+
+
+# ------------------------------------------------------------------------------------------ ray
+class RayParams(Section):
+    address: str | None = Field(None, description="Ray cluster address; unset = start a local Ray")
+    storage_path: str = Field("ray_results", min_length=1, description="RunConfig.storage_path (made absolute)")
+    max_failures: int = Field(0, ge=-1, description="FailureConfig.max_failures for training workers (-1 = forever)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; unset = all")
+
+
+class Params(Section):
+    data: DataParams = Field(default_factory=DataParams, description="datasets")
+    model: ModelParams = Field(default_factory=ModelParams, description="G and D")
+    fq: FQParams = Field(default_factory=FQParams, description="feature quantization in D")
+    train: TrainParams = Field(default_factory=TrainParams, description="training loop")
+    metrics: MetricsParams = Field(default_factory=MetricsParams, description="FID/KID")
+    mlflow: MlflowParams = Field(default_factory=MlflowParams, description="tracking")
+    ray: RayParams = Field(default_factory=RayParams, description="Ray Train")
+
+    @model_validator(mode="after")
+    def _fq_layers_exist(self) -> Params:
+        n = self.model.d_blocks
+        bad = [i for i in self.fq.layers if i >= n]
+        if bad:
+            raise ValueError(
+                f"fq.layers: the {self.model.resolution}px DCGAN discriminator has blocks 0..{n - 1}, "
+                f"got {bad}; pick indices below {n}"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Resolved params as {"a.b": value} (for MLflow and for comparing runs)."""
+        return flatten(self.model_dump(mode="json"))
+
+
+# ------------------------------------------------------------------------------- load/override
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _all_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        sub = _section_type(info.annotation)
+        paths.append(prefix + name)
+        if sub is not None:
+            paths.extend(_all_paths(sub, prefix + name + "."))
+    return paths
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _unknown_key_message(path: list[str], source: str) -> str:
+    """Name the first unknown segment of `path` and suggest the closest declared key."""
+    model: type[BaseModel] = Params
+    for i, part in enumerate(path):
+        if part not in model.model_fields:
+            dotted = ".".join(path)
+            prefix = ".".join(path[:i])
+            candidates = [prefix + "." + f if prefix else f for f in model.model_fields]
+            close = difflib.get_close_matches(dotted, _all_paths(Params), n=1, cutoff=0.6)
+            close = close or difflib.get_close_matches(".".join(path[: i + 1]), candidates, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            allowed = ", ".join(sorted(model.model_fields))
+            where = f"'{prefix}'" if prefix else "the top level"
+            return f"{source}: unknown key '{dotted}'; {hint}keys allowed in {where}: {allowed}"
+        sub = _section_type(model.model_fields[part].annotation)
+        if sub is None:
+            if i < len(path) - 1:
+                return f"{source}: '{'.'.join(path[: i + 1])}' is a value, not a section; cannot set '{'.'.join(path)}'"
+            return ""
+        model = sub
+    return ""
+
+
+def _field_info(path: list[str]):
+    model: type[BaseModel] = Params
+    info = None
+    for part in path:
+        if model is None or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = _section_type(info.annotation)
+    return info
+
+
+def allowed_values(info) -> str:
+    """Human description of what a field accepts, from its annotation and constraints."""
+    if info is None:
+        return ""
+    ann = info.annotation
+    if get_origin(ann) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(ann))
+    args = [a for a in get_args(ann) if a is not type(None)]
+    if get_origin(ann) is list and args and get_origin(args[0]) is Literal:
+        return "a list of " + ", ".join(repr(a) for a in get_args(args[0]))
+    lo = hi = None
+    lo_inc = hi_inc = True
+    for m in info.metadata:
+        if getattr(m, "ge", None) is not None:
+            lo = m.ge
+        if getattr(m, "gt", None) is not None:
+            lo, lo_inc = m.gt, False
+        if getattr(m, "le", None) is not None:
+            hi = m.le
+        if getattr(m, "lt", None) is not None:
+            hi, hi_inc = m.lt, False
+    tname = getattr(ann, "__name__", str(ann)).replace("typing.", "")
+    if lo is not None or hi is not None:
+        left = ("[" if lo_inc else "(") + (str(lo) if lo is not None else "-inf")
+        right = (str(hi) if hi is not None else "inf") + ("]" if hi_inc else ")")
+        return f"{tname} in {left}, {right}"
+    return tname
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not isinstance(p, int)]
+        idx = [p for p in e["loc"] if isinstance(p, int)]
+        path = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(loc, source))
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if not loc:  # model-level validator: its message already names the key
+            lines.append(f"{source}: {msg}")
+            continue
+        got = e.get("input")
+        item = f"[{idx[0]}]" if idx else ""
+        if e["type"] == "value_error":  # our own validators write the whole sentence
+            lines.append(f"{source}: {path} {msg}")
+            continue
+        allowed = allowed_values(_field_info(loc)) or msg
+        lines.append(f"{source}: {path}{item} must be {allowed}, got {got!r} ({msg})")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'fq.decay=0.8' → (['fq', 'decay'], 0.8); the value is parsed as YAML ('null', '[1, 2]', 'true')."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set fq.decay=0.8")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key path; expected key.path=value, e.g. --set fq.decay=0.8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to a raw params dict; unknown keys are errors naming the key."""
+    for item in overrides:
+        path, value = parse_override(item)
+        msg = _unknown_key_message(path, f"--set {item}")
+        if msg:
+            raise ConfigError(msg)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+        try:
+            Params.model_validate(raw)
+        except ValidationError as err:
+            mine = [e for e in err.errors() if [str(p) for p in e["loc"] if not isinstance(p, int)] == path]
+            if mine:
+                raise ConfigError(_format_validation_error(err, f"--set {item}")) from None
+    return raw
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (missing file = all defaults only when no path was asked for), override, validate."""
+    source = str(path or DEFAULT_PARAMS)
+    p = Path(source)
+    if p.exists():
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML ({err}); fix the file or pass another with --params") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections (data:, model:, …), got {type(raw).__name__}")
+    elif path is not None:
+        raise ConfigError(f"{source}: params file not found; pass an existing file with --params")
+    else:
+        raw = {}
+    try:
+        Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    raw = apply_overrides(raw, list(overrides or []))
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, "--set")) from None
+
+
+def describe(params: Params) -> str:
+    """The resolved params as YAML with each key's doc and allowed values (what `sqgan config show` prints)."""
+    lines: list[str] = []
+
+    def walk(obj: BaseModel, indent: int) -> None:
+        for name, info in type(obj).model_fields.items():
+            value = getattr(obj, name)
+            pad = "  " * indent
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:  # {info.description}")
+                walk(value, indent + 1)
+            else:
+                dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                allowed = allowed_values(info)
+                lines.append(f"{pad}{name}: {dumped}  # {info.description} [{allowed}]")
+
+    walk(params, 0)
+    return "\n".join(lines) + "\n"

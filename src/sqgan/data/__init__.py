@@ -1,0 +1,1 @@
+"""Dataset stages and the manifest Dataset."""

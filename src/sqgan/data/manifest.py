@@ -1,0 +1,44 @@
+"""The manifest of a curated dataset: `manifest.parquet` beside an `images/` folder.
+
+Columns: path (relative to the dataset folder), sha256, width, height, source, source_id, split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from sqgan.io import atomic_path, sha256_file
+
+MANIFEST = "manifest.parquet"
+REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "source", "source_id", "split")
+
+
+def write_manifest(root: str | Path, rows: list[dict]) -> Path:
+    """Hash each listed file and write the manifest atomically (rows sorted by path for stable bytes)."""
+    root = Path(root)
+    if not rows:
+        raise ValueError(f"{root}: no images to list in the manifest")
+    for row in rows:
+        row["sha256"] = sha256_file(root / row["path"])
+    df = pd.DataFrame(rows).sort_values("path").reset_index(drop=True)
+    cols = list(REQUIRED_COLUMNS) + [c for c in df.columns if c not in REQUIRED_COLUMNS]
+    with atomic_path(root / MANIFEST) as tmp:
+        df[cols].to_parquet(tmp, index=False)
+    return root / MANIFEST
+
+
+def read_manifest(root: str | Path) -> pd.DataFrame:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {root} is not a curated dataset. Build it first, e.g. `sqgan data demo --out {root}` "
+            f"(or `dvc repro demo_data`), or point data.dataset / data.root at a curated folder."
+        )
+    df = pd.read_parquet(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {missing}; rebuild the dataset")
+    return df

@@ -1,0 +1,1 @@
+"""Metrics: FID/KID with a named feature network, codebook usage."""
