@@ -92,21 +92,21 @@ class FQParams(Section):
 
 # ---------------------------------------------------------------------------------------- train
 class TrainParams(Section):
-    steps: int = Field(400, ge=1, description="total optimisation steps (one D step + one G step each)")
+    steps: int = Field(500, ge=1, description="total optimisation steps (one D step + one G step each)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
     lr_g: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of G")
     lr_d: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
     loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="adversarial loss")
-    g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="decay of the EMA generator G_ema")
+    g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="decay of G_ema (ramped up: min(decay, (1+t)/(10+t)))")
     diffaugment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=lambda: ["color", "translation", "cutout"],
         description="DiffAugment policies applied to real and fake images before D ([] = off)",
     )
     log_every: int = Field(10, ge=1, description="steps between metric logs (also the FQ utilisation window)")
     sample_every: int = Field(100, ge=1, description="steps between fixed-z sample grids")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
     seed: int = Field(0, ge=0, description="seed of init, batches, z and augmentation")
     workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="train on GPU: auto = when Ray sees one")
@@ -141,6 +141,7 @@ class RayParams(Section):
     storage_path: str = Field("ray_results", min_length=1, description="RunConfig.storage_path (made absolute)")
     max_failures: int = Field(0, ge=-1, description="FailureConfig.max_failures for training workers (-1 = forever)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; unset = all")
+    cpus_per_worker: int = Field(1, ge=1, le=256, description="CPUs (and torch threads) per training worker")
 
 
 class Params(Section):

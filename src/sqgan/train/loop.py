@@ -103,6 +103,12 @@ def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
     return alpha * min(1.0, step / warmup_steps)
 
 
+def ema_beta(step: int, decay: float) -> float:
+    """G_ema decay at `step`: min(decay, (1 + step) / (10 + step)), averaging over ~10% of the steps so far
+    early on (as the ramp-up of StyleGAN2-ADA's ema_rampup)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 # ------------------------------------------------------------------------- per-step randomness
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -324,10 +330,11 @@ def train(
         loss_g.backward()
         opt_g.step()
 
-        # 3. G_ema
+        # 3. G_ema, its decay ramped up over the first steps so a short run's G_ema is not its init
+        beta = ema_beta(step, tp.g_ema_decay)
         with torch.no_grad():
             for p_ema, p in zip(G_ema.parameters(), _unwrap(G).parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - tp.g_ema_decay)
+                p_ema.lerp_(p, 1.0 - beta)
             for b_ema, b in zip(G_ema.buffers(), _unwrap(G).buffers(), strict=True):
                 b_ema.copy_(b)
 

@@ -1,0 +1,127 @@
+"""`sqgan` command line: a thin shell over the stage functions.
+
+Every command reads `--params FILE` (default params.yaml) and any number of `--set key.path=value`.
+Bad params exit with status 2 and a message naming the key; a failing stage exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sqgan.config import ConfigError, Params, describe, load_params
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+config_app = typer.Typer(help="Show or check the resolved params.", no_args_is_help=True)
+data_app = typer.Typer(help="Build datasets (each a folder of images + manifest.parquet).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+ParamsOpt = Annotated[Path | None, typer.Option("--params", "-p", help="params file (default: params.yaml)")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="override a param: key.path=value (repeatable)")
+]
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def resolve(params_file: Path | None, overrides: list[str] | None) -> Params:
+    try:
+        return load_params(params_file, overrides or [])
+    except ConfigError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(e: Exception) -> typer.Exit:
+    _err(f"error: {e}")
+    return typer.Exit(1)
+
+
+@config_app.command("show")
+def config_show(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved params, each key with its doc and allowed values."""
+    typer.echo(describe(resolve(params, set_)), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Check the params; exit 2 naming the first bad key."""
+    resolve(params, set_)
+    typer.echo(f"{params or 'params.yaml'}: ok")
+
+
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path, typer.Option(help="output folder (replaced atomically)")] = Path("data/demo"),
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build the offline demo dataset from images bundled in scikit-image (data.demo.*, model.resolution)."""
+    from sqgan.data.demo import build_demo
+
+    p = resolve(params, set_)
+    d = p.data.demo
+    try:
+        path = build_demo(out, p.model.resolution, d.crop, d.stride, d.lfw_faces, d.test_fraction, d.seed)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"demo dataset written to {path}")
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: train.out_dir)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="checkpoint .pt to continue from")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train a GAN as a Ray Train job (train.workers DDP ranks), tracked in MLflow."""
+    from sqgan.train.ray_train import run_training
+
+    p = resolve(params, set_)
+    data_dir = data or Path(p.data.root) / p.data.dataset
+    out_dir = out or Path(p.train.out_dir)
+    try:
+        run = run_training(p, data_dir, out_dir, resume=resume)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"mlflow run {run.run_id} ({run.tracking_uri})")
+    summary(out_dir)
+
+
+@app.command("summary")
+def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("runs/demo")) -> None:
+    """Print a finished run's metrics and where its results are."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.exists():
+        _err(f"error: {metrics_file} not found; train first (`make demo` or `sqgan train --out {run_dir}`)")
+        raise typer.Exit(1)
+    m = json.loads(metrics_file.read_text())
+    quality = {k: v for k, v in m.items() if k.startswith(("fid_", "kid_"))}
+    fq = {k: v for k, v in m.items() if k.startswith("fq/layer")}
+    typer.echo(f"run folder:   {run_dir}  (step {m.get('step')})")
+    typer.echo(f"sample grid:  {run_dir / 'grid.png'}")
+    typer.echo(f"checkpoints:  {run_dir / 'checkpoints'}")
+    for k, v in {**quality, **fq}.items():
+        typer.echo(f"  {k:28s} {v:.4f}")
+    prov = m.get("provenance", {})
+    if prov:
+        typer.echo(f"metrics by:   {prov.get('implementation')}; features: {prov.get('feature_extractor')}; "
+                   f"{prov.get('n_real')} real vs {prov.get('n_fake')} generated")
+    typer.echo("dashboard:    make ui  →  http://127.0.0.1:5000")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="sqgan")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

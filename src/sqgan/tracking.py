@@ -1,0 +1,163 @@
+"""MLflow: where runs go, what they are tagged with, and a small logger the training ranks use.
+
+Default backend: sqlite `mlflow.db` in the project, artifacts under `mlartifacts/` (the file store is
+deprecated in MLflow 3). `mlflow.tracking_uri` in params or `MLFLOW_TRACKING_URI` override it.
+The driver creates the run (params, provenance tags); rank 0 logs metrics and artifacts into it by id.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sqgan.config import Params
+from sqgan.io import sha256_file
+
+PACKAGES = ("sqgan", "torch", "torchvision", "ray", "mlflow", "dvc", "torchmetrics", "numpy", "pydantic")
+
+
+def resolve_tracking_uri(params: Params, project_dir: str | Path = ".") -> str:
+    if params.mlflow.tracking_uri:
+        return params.mlflow.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(Path(project_dir) / 'mlflow.db').resolve()}"
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
+    """The experiment's id, created with artifacts under `artifact_root` when it does not exist yet."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = Path(artifact_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        return client.create_experiment(name, artifact_location=(root / name).as_uri())
+    except Exception:  # created by a concurrent run meanwhile
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_sha(project_dir: str | Path = ".") -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_dir,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def dvc_lock_hash(data_dir: Path, project_dir: Path) -> str | None:
+    """The md5 that dvc.lock records for `data_dir` as a stage output, if any."""
+    lock = project_dir / "dvc.lock"
+    if not lock.exists():
+        return None
+    try:
+        rel = os.path.relpath(data_dir.resolve(), project_dir.resolve())
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    for stage in stages.values():
+        for out in stage.get("outs", []) or []:
+            if os.path.normpath(out.get("path", "")) == os.path.normpath(rel):
+                return out.get("md5")
+    return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def provenance_tags(data_dir: str | Path, project_dir: str | Path = ".") -> dict[str, str]:
+    data_dir, project_dir = Path(data_dir), Path(project_dir)
+    manifest = data_dir / "manifest.parquet"
+    tags = {
+        "git_sha": git_sha(project_dir),
+        "data.dir": str(data_dir),
+        "data.manifest_sha256": sha256_file(manifest) if manifest.exists() else "missing",
+        "data.dvc_lock_md5": dvc_lock_hash(data_dir, project_dir) or "not in dvc.lock",
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+    }
+    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    return tags
+
+
+def start_run(
+    params: Params,
+    data_dir: str | Path,
+    project_dir: str | Path = ".",
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[str, str]:
+    """Create a run with the resolved params and provenance tags; returns (tracking_uri, run_id)."""
+    from mlflow.entities import Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    uri = resolve_tracking_uri(params, project_dir)
+    exp_id = ensure_experiment(uri, params.mlflow.experiment, Path(project_dir) / params.mlflow.artifact_root)
+    all_tags = provenance_tags(data_dir, project_dir) | dict(tags or {})
+    if params.mlflow.run_name:
+        all_tags[MLFLOW_RUN_NAME] = params.mlflow.run_name
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    client = _client(uri)
+    run = client.create_run(exp_id, tags=all_tags, run_name=params.mlflow.run_name)
+    flat = [Param(k, str(v)) for k, v in params.flat().items()]
+    for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=flat[i : i + 100])
+    client.log_text(run.info.run_id, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False),
+                    "params.yaml")
+    return uri, run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+class MlflowLogger:
+    """Logs into an existing run by id (used on rank 0 inside Ray workers)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.client = _client(tracking_uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_artifact(self, path: Path, artifact_path: str = "") -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path or None)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))

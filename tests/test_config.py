@@ -1,0 +1,84 @@
+"""Params: one schema, overrides, and errors that name the key path (exit status 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sqgan.cli import app
+from sqgan.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_bad_value_exits_2_naming_key_value_and_range():
+    r = runner.invoke(app, ["config", "validate", "--params", str(ROOT / "params.yaml"), "--set", "fq.decay=1.5"])
+    assert r.exit_code == 2
+    assert "fq.decay" in r.output and "1.5" in r.output and "[0.0, 1.0)" in r.output
+
+
+def test_unknown_key_exits_2_and_suggests_closest_key():
+    r = runner.invoke(app, ["config", "validate", "--params", str(ROOT / "params.yaml"),
+                            "--set", "fq.codebook_sise=8"])
+    assert r.exit_code == 2
+    assert "fq.codebook_sise" in r.output and "did you mean 'fq.codebook_size'" in r.output
+
+
+def test_unknown_key_in_params_file_names_file_and_key(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  stesp: 3\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: unknown key 'train.stesp'; did you mean 'train.steps'"):
+        load_params(f)
+
+
+def test_override_parses_yaml_values_and_wins_over_file(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("fq:\n  codebook_size: 8\n  layers: [0]\n")
+    p = load_params(f, ["fq.codebook_size=128", "fq.layers=[0, 2]", "metrics.inception_weights=null",
+                        "train.diffaugment=[]"])
+    assert p.fq.codebook_size == 128 and p.fq.layers == [0, 2]
+    assert p.metrics.inception_weights is None and p.train.diffaugment == []
+    assert p.fq.decay == Params().fq.decay  # untouched keys keep their defaults
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("fq.codebook_size=12", ["fq.codebook_size", "power of two", "12"]),
+        ("fq.layers=[3]", ["fq.layers", "0..2", "[3]"]),
+        ("model.resolution=48", ["model.resolution", "32, 64", "48"]),
+        ("fq.decay", ["key.path=value"]),
+        ("fq.decay.x=1", ["'fq.decay' is a value"]),
+    ],
+)
+def test_bad_overrides_name_the_key(item, words):
+    with pytest.raises(ConfigError) as e:
+        load_params(ROOT / "params.yaml", [item])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_params_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_project_params_file_declares_every_schema_key():
+    import yaml
+
+    from sqgan.config import flatten
+
+    declared = set(flatten(yaml.safe_load((ROOT / "params.yaml").read_text())))
+    assert declared == set(Params().flat())
+
+
+def test_config_show_prints_each_key_with_its_doc():
+    r = runner.invoke(app, ["config", "show", "--params", str(ROOT / "params.yaml"), "--set", "fq.alpha=0.5"])
+    assert r.exit_code == 0
+    line = next(ln for ln in r.output.splitlines() if ln.strip().startswith("alpha:"))
+    assert "0.5" in line and "weight α" in line
+    n_keys = sum(1 for ln in r.output.splitlines() if "[" in ln.split("#")[-1])
+    assert n_keys == len(Params().flat())

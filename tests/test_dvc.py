@@ -1,0 +1,58 @@
+"""The demo chain under DVC: `dvc repro` builds it; a second `dvc repro` reproduces nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", proj)
+    shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(steps=4, batch_size=8, log_every=2, sample_every=2, checkpoint_every=2)
+    params["model"].update(g_channels=8, d_channels=8)
+    params["metrics"].update(num_fake=20, kid_subset_size=10, kid_subsets=2)
+    params["data"]["demo"].update(lfw_faces=10)
+    params["ray"].update(cpus_per_worker=1, num_cpus=1)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "RAY_AUTH_MODE": "disabled",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("RAY_ADDRESS", None)
+    dvc = os.path.join(bin_dir, "dvc")
+    assert _run(["git", "init", "-q"], proj, env).returncode == 0
+    assert _run([dvc, "init", "-q"], proj, env).returncode == 0
+
+    first = _run([dvc, "repro"], proj, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Running stage 'demo_data'" in first.stdout and "Running stage 'train'" in first.stdout
+    metrics = yaml.safe_load((proj / "runs/demo/metrics.json").read_text())
+    assert metrics["step"] == 4 and "fid_randcnn" in metrics
+    assert (proj / "runs/demo/grid.png").stat().st_size > 0
+    assert len(list((proj / "data/demo/images").iterdir())) == 49 + 10
+
+    second = _run([dvc, "repro"], proj, env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Running stage" not in second.stdout
+    assert "didn't change, skipping" in second.stdout
+    status = _run([dvc, "status"], proj, env)
+    assert "up to date" in status.stdout

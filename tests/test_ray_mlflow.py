@@ -1,0 +1,45 @@
+"""`sqgan train` for real: a Ray Train TorchTrainer with 1 worker, leaving a complete run in MLflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT, tiny_overrides
+from sqgan.config import load_params
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_train_run_leaves_params_metrics_tags_and_sample_grid_in_mlflow(ray_session, demo_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sqgan.train.ray_train import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(None, tiny_overrides(**{
+        "mlflow.tracking_uri": uri, "mlflow.artifact_root": str(tmp_path / "artifacts"),
+        "mlflow.experiment": "ray-test", "ray.storage_path": str(tmp_path / "ray"),
+        "fq.decay": 0.7, "train.steps": 12, "train.checkpoint_every": 6, "train.log_every": 4,
+    }))
+    run = run_training(params, demo_dir, tmp_path / "run", project_dir=ROOT)
+
+    client = MlflowClient(tracking_uri=uri)
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FINISHED"
+    assert r.data.params["fq.decay"] == "0.7" and r.data.params["train.steps"] == "12"
+    assert len(r.data.params) == len(params.flat())
+    history = client.get_metric_history(run.run_id, "loss/d")
+    assert [m.step for m in history] == [4, 8, 12]
+    assert "fq/layer1/utilisation" in r.data.metrics and "fid_randcnn" in r.data.metrics
+    assert "fid" not in r.data.metrics
+    tags = r.data.tags
+    assert len(tags["git_sha"].removesuffix("-dirty")) == 40
+    from sqgan.io import sha256_file
+
+    assert tags["data.manifest_sha256"] == sha256_file(demo_dir / "manifest.parquet")
+    assert tags["version.torch"].startswith("2.14.1") and tags["version.ray"] == "2.60.0"
+    samples = {f.path for f in client.list_artifacts(run.run_id, "samples")}
+    assert {"samples/step_000010.png", "samples/grid.png"} <= samples
+    top = {f.path for f in client.list_artifacts(run.run_id)}
+    assert {"params.yaml", "metrics.json", "checkpoints"} <= top
+    assert run.metrics["step"] == 12 and run.metrics["fid_randcnn"] == pytest.approx(r.data.metrics["fid_randcnn"])

@@ -1,0 +1,90 @@
+"""The plain-torch loop: finite losses, exact resume, checkpoints that load with weights_only=True."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import tiny_overrides
+from sqgan.config import load_params
+from sqgan.train.loop import Hooks, alpha_at, batch_indices, load_checkpoint, train
+
+
+def _params(**extra):
+    return load_params(None, tiny_overrides(**extra))
+
+
+def test_twenty_steps_have_finite_losses_and_log_fq_usage(demo_dir, tmp_path):
+    logged: list[tuple[dict, int]] = []
+    artifacts: list[str] = []
+    hooks = Hooks(log_metrics=lambda m, s: logged.append((m, s)), log_artifact=lambda p, a: artifacts.append(p.name))
+    result = train(_params(), demo_dir, tmp_path / "run", hooks=hooks)
+    steps = [s for _, s in logged]
+    assert steps[:4] == [5, 10, 15, 20]
+    for m, _ in logged[:4]:
+        assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+        for layer in (1, 2):
+            assert 0 < m[f"fq/layer{layer}/utilisation"] <= 1
+            assert 1 <= m[f"fq/layer{layer}/perplexity"] <= 16
+    assert "fid_randcnn" in result.metrics and result.metrics["fid_randcnn"] > 0
+    assert {"step_000010.png", "step_000020.png", "grid.png", "metrics.json", "step_000020.pt"} <= set(artifacts)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000010.pt", "step_000020.pt"]
+
+
+def test_resume_at_step_10_is_bit_identical_to_uninterrupted_run(demo_dir, tmp_path):
+    p = _params()
+    full = train(p, demo_dir, tmp_path / "full")
+    resumed = train(p, demo_dir, tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_000010.pt")
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["step"] == b["step"] == 20
+    for part in ("G", "D", "G_ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert torch.equal(a["D"]["quantizers.1.ema_count"], b["D"]["quantizers.1.ema_count"])
+    assert a["opt_d"]["state"][0]["exp_avg"].equal(b["opt_d"]["state"][0]["exp_avg"])
+    # and it did train: step 10 and step 20 differ
+    mid = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_000010.pt")
+    assert not torch.equal(mid["G"]["fc.weight"], a["G"]["fc.weight"])
+
+
+def test_checkpoint_holds_everything_for_resume_and_loads_weights_only(demo_dir, tmp_path):
+    train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "r")
+    path = tmp_path / "r" / "checkpoints" / "step_000010.pt"
+    state = torch.load(path, weights_only=True)
+    assert {"G", "D", "G_ema", "opt_g", "opt_d", "step", "rng", "params"} <= set(state)
+    assert {"quantizers.1.codebook", "quantizers.1.ema_count", "quantizers.1.ema_sum"} <= set(state["D"])
+    assert state["params"]["fq"]["codebook_size"] == 16
+
+
+def test_resume_refuses_a_different_architecture(demo_dir, tmp_path):
+    import pytest
+
+    train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "r")
+    with pytest.raises(ValueError, match="fq.codebook_size: 16 → 32"):
+        train(_params(**{"fq.codebook_size": 32}), demo_dir, tmp_path / "r2",
+              resume=tmp_path / "r" / "checkpoints" / "step_000010.pt")
+
+
+def test_batches_cover_each_image_once_per_epoch_across_ranks():
+    n, b, world = 10, 3, 2
+    seen = []
+    for step in range(5):  # 5 steps × 6 = 30 = 3 epochs
+        for rank in range(world):
+            seen.extend(batch_indices(step, n, b, world, rank, seed=0).tolist())
+    for epoch in range(3):
+        assert sorted(seen[epoch * n : (epoch + 1) * n]) == list(range(n))
+    assert batch_indices(3, n, b, world, 1, 0).tolist() == batch_indices(3, n, b, world, 1, 0).tolist()
+
+
+def test_alpha_warms_up_linearly():
+    assert alpha_at(0, 2.0, 100) == 0.0
+    assert alpha_at(25, 2.0, 100) == 0.5
+    assert alpha_at(500, 2.0, 100) == 2.0
+    assert alpha_at(0, 2.0, 0) == 2.0
+
+
+def test_nonsaturating_loss_without_fq_or_augment_trains(demo_dir, tmp_path):
+    p = _params(**{"train.loss": "nonsaturating", "fq.enabled": "false", "train.diffaugment": "[]",
+                   "train.steps": 6, "train.log_every": 3})
+    result = train(p, demo_dir, tmp_path / "ns")
+    assert not any(k.startswith("fq/layer") for k in result.metrics)
+    assert result.metrics["loss/fq"] == 0.0
