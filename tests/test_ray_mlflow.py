@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT, tiny_overrides
+
 from sqgan.config import load_params
 
 pytestmark = pytest.mark.ray

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_overrides
+
 from sqgan.config import load_params
 from sqgan.train.loop import Hooks, alpha_at, batch_indices, load_checkpoint, train
 

@@ -30,7 +30,7 @@ class Section(BaseModel):
 class DemoDataParams(Section):
     crop: int = Field(128, ge=16, le=512, description="IHC slide crop size in px (BreCaHAD-style overlapping crops)")
     stride: int = Field(64, ge=8, le=512, description="IHC crop stride in px (crops overlap when stride < crop)")
-    lfw_faces: int = Field(100, ge=0, le=100, description="how many of the 100 LFW faces in skimage's lfw_subset to add")
+    lfw_faces: int = Field(100, ge=0, le=100, description="how many of lfw_subset's 100 LFW faces to add")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of images put in the seeded 'test' split")
     seed: int = Field(0, ge=0, description="seed of the train/test split")
 
@@ -99,7 +99,7 @@ class TrainParams(Section):
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
     loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="adversarial loss")
-    g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="decay of G_ema (ramped up: min(decay, (1+t)/(10+t)))")
+    g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="G_ema decay (ramped: min(decay, (1+t)/(10+t)))")
     diffaugment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=lambda: ["color", "translation", "cutout"],
         description="DiffAugment policies applied to real and fake images before D ([] = off)",

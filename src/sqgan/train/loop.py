@@ -383,7 +383,8 @@ def train(
         quality, provenance = evaluate(params, G_ema, dataset, device)
         final.update(quality)
         hooks.log_metrics(quality, tp.steps)
-        write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **final, "provenance": provenance})
+        summary = {k: v for k, v in final.items() if not k.startswith("time/")}  # keep the file reproducible
+        write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **summary, "provenance": provenance})
         hooks.log_artifact(out_dir / "metrics.json", "")
         hooks.log_artifact(ckpt_path, "checkpoints")
     hooks.on_checkpoint(ckpt_path, tp.steps, final)

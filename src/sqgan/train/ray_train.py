@@ -38,7 +38,7 @@ def init_ray(params: Params) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if params.ray.address:
         kwargs["address"] = params.ray.address
     elif params.ray.num_cpus:
@@ -57,8 +57,8 @@ def _use_gpu(params: Params) -> bool:
 def train_worker(config: dict[str, Any]) -> None:
     """`train_loop_per_worker`: one DDP rank of the training loop."""
     import ray.train
-    import torch
     import ray.train.torch  # noqa: F401  (get_device)
+    import torch
 
     from sqgan.tracking import MlflowLogger
     from sqgan.train.loop import Hooks, Runtime, train
