@@ -43,3 +43,36 @@ def test_ray_train_run_leaves_params_metrics_tags_and_sample_grid_in_mlflow(ray_
     top = {f.path for f in client.list_artifacts(run.run_id)}
     assert {"params.yaml", "metrics.json", "checkpoints"} <= top
     assert run.metrics["step"] == 12 and run.metrics["fid_randcnn"] == pytest.approx(r.data.metrics["fid_randcnn"])
+
+
+def test_two_ddp_workers_train_and_finish_with_one_checkpoint_per_report(ray_session, demo_dir, tmp_path):
+    """Two gloo ranks: FQ all-reduces inside D's forward, rank 0 alone evaluates — nothing may deadlock."""
+    import signal
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from sqgan.train.ray_train import run_training
+
+    def _timeout(*_):
+        raise TimeoutError("2-worker Ray Train run did not finish in 300 s (a collective waiting on one rank?)")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(None, tiny_overrides(**{
+        "mlflow.tracking_uri": uri, "mlflow.artifact_root": str(tmp_path / "artifacts"),
+        "ray.storage_path": str(tmp_path / "ray"), "train.workers": 2, "train.batch_size": 8,
+        "train.steps": 8, "train.checkpoint_every": 4, "train.log_every": 4,
+    }))
+    old = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(300)
+    try:
+        run = run_training(params, demo_dir, tmp_path / "run", project_dir=ROOT)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    r = MlflowClient(tracking_uri=uri).get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.data.params["train.workers"] == "2"
+    assert "fid_randcnn" in r.data.metrics
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_000008.pt", weights_only=True)
+    assert state["step"] == 8 and bool(state["D"]["quantizers.2.initialised"])
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000004.pt", "step_000008.pt"]

@@ -111,10 +111,13 @@ def fid_kid(
     if n_real < 2 or n_fake < 2:
         raise ValueError(f"FID needs at least 2 real and 2 generated images, got {n_real} and {n_fake}")
     subset = min(kid_subset_size, n_real, n_fake)
-    fid = FrechetInceptionDistance(feature=net, normalize=False, reset_real_features=True)
+    # sync_on_compute=False: rank 0 evaluates alone; a cross-rank gather here would wait forever for the others
+    fid = FrechetInceptionDistance(feature=net, normalize=False, reset_real_features=True, sync_on_compute=False)
     with warnings.catch_warnings():  # "will save all extracted features": intended, the sets are small
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=net, normalize=False, subsets=kid_subsets, subset_size=subset)
+        kid = KernelInceptionDistance(
+            feature=net, normalize=False, subsets=kid_subsets, subset_size=subset, sync_on_compute=False
+        )
     for b in reals:
         fid.update(b, real=True)
         kid.update(b, real=True)
