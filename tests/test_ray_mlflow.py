@@ -10,7 +10,7 @@ from sqgan.config import load_params
 pytestmark = pytest.mark.ray
 
 
-def test_ray_train_run_leaves_params_metrics_tags_and_sample_grid_in_mlflow(ray_session, demo_dir, tmp_path):
+def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exactly(ray_session, demo_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from sqgan.train.ray_train import run_training
@@ -43,6 +43,18 @@ def test_ray_train_run_leaves_params_metrics_tags_and_sample_grid_in_mlflow(ray_
     top = {f.path for f in client.list_artifacts(run.run_id)}
     assert {"params.yaml", "metrics.json", "checkpoints"} <= top
     assert run.metrics["step"] == 12 and run.metrics["fid_randcnn"] == pytest.approx(r.data.metrics["fid_randcnn"])
+
+    # `sqgan train --resume`: a second Ray job from the step-6 checkpoint ends with the same weights
+    import torch
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000006.pt"
+    again = run_training(params, demo_dir, tmp_path / "resumed", resume=ckpt, project_dir=ROOT)
+    assert client.get_run(again.run_id).data.tags["resumed_from"] == str(ckpt)
+    assert client.get_metric_history(again.run_id, "loss/d")[0].step == 8  # continues, not restarts
+    a = torch.load(tmp_path / "run" / "checkpoints" / "step_000012.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "step_000012.pt", weights_only=True)
+    for part in ("G", "D", "G_ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 def test_two_ddp_workers_train_and_finish_with_one_checkpoint_per_report(ray_session, demo_dir, tmp_path):
