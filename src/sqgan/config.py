@@ -92,10 +92,10 @@ class FQParams(Section):
 
 # ---------------------------------------------------------------------------------------- train
 class TrainParams(Section):
-    steps: int = Field(500, ge=1, description="total optimisation steps (one D step + one G step each)")
+    steps: int = Field(1000, ge=1, description="total optimisation steps (one D step + one G step each)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
-    lr_g: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of G")
-    lr_d: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
+    lr_g: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate of G (TTUR: below lr_d)")
+    lr_d: float = Field(4e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
     loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="adversarial loss")
@@ -106,7 +106,7 @@ class TrainParams(Section):
     )
     log_every: int = Field(10, ge=1, description="steps between metric logs (also the FQ utilisation window)")
     sample_every: int = Field(100, ge=1, description="steps between fixed-z sample grids")
-    checkpoint_every: int = Field(250, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     seed: int = Field(0, ge=0, description="seed of init, batches, z and augmentation")
     workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="train on GPU: auto = when Ray sees one")
