@@ -293,7 +293,7 @@ def train(
             "opt_d": opt_d.state_dict(),
             "rng": _rng_state(),
             "params": params.model_dump(mode="json"),
-            "metrics": dict(last_metrics),
+            "metrics": {k: v for k, v in last_metrics.items() if not k.startswith("time/")},  # same bytes each run
         }
         return save_checkpoint(ckpt_dir / f"step_{step:06d}.pt", state)
 
