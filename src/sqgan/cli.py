@@ -75,6 +75,91 @@ def data_demo(
     typer.echo(f"demo dataset written to {path}")
 
 
+@data_app.command("download")
+def data_download(
+    url: Annotated[str, typer.Option(help="http(s) URL of the file")],
+    sha256: Annotated[str, typer.Option(help="expected sha256 (64 hex digits)")],
+    out: Annotated[Path, typer.Option(help="folder to download into")],
+    extract: Annotated[bool, typer.Option("--extract", help="extract the tar/zip into OUT/<name>")] = False,
+    filename: Annotated[str | None, typer.Option(help="file name (default: the URL's last part)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Download a file (resuming a partial one), verify its sha256, optionally extract it safely."""
+    from sqgan.data.download import download, extract_archive
+
+    resolve(params, set_)
+    try:
+        path = download(url, sha256, out, filename)
+        if extract:
+            name = path.name
+            for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip"):
+                name = name.removesuffix(suffix)
+            path = extract_archive(path, out / name)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"ready: {path}")
+
+
+@data_app.command("curate")
+def data_curate(
+    src: Annotated[Path, typer.Option(help="folder of raw images (searched recursively)")],
+    out: Annotated[Path, typer.Option(help="curated dataset folder (replaced atomically)")],
+    min_images: Annotated[int, typer.Option(help="fail when fewer usable images remain")] = 1,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Decode, convert to RGB, drop exact duplicates, quarantine unusable files (listed with reasons)."""
+    from sqgan.data.curate import curate
+
+    resolve(params, set_)
+    try:
+        counts = curate(src, out, min_images=min_images)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"curated {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@data_app.command("brecahad")
+def data_brecahad(
+    src: Annotated[Path, typer.Option(help="folder of BreCaHAD slides (TIFF, 1360×1024)")],
+    out: Annotated[Path, typer.Option(help="crop dataset folder (replaced atomically)")],
+    crop: Annotated[int, typer.Option(help="crop side in px")] = 512,
+    stride: Annotated[int, typer.Option(help="crop stride in px")] = 256,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Crop every slide on the BreCaHAD grid (x outer, y inner): 12 crops per 1360×1024 slide."""
+    from sqgan.data.brecahad import crop_brecahad
+
+    resolve(params, set_)
+    try:
+        counts = crop_brecahad(src, out, crop, stride)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"cropped {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@data_app.command("subset")
+def data_subset(
+    src: Annotated[Path, typer.Option(help="curated dataset folder")],
+    n: Annotated[int, typer.Option(help="images in the subset (10, 100, 1000-shot)")],
+    out: Annotated[Path, typer.Option(help="subset folder (replaced atomically)")],
+    seed: Annotated[int, typer.Option(help="seed of the choice")] = 0,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """A seeded n-image subset of a curated dataset's train split (few-shot)."""
+    from sqgan.data.subset import make_subset
+
+    resolve(params, set_)
+    try:
+        path = make_subset(src, out, n, seed)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"subset of {n} written to {path}")
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,

@@ -60,6 +60,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch  # noqa: F401  (get_device)
     import torch
 
+    from sqgan.io import link_or_copy
     from sqgan.tracking import MlflowLogger
     from sqgan.train.loop import Hooks, Runtime, train
 
@@ -84,7 +85,7 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
-            _link_or_copy(path, Path(d) / CHECKPOINT_FILE)
+            link_or_copy(path, Path(d) / CHECKPOINT_FILE)  # Ray copies the folder into storage
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     hooks = Hooks(
@@ -97,13 +98,6 @@ def train_worker(config: dict[str, Any]) -> None:
               runtime=Runtime(rank=rank, world_size=world, device=device), hooks=hooks)
     finally:
         shutil.rmtree(local_tmp, ignore_errors=True)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # Ray copies the folder into storage; a hard link saves one copy
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def run_training(

@@ -1,0 +1,144 @@
+"""Download with a checksum (pooch), resuming a partial file, and extract archives safely.
+
+- The bytes stream into `.NAME.part`; an interrupted download leaves only that, and the next call asks the
+  server for the rest (HTTP Range). pooch checks the sha256 before the file takes its real name, so a wrong
+  checksum is an error that leaves no file at the destination (and no partial file either).
+- Extraction refuses archives with members that would escape the target: absolute paths, `..`, links
+  that point outside, device files. It extracts into a temp folder that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from sqgan.io import atomic_dir
+
+SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class ChecksumMismatch(ValueError):
+    """The downloaded bytes are not the ones the sha256 names."""
+
+
+class UnsafeArchive(ValueError):
+    """An archive member would land outside the extraction folder."""
+
+
+class ResumableDownloader:
+    """A pooch downloader that continues `part` with an HTTP Range request (restarting if the server ignores it)."""
+
+    def __init__(self, part: Path, progressbar: bool = True, timeout: float = 60.0, chunk: int = 1 << 20) -> None:
+        self.part, self.progressbar, self.timeout, self.chunk = Path(part), progressbar, timeout, chunk
+
+    def __call__(self, url: str, output_file: str, pooch: object, check_only: bool = False) -> None:
+        import requests
+
+        have = self.part.stat().st_size if self.part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as r:
+            if r.status_code == 416 and have:  # nothing left to send: the part is complete
+                pass
+            else:
+                r.raise_for_status()
+                if have and r.status_code != 206:  # the server sent the whole file: start over
+                    have = 0
+                total = have + int(r.headers.get("content-length", 0) or 0)
+                with open(self.part, "ab" if have else "wb") as f, tqdm(
+                    total=total or None, initial=have, unit="B", unit_scale=True, desc=Path(output_file).name,
+                    disable=not self.progressbar, mininterval=1.0,
+                ) as bar:
+                    for block in r.iter_content(self.chunk):
+                        f.write(block)
+                        bar.update(len(block))
+        shutil.move(str(self.part), output_file)  # complete: pooch now checks the hash and renames
+
+
+def download(
+    url: str, sha256: str, out_dir: str | Path, filename: str | None = None, progressbar: bool = True
+) -> Path:
+    """Fetch `url` into `out_dir` (kept only if its sha256 matches); an existing good copy is not fetched again."""
+    import pooch
+
+    if not SHA256.match(sha256 or ""):
+        raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}; compute it with `sha256sum FILE`")
+    out_dir = Path(out_dir)
+    name = filename or PurePosixPath(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"cannot tell a file name from {url!r}; pass --filename")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / f".{name}.part"
+    try:
+        path = pooch.retrieve(url, known_hash=f"sha256:{sha256.lower()}", fname=name, path=out_dir,
+                              downloader=ResumableDownloader(part, progressbar=progressbar))
+    except ValueError as e:
+        if "hash" in str(e).lower():
+            raise ChecksumMismatch(
+                f"{url}: the downloaded file does not match sha256 {sha256} and was not kept ({e}); "
+                f"check the URL and the checksum in params"
+            ) from None
+        raise
+    return Path(path)
+
+
+def _check_member_name(archive: Path, name: str) -> None:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeArchive(f"{archive}: member {name!r} has an absolute path; refusing to extract")
+    if ".." in p.parts:
+        raise UnsafeArchive(f"{archive}: member {name!r} climbs out with '..'; refusing to extract")
+
+
+def _check_link(archive: Path, name: str, target: str) -> None:
+    resolved = PurePosixPath(name).parent / target
+    if PurePosixPath(target).is_absolute() or ".." in PurePosixPath(_normalise(resolved)).parts:
+        raise UnsafeArchive(f"{archive}: link {name!r} → {target!r} points outside the target; refusing to extract")
+
+
+def _normalise(p: PurePosixPath) -> str:
+    parts: list[str] = []
+    for part in p.parts:
+        if part == "..":
+            if parts and parts[-1] != "..":
+                parts.pop()
+            else:
+                parts.append("..")
+        elif part != ".":
+            parts.append(part)
+    return "/".join(parts)
+
+
+def extract_archive(archive: str | Path, dest: str | Path) -> Path:
+    """Extract a tar or zip archive into `dest` (atomically), refusing members that escape it."""
+    archive, dest = Path(archive), Path(dest)
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            members = tf.getmembers()
+            for m in members:
+                _check_member_name(archive, m.name)
+                if m.issym() or m.islnk():
+                    _check_link(archive, m.name, m.linkname)
+                if m.isdev():
+                    raise UnsafeArchive(f"{archive}: member {m.name!r} is a device file; refusing to extract")
+            with atomic_dir(dest) as tmp:
+                try:
+                    tf.extractall(tmp, members=members, filter="data")  # the stdlib's guard as a second line
+                except tarfile.FilterError as e:
+                    raise UnsafeArchive(f"{archive}: {e}; refusing to extract") from None
+        return dest
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _check_member_name(archive, info.filename)
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise UnsafeArchive(f"{archive}: member {info.filename!r} is a symbolic link; refusing to extract")
+            with atomic_dir(dest) as tmp:
+                zf.extractall(tmp)
+        return dest
+    raise ValueError(f"{archive} is neither a tar nor a zip archive; drop --extract or fix the URL")
