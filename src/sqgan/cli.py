@@ -160,6 +160,34 @@ def data_subset(
     typer.echo(f"subset of {n} written to {path}")
 
 
+@data_app.command("ffhq2k5")
+def data_ffhq2k5(
+    src: Annotated[Path, typer.Option(help="curated FFHQ (manifest with sha256)")],
+    out: Annotated[Path, typer.Option(help="output folder: the smallest cluster (replaced atomically)")],
+    features: Annotated[str, typer.Option(help="blip | clip | pixels")] = "blip",
+    k: Annotated[int, typer.Option(help="KMeans clusters")] = 14,
+    seed: Annotated[int, typer.Option(help="KMeans / t-SNE seed")] = 0,
+    model: Annotated[str | None, typer.Option(help="BLIP hub name or local folder; CLIP architecture")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="CLIP weights: local file or open_clip tag")] = None,
+    cache: Annotated[Path, typer.Option(help="features cache (keyed by image sha256)")] = Path(".cache/features"),
+    batch_size: Annotated[int, typer.Option(help="images per feature batch")] = 64,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """FFHQ-2.5k: features of every image → KMeans → the smallest cluster, with size and t-SNE plots."""
+    from sqgan.data.features import build_extractor
+    from sqgan.data.ffhq import build_ffhq2k5
+
+    resolve(params, set_)
+    try:
+        extractor = build_extractor(features, model, pretrained)
+        report = build_ffhq2k5(src, out, extractor, cache, k=k, seed=seed, batch_size=batch_size)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _fail(e) from None
+    typer.echo(f"{out}: cluster {report['chosen_cluster']} with {report['images']} of {report['input_images']} "
+               f"images; sizes {report['sizes']}")
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
