@@ -188,6 +188,29 @@ def data_ffhq2k5(
                f"images; sizes {report['sizes']}")
 
 
+@data_app.command("dogface")
+def data_dogface(
+    src: Annotated[Path, typer.Option(help="Oxford-IIIT Pet root (images/, annotations/)")],
+    out: Annotated[Path, typer.Option(help="dog-face dataset folder (replaced atomically)")],
+    size: Annotated[int, typer.Option(help="output side in px")] = 256,
+    margin: Annotated[float, typer.Option(help="crop side = (1 + margin) × the head box's longer side")] = 0.25,
+    seed: Annotated[int, typer.Option(help="seed of the split and the detector")] = 0,
+    detector_steps: Annotated[int, typer.Option(help="training steps of the head-box detector")] = 300,
+    detector_weights: Annotated[Path | None, typer.Option(help="ResNet-18 weights to start the detector")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Dog faces: head boxes from the VOC XMLs (a trained detector for the rest), centred square crops."""
+    from sqgan.data.dogface import build_dogface
+
+    resolve(params, set_)
+    try:
+        report = build_dogface(src, out, size, margin, seed, detector_steps, detector_weights)
+    except (OSError, ValueError) as e:
+        raise _fail(e) from None
+    typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
