@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,45 @@ def tiny_overrides(**extra: object) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    seen_ranges: list[str | None] = []
+
+    def do_GET(self):  # noqa: N802
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        self.seen_ranges.append(rng)
+        if rng:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.end_headers()
+                return
+            chunk = body[start:]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            chunk = body
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(chunk)))
+        self.end_headers()
+        self.wfile.write(chunk)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    _RangeHandler.files, _RangeHandler.seen_ranges = {}, []
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _RangeHandler
+    httpd.shutdown()
+    httpd.server_close()

@@ -41,7 +41,7 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     assert _run(["git", "init", "-q"], proj, env).returncode == 0
     assert _run([dvc, "init", "-q"], proj, env).returncode == 0
 
-    first = _run([dvc, "repro"], proj, env)
+    first = _run([dvc, "repro", "train"], proj, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Running stage 'demo_data'" in first.stdout and "Running stage 'train'" in first.stdout
     metrics = yaml.safe_load((proj / "runs/demo/metrics.json").read_text())
@@ -49,9 +49,9 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     assert (proj / "runs/demo/grid.png").stat().st_size > 0
     assert len(list((proj / "data/demo/images").iterdir())) == 49 + 10
 
-    second = _run([dvc, "repro"], proj, env)
+    second = _run([dvc, "repro", "train"], proj, env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Running stage" not in second.stdout
     assert "didn't change, skipping" in second.stdout
-    status = _run([dvc, "status"], proj, env)
+    status = _run([dvc, "status", "train"], proj, env)
     assert "up to date" in status.stdout

@@ -211,6 +211,23 @@ def data_dogface(
     typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
 
 
+@data_app.command("prepare")
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | subset")],
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build a real dataset from params (data.<name>.url+sha256 or .path) into data.root/<name>."""
+    from sqgan.data.prepare import prepare
+
+    p = resolve(params, set_)
+    try:
+        report = prepare(name, p)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise _fail(e) from None
+    typer.echo(f"{Path(p.data.root) / name}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+
+
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,

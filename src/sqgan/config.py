@@ -35,10 +35,58 @@ class DemoDataParams(Section):
     seed: int = Field(0, ge=0, description="seed of the train/test split")
 
 
+class SourceParams(Section):
+    """Where a real dataset comes from: a URL with its sha256 (downloaded by the stage) or a local copy."""
+
+    url: str | None = Field(None, description="archive or file URL (needs sha256); unset = use path")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="sha256 of the file at url")
+    path: str | None = Field(None, description="local copy: a folder, or an archive to extract")
+
+    @model_validator(mode="after")
+    def _url_needs_sha(self) -> SourceParams:
+        if self.url and not self.sha256:
+            raise ValueError("url is set but sha256 is not; give the file's sha256 (sha256sum FILE)")
+        return self
+
+
+class FFHQParams(SourceParams):
+    features: Literal["blip", "clip", "pixels"] = Field("blip", description="image features for the clustering")
+    model: str | None = Field(None, description="BLIP hub name / local folder, or CLIP architecture")
+    pretrained: str | None = Field(None, description="CLIP weights (local file or open_clip tag)")
+    k: int = Field(14, ge=2, le=1000, description="KMeans clusters; the smallest becomes the dataset")
+    seed: int = Field(0, ge=0, description="KMeans / t-SNE seed")
+    batch_size: int = Field(64, ge=1, description="images per feature batch")
+
+
+class BrecahadParams(SourceParams):
+    crop: int = Field(512, ge=16, description="crop side in px")
+    stride: int = Field(256, ge=1, description="crop stride in px")
+
+
+class DogfaceParams(SourceParams):
+    size: int = Field(256, ge=16, le=2048, description="output side in px")
+    margin: float = Field(0.25, ge=0.0, le=4.0, description="crop side = (1 + margin) × head box's longer side")
+    seed: int = Field(0, ge=0, description="seed of the split and the detector")
+    detector_steps: int = Field(300, ge=1, description="training steps of the head-box detector")
+    detector_weights: str | None = Field(None, description="ResNet-18 weights to start the detector from")
+
+
+class SubsetParams(Section):
+    source: str = Field("demo", min_length=1, description="curated dataset (folder under data.root) to draw from")
+    n: int = Field(10, ge=1, description="images in the few-shot subset (10, 100, 1000)")
+    seed: int = Field(0, ge=0, description="seed of the choice")
+
+
 class DataParams(Section):
     dataset: str = Field("demo", min_length=1, description="curated dataset to train on: folder name under data.root")
     root: str = Field("data", min_length=1, description="folder that holds the curated datasets")
+    cache: str = Field(".cache/features", min_length=1, description="features cache (keyed by image sha256)")
     demo: DemoDataParams = Field(default_factory=DemoDataParams, description="the offline demo dataset")
+    ffhq2k5: FFHQParams = Field(default_factory=FFHQParams, description="FFHQ → BLIP features → smallest cluster")
+    brecahad: BrecahadParams = Field(default_factory=BrecahadParams, description="BreCaHAD slides → crops")
+    dogface: DogfaceParams = Field(default_factory=DogfaceParams, description="Oxford-IIIT Pet → dog faces")
+    metfaces: SourceParams = Field(default_factory=SourceParams, description="MetFaces, curated as released")
+    subset: SubsetParams = Field(default_factory=SubsetParams, description="few-shot subset")
 
 
 # ---------------------------------------------------------------------------------------- model
