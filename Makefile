@@ -37,7 +37,8 @@ ui: setup
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench: setup
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/fq_overhead.py
+	$(BIN)/python benchmarks/data.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
