@@ -55,3 +55,18 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     assert "didn't change, skipping" in second.stdout
     status = _run([dvc, "status", "train"], proj, env)
     assert "up to date" in status.stdout
+
+    # a real-dataset stage runs once its source is given by path (here: one BreCaHAD-sized slide)
+    import numpy as np
+    from PIL import Image
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1360, 3), dtype=np.uint8)).save(slides / "a.tif")
+    params["data"]["brecahad"]["path"] = str(slides)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    real = _run([dvc, "repro", "brecahad"], proj, env)
+    assert real.returncode == 0, real.stderr[-3000:]
+    assert len(list((proj / "data/brecahad/images").iterdir())) == 12
+    shown = _run([dvc, "metrics", "show"], proj, env)
+    assert "brecahad.json" in shown.stdout and "crops" in shown.stdout

@@ -6,8 +6,10 @@ Bad params exit with status 2 and a message naming the key; a failing stage exit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -39,9 +41,14 @@ def resolve(params_file: Path | None, overrides: list[str] | None) -> Params:
         raise typer.Exit(2) from None
 
 
-def _fail(e: Exception) -> typer.Exit:
-    _err(f"error: {e}")
-    return typer.Exit(1)
+@contextlib.contextmanager
+def stage_errors() -> Iterator[None]:
+    """A failing stage (missing input, bad data, unloadable model) exits 1 with its message, no traceback."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as e:
+        _err(f"error: {e}")
+        raise typer.Exit(1) from None
 
 
 @config_app.command("show")
@@ -68,10 +75,8 @@ def data_demo(
 
     p = resolve(params, set_)
     d = p.data.demo
-    try:
+    with stage_errors():
         path = build_demo(out, p.model.resolution, d.crop, d.stride, d.lfw_faces, d.test_fraction, d.seed)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"demo dataset written to {path}")
 
 
@@ -89,15 +94,13 @@ def data_download(
     from sqgan.data.download import download, extract_archive
 
     resolve(params, set_)
-    try:
+    with stage_errors():
         path = download(url, sha256, out, filename)
         if extract:
             name = path.name
             for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip"):
                 name = name.removesuffix(suffix)
             path = extract_archive(path, out / name)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"ready: {path}")
 
 
@@ -113,10 +116,8 @@ def data_curate(
     from sqgan.data.curate import curate
 
     resolve(params, set_)
-    try:
+    with stage_errors():
         counts = curate(src, out, min_images=min_images)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"curated {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -133,10 +134,8 @@ def data_brecahad(
     from sqgan.data.brecahad import crop_brecahad
 
     resolve(params, set_)
-    try:
+    with stage_errors():
         counts = crop_brecahad(src, out, crop, stride)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"cropped {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -153,10 +152,8 @@ def data_subset(
     from sqgan.data.subset import make_subset
 
     resolve(params, set_)
-    try:
+    with stage_errors():
         path = make_subset(src, out, n, seed)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"subset of {n} written to {path}")
 
 
@@ -179,11 +176,9 @@ def data_ffhq2k5(
     from sqgan.data.ffhq import build_ffhq2k5
 
     resolve(params, set_)
-    try:
+    with stage_errors():
         extractor = build_extractor(features, model, pretrained)
         report = build_ffhq2k5(src, out, extractor, cache, k=k, seed=seed, batch_size=batch_size)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise _fail(e) from None
     typer.echo(f"{out}: cluster {report['chosen_cluster']} with {report['images']} of {report['input_images']} "
                f"images; sizes {report['sizes']}")
 
@@ -204,10 +199,8 @@ def data_dogface(
     from sqgan.data.dogface import build_dogface
 
     resolve(params, set_)
-    try:
+    with stage_errors():
         report = build_dogface(src, out, size, margin, seed, detector_steps, detector_weights)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
 
 
@@ -221,10 +214,8 @@ def data_prepare(
     from sqgan.data.prepare import prepare
 
     p = resolve(params, set_)
-    try:
+    with stage_errors():
         report = prepare(name, p)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise _fail(e) from None
     typer.echo(f"{Path(p.data.root) / name}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
 
 
@@ -242,10 +233,8 @@ def train_cmd(
     p = resolve(params, set_)
     data_dir = data or Path(p.data.root) / p.data.dataset
     out_dir = out or Path(p.train.out_dir)
-    try:
+    with stage_errors():
         run = run_training(p, data_dir, out_dir, resume=resume)
-    except (OSError, ValueError) as e:
-        raise _fail(e) from None
     typer.echo(f"mlflow run {run.run_id} ({run.tracking_uri})")
     summary(out_dir)
 
