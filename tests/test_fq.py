@@ -110,12 +110,15 @@ def test_feed_mode_passes_quantized_features_and_regularize_passes_h():
     for mode, changes in (("feed", True), ("regularize", False)):
         torch.manual_seed(5)
         d = Discriminator(32, 8, fq_layers=[1], codebook_size=4, mode=mode, init="random").eval()
-        before = d(x).logits
+        before, before_h = d(x).logits, d(x, feed=False).logits
         with torch.no_grad():
             d.quantizers["1"].codebook.mul_(3.0)
-        after = d(x).logits
+        after, after_h = d(x).logits, d(x, feed=False).logits
+        # feed: the next layer sees the entries, so moving them moves the logits; regularize: it sees h
         assert (not torch.allclose(before, after)) == changes, mode
-        assert torch.equal(d(x, feed=False).logits, after if mode == "regularize" else d(x, feed=False).logits)
+        # feed=False (the warm-up that feeds h first) never depends on the dictionary
+        assert torch.equal(before_h, after_h), mode
+        assert torch.equal(after_h, after) != changes, mode
 
 
 # ------------------------------------------------------------------------------ distributed

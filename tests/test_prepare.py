@@ -75,3 +75,18 @@ def test_missing_source_names_the_params_to_set(tmp_path):
         prepare("cifar", load_params(None, []))
     with pytest.raises(FileNotFoundError, match="data.brecahad.path"):
         prepare("brecahad", load_params(None, [f"data.brecahad.path={tmp_path / 'nope'}"]))
+
+
+def test_cli_download_with_extract_unpacks_next_to_the_archive(server, tmp_path):
+    base, h = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("pics/a.txt", b"a")
+    h.files["/set.zip"] = buf.getvalue()
+    r = CliRunner().invoke(app, ["data", "download", "--url", f"{base}/set.zip", "--out", str(tmp_path),
+                                 "--sha256", hashlib.sha256(buf.getvalue()).hexdigest(), "--extract"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "set" / "pics" / "a.txt").read_bytes() == b"a"
+    bad = CliRunner().invoke(app, ["data", "download", "--url", f"{base}/set.zip", "--out", str(tmp_path / "x"),
+                                   "--sha256", "0" * 64])
+    assert bad.exit_code == 1 and "does not match sha256" in bad.output

@@ -91,16 +91,13 @@ def data_download(
     set_: SetOpt = None,
 ) -> None:
     """Download a file (resuming a partial one), verify its sha256, optionally extract it safely."""
-    from sqgan.data.download import download, extract_archive
+    from sqgan.data.download import archive_stem, download, extract_archive
 
     resolve(params, set_)
     with stage_errors():
         path = download(url, sha256, out, filename)
         if extract:
-            name = path.name
-            for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip"):
-                name = name.removesuffix(suffix)
-            path = extract_archive(path, out / name)
+            path = extract_archive(path, out / archive_stem(path.name))
     typer.echo(f"ready: {path}")
 
 

@@ -21,6 +21,15 @@ from tqdm import tqdm
 from sqgan.io import atomic_dir
 
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
+
+
+def archive_stem(name: str) -> str:
+    """'BreCaHAD.tar.gz' → 'BreCaHAD': the folder an archive is extracted into."""
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 class ChecksumMismatch(ValueError):

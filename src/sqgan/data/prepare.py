@@ -14,23 +14,13 @@ from pathlib import Path
 from sqgan.config import Params, SourceParams
 
 DATASETS = ("ffhq2k5", "brecahad", "dogface", "metfaces", "subset")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
-
-
-def _strip_archive_suffix(name: str) -> str:
-    for suffix in ARCHIVE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _is_archive(path: Path) -> bool:
     return path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path))
 
 
 def raw_source(name: str, src: SourceParams, root: Path) -> Path:
     """The folder holding dataset `name`'s raw files (downloading and extracting as needed)."""
-    from sqgan.data.download import download, extract_archive
+    from sqgan.data.download import archive_stem, download, extract_archive
 
     if src.path:
         p = Path(src.path)
@@ -48,7 +38,7 @@ def raw_source(name: str, src: SourceParams, root: Path) -> Path:
         )
     if not _is_archive(archive):
         raise ValueError(f"data.{name}: {archive} is neither a folder nor a tar/zip archive")
-    dest = root / "raw" / name / _strip_archive_suffix(archive.name)
+    dest = root / "raw" / name / archive_stem(archive.name)
     if not dest.exists():  # extraction is atomic: an existing folder is a complete one
         extract_archive(archive, dest)
     return dest
