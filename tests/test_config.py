@@ -82,3 +82,11 @@ def test_config_show_prints_each_key_with_its_doc():
     assert "0.5" in line and "weight α" in line
     n_keys = sum(1 for ln in r.output.splitlines() if "[" in ln.split("#")[-1])
     assert n_keys == len(Params().flat())
+
+
+def test_set_can_mend_a_bad_value_in_the_file_and_a_bad_file_names_itself(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("fq:\n  decay: 1.5\n")
+    assert load_params(f, ["fq.decay=0.5"]).fq.decay == 0.5
+    with pytest.raises(ConfigError, match=r"p.yaml: fq.decay must be float in \[0.0, 1.0\), got 1.5"):
+        load_params(f)

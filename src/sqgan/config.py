@@ -383,15 +383,12 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{source}: params file not found; pass an existing file with --params")
     else:
         raw = {}
-    try:
-        Params.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+    # Overrides go on before the file is judged, so `--set` can mend a bad value in the file.
     raw = apply_overrides(raw, list(overrides or []))
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, "--set")) from None
+        raise ConfigError(_format_validation_error(err, source + (" with --set" if overrides else ""))) from None
 
 
 def describe(params: Params) -> str:

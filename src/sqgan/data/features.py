@@ -56,14 +56,18 @@ class PixelFeatures(FeatureExtractor):
         return np.stack(arrs).reshape(len(images), -1).astype(np.float32) / 255.0
 
 
-class ClipFeatures(FeatureExtractor):
-    """open_clip image embeddings, l2-normalised."""
+class NetworkFeatures(FeatureExtractor):
+    """A torch image encoder and its preprocessing, on the GPU when there is one."""
 
     def __init__(self, model: torch.nn.Module, preprocess, key: str) -> None:
         super().__init__()
         self.device = _device()
         self.model = model.to(self.device).eval()
         self.preprocess, self.key = preprocess, key
+
+
+class ClipFeatures(NetworkFeatures):
+    """open_clip image embeddings, l2-normalised."""
 
     @classmethod
     def load(cls, model_name: str = "ViT-B-32", pretrained: str | None = None) -> ClipFeatures:
@@ -85,14 +89,8 @@ class ClipFeatures(FeatureExtractor):
         return torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
 
 
-class BlipFeatures(FeatureExtractor):
-    """Pooled output of BLIP's vision encoder (768-d for BLIP-base)."""
-
-    def __init__(self, vision_model: torch.nn.Module, processor, key: str) -> None:
-        super().__init__()
-        self.device = _device()
-        self.model = vision_model.to(self.device).eval()
-        self.processor, self.key = processor, key
+class BlipFeatures(NetworkFeatures):
+    """Pooled output of BLIP's vision encoder (768-d for BLIP-base); `preprocess` is a BlipImageProcessor."""
 
     @classmethod
     def load(cls, name_or_path: str = "Salesforce/blip-itm-base-coco") -> BlipFeatures:
@@ -110,7 +108,7 @@ class BlipFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def _features(self, images: Sequence[Image.Image]) -> np.ndarray:
-        batch = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        batch = self.preprocess(images=[im.convert("RGB") for im in images], return_tensors="pt")
         out = self.model(pixel_values=batch["pixel_values"].to(self.device))
         return out.pooler_output.float().cpu().numpy()
 
