@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from sqgan.data.dataset import ManifestDataset
-from sqgan.data.demo import build_demo, grid_offsets
+from sqgan.data.demo import build_demo
+from sqgan.data.recipe import grid_offsets
 from sqgan.io import sha256_file
 
 
@@ -20,7 +21,7 @@ def test_two_builds_are_byte_identical(tmp_path):
     a = build_demo(tmp_path / "a", resolution=32)
     b = build_demo(tmp_path / "b", resolution=32)
     ha, hb = _tree_hashes(a), _tree_hashes(b)
-    assert ha == hb and len(ha) == 49 + 100 + 1
+    assert ha == hb and len(ha) == 49 + 100 + 2  # images, manifest, stage marker
 
 
 def test_manifest_lists_every_image_with_its_sha256_and_size(demo_dir):
@@ -74,8 +75,3 @@ def test_dataset_reads_train_split_in_minus_one_to_one(demo_dir):
     assert len(ds) == 134
     x = ds[0]
     assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
-
-
-def test_dataset_without_manifest_says_how_to_build_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="sqgan data demo"):
-        ManifestDataset(tmp_path, 32)

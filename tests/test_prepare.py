@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sqgan.cli import app
-from sqgan.config import load_params
-from sqgan.data.prepare import prepare
+from sqgan.config import default_params
+from sqgan.stages import run_stage as prepare
 
 
 def _zip_of_slides(n: int) -> bytes:
@@ -32,7 +32,7 @@ def test_brecahad_is_downloaded_verified_extracted_and_cropped(server, tmp_path)
     base, h = server
     blob = _zip_of_slides(2)
     h.files["/brecahad.zip"] = blob
-    params = load_params(None, [f"data.root={tmp_path / 'data'}", f"data.brecahad.url={base}/brecahad.zip",
+    params = default_params([f"data.root={tmp_path / 'data'}", f"data.brecahad.url={base}/brecahad.zip",
                                 f"data.brecahad.sha256={hashlib.sha256(blob).hexdigest()}"])
     report = prepare("brecahad", params)
     assert report["crops"] == 24 and report["slides"] == 2
@@ -51,7 +51,7 @@ def test_metfaces_from_a_local_archive_and_subset_from_it(tmp_path):
         zf.writestr("metfaces/images/broken.png", b"")
     (tmp_path / "metfaces.zip").write_bytes(buf.getvalue())
     root = tmp_path / "data"
-    params = load_params(None, [f"data.root={root}", f"data.metfaces.path={tmp_path / 'metfaces.zip'}",
+    params = default_params([f"data.root={root}", f"data.metfaces.path={tmp_path / 'metfaces.zip'}",
                                 "data.subset.source=metfaces", "data.subset.n=3"])
     counts = prepare("metfaces", params)
     assert counts["kept"] == 6 and counts["quarantined"] == 1
@@ -63,7 +63,7 @@ def test_dogface_from_a_local_folder(tmp_path):
     from test_dogface import _pet_root
 
     pet, _ = _pet_root(tmp_path, n_dogs=6, n_unannotated=0)
-    params = load_params(None, [f"data.root={tmp_path / 'data'}", f"data.dogface.path={pet}",
+    params = default_params([f"data.root={tmp_path / 'data'}", f"data.dogface.path={pet}",
                                 "data.dogface.size=32", "data.dogface.detector_steps=2"])
     assert prepare("dogface", params)["crops"] == 6
 
@@ -71,10 +71,10 @@ def test_dogface_from_a_local_folder(tmp_path):
 def test_missing_source_names_the_params_to_set(tmp_path):
     r = CliRunner().invoke(app, ["data", "prepare", "ffhq2k5", "--set", f"data.root={tmp_path}"])
     assert r.exit_code == 1 and "data.ffhq2k5: neither url (with sha256) nor path is set" in r.output
-    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
-        prepare("cifar", load_params(None, []))
+    with pytest.raises(ValueError, match="unknown stage 'cifar'"):
+        prepare("cifar", default_params([]))
     with pytest.raises(FileNotFoundError, match="data.brecahad.path"):
-        prepare("brecahad", load_params(None, [f"data.brecahad.path={tmp_path / 'nope'}"]))
+        prepare("brecahad", default_params([f"data.brecahad.path={tmp_path / 'nope'}"]))
 
 
 def test_cli_download_with_extract_unpacks_next_to_the_archive(server, tmp_path):

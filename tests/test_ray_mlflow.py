@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, tiny_overrides
 
-from sqgan.config import load_params
+from sqgan.config import default_params
 
 pytestmark = pytest.mark.ray
 
@@ -16,7 +16,7 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     from sqgan.train.ray_train import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = load_params(None, tiny_overrides(**{
+    params = default_params(tiny_overrides(**{
         "mlflow.tracking_uri": uri, "mlflow.artifact_root": str(tmp_path / "artifacts"),
         "mlflow.experiment": "ray-test", "ray.storage_path": str(tmp_path / "ray"),
         "fq.decay": 0.7, "train.steps": 12, "train.checkpoint_every": 6, "train.log_every": 4,
@@ -70,7 +70,7 @@ def test_two_ddp_workers_train_and_finish_with_one_checkpoint_per_report(ray_ses
         raise TimeoutError("2-worker Ray Train run did not finish in 300 s (a collective waiting on one rank?)")
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = load_params(None, tiny_overrides(**{
+    params = default_params(tiny_overrides(**{
         "mlflow.tracking_uri": uri, "mlflow.artifact_root": str(tmp_path / "artifacts"),
         "ray.storage_path": str(tmp_path / "ray"), "train.workers": 2, "train.batch_size": 8,
         "train.steps": 8, "train.checkpoint_every": 4, "train.log_every": 4,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from conftest import tiny_overrides
 
-from sqgan.config import load_params
+from sqgan.config import default_params
 from sqgan.train.loop import Hooks, alpha_at, batch_indices, load_checkpoint, train
 
 
 def _params(**extra):
-    return load_params(None, tiny_overrides(**extra))
+    return default_params(tiny_overrides(**extra))
 
 
 def test_twenty_steps_have_finite_losses_and_log_fq_usage(demo_dir, tmp_path):

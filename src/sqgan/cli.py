@@ -27,15 +27,24 @@ ParamsOpt = Annotated[Path | None, typer.Option("--params", "-p", help="params f
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override a param: key.path=value (repeatable)")
 ]
+NoParamsOpt = Annotated[
+    bool, typer.Option("--no-params-file", help="use the built-in defaults (= the shipped params.yaml) on purpose")
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="replace an existing --out even if another stage or no stage wrote it")
+]
+SrcOpt = Annotated[Path, typer.Option(help="input folder (never written to)")]
+OutOpt = Annotated[Path, typer.Option(help="output folder: written atomically; refused if it is or holds the input, "
+                                           "or exists and is not this stage's earlier output")]
 
 
 def _err(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def resolve(params_file: Path | None, overrides: list[str] | None) -> Params:
+def resolve(params_file: Path | None, overrides: list[str] | None, no_params_file: bool = False) -> Params:
     try:
-        return load_params(params_file, overrides or [])
+        return load_params(params_file, overrides or [], use_file=not no_params_file)
     except ConfigError as e:
         _err(f"error: {e}")
         raise typer.Exit(2) from None
@@ -51,187 +60,161 @@ def stage_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+def run_data_stage(
+    name: str, src: Path | None, out: Path | None, force: bool, params: Path | None, set_: list[str] | None,
+    no_params_file: bool, **options: object,
+) -> None:
+    """Options given on the command line are `--set <section>.<option>` overrides; the stage table does the rest."""
+    from sqgan.stages import get_stage, run_stage
+
+    stage = get_stage(name)
+    sets = list(set_ or []) + [f"{stage.section}.{k}={v}" for k, v in options.items() if v is not None]
+    p = resolve(params, sets, no_params_file)
+    with stage_errors():
+        report = run_stage(name, p, src, out, force)
+    where = out or stage.default_out(p)
+    typer.echo(f"{name} → {where}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+
+
 @config_app.command("show")
-def config_show(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+def config_show(params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False) -> None:
     """Print the resolved params, each key with its doc and allowed values."""
-    typer.echo(describe(resolve(params, set_)), nl=False)
+    typer.echo(describe(resolve(params, set_, no_params_file)), nl=False)
 
 
 @config_app.command("validate")
-def config_validate(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+def config_validate(params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False) -> None:
     """Check the params; exit 2 naming the first bad key."""
-    resolve(params, set_)
+    resolve(params, set_, no_params_file)
     typer.echo(f"{params or 'params.yaml'}: ok")
 
 
 @data_app.command("demo")
-def data_demo(
-    out: Annotated[Path, typer.Option(help="output folder (replaced atomically)")] = Path("data/demo"),
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Build the offline demo dataset from images bundled in scikit-image (data.demo.*, model.resolution)."""
-    from sqgan.data.demo import build_demo
-
-    p = resolve(params, set_)
-    d = p.data.demo
-    with stage_errors():
-        path = build_demo(out, p.model.resolution, d.crop, d.stride, d.lfw_faces, d.test_fraction, d.seed)
-    typer.echo(f"demo dataset written to {path}")
+def data_demo(out: OutOpt, force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None,
+              no_params_file: NoParamsOpt = False) -> None:
+    """The offline demo dataset from images bundled in scikit-image (data.demo.*, model.resolution)."""
+    run_data_stage("demo", None, out, force, params, set_, no_params_file)
 
 
 @data_app.command("download")
 def data_download(
     url: Annotated[str, typer.Option(help="http(s) URL of the file")],
     sha256: Annotated[str, typer.Option(help="expected sha256 (64 hex digits)")],
-    out: Annotated[Path, typer.Option(help="folder to download into")],
+    out: Annotated[Path, typer.Option(help="folder to download into (existing files other than this one are kept)")],
     extract: Annotated[bool, typer.Option("--extract", help="extract the tar/zip into OUT/<name>")] = False,
     filename: Annotated[str | None, typer.Option(help="file name (default: the URL's last part)")] = None,
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Download a file (resuming a partial one), verify its sha256, optionally extract it safely."""
     from sqgan.data.download import archive_stem, download, extract_archive
 
-    resolve(params, set_)
     with stage_errors():
         path = download(url, sha256, out, filename)
         if extract:
-            path = extract_archive(path, out / archive_stem(path.name))
+            path = extract_archive(path, out / archive_stem(path.name), force=force)
     typer.echo(f"ready: {path}")
 
 
 @data_app.command("curate")
 def data_curate(
-    src: Annotated[Path, typer.Option(help="folder of raw images (searched recursively)")],
-    out: Annotated[Path, typer.Option(help="curated dataset folder (replaced atomically)")],
-    min_images: Annotated[int, typer.Option(help="fail when fewer usable images remain")] = 1,
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    src: SrcOpt, out: OutOpt,
+    min_images: Annotated[int | None, typer.Option(help="fail when fewer usable images remain [data.curate]")] = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
     """Decode, convert to RGB, drop exact duplicates, quarantine unusable files (listed with reasons)."""
-    from sqgan.data.curate import curate
-
-    resolve(params, set_)
-    with stage_errors():
-        counts = curate(src, out, min_images=min_images)
-    typer.echo(f"curated {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    run_data_stage("curate", src, out, force, params, set_, no_params_file, min_images=min_images)
 
 
 @data_app.command("brecahad")
 def data_brecahad(
-    src: Annotated[Path, typer.Option(help="folder of BreCaHAD slides (TIFF, 1360×1024)")],
-    out: Annotated[Path, typer.Option(help="crop dataset folder (replaced atomically)")],
-    crop: Annotated[int, typer.Option(help="crop side in px")] = 512,
-    stride: Annotated[int, typer.Option(help="crop stride in px")] = 256,
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    src: SrcOpt, out: OutOpt,
+    crop: Annotated[int | None, typer.Option(help="crop side in px [data.brecahad.crop]")] = None,
+    stride: Annotated[int | None, typer.Option(help="crop stride in px [data.brecahad.stride]")] = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
     """Crop every slide on the BreCaHAD grid (x outer, y inner): 12 crops per 1360×1024 slide."""
-    from sqgan.data.brecahad import crop_brecahad
-
-    resolve(params, set_)
-    with stage_errors():
-        counts = crop_brecahad(src, out, crop, stride)
-    typer.echo(f"cropped {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    run_data_stage("brecahad", src, out, force, params, set_, no_params_file, crop=crop, stride=stride)
 
 
 @data_app.command("subset")
 def data_subset(
-    src: Annotated[Path, typer.Option(help="curated dataset folder")],
-    n: Annotated[int, typer.Option(help="images in the subset (10, 100, 1000-shot)")],
-    out: Annotated[Path, typer.Option(help="subset folder (replaced atomically)")],
-    seed: Annotated[int, typer.Option(help="seed of the choice")] = 0,
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    out: OutOpt,
+    src: Annotated[Path | None, typer.Option(help="curated dataset (default: data.root/data.subset.source)")] = None,
+    n: Annotated[int | None, typer.Option(help="images in the subset, 10/100/1000-shot [data.subset.n]")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the choice [data.subset.seed]")] = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
     """A seeded n-image subset of a curated dataset's train split (few-shot)."""
-    from sqgan.data.subset import make_subset
-
-    resolve(params, set_)
-    with stage_errors():
-        path = make_subset(src, out, n, seed)
-    typer.echo(f"subset of {n} written to {path}")
+    run_data_stage("subset", src, out, force, params, set_, no_params_file, n=n, seed=seed)
 
 
 @data_app.command("ffhq2k5")
 def data_ffhq2k5(
-    src: Annotated[Path, typer.Option(help="curated FFHQ (manifest with sha256)")],
-    out: Annotated[Path, typer.Option(help="output folder: the smallest cluster (replaced atomically)")],
-    features: Annotated[str, typer.Option(help="blip | clip | pixels")] = "blip",
-    k: Annotated[int, typer.Option(help="KMeans clusters")] = 14,
-    seed: Annotated[int, typer.Option(help="KMeans / t-SNE seed")] = 0,
+    src: Annotated[Path, typer.Option(help="curated FFHQ (manifest with sha256)")], out: OutOpt,
+    features: Annotated[str | None, typer.Option(help="blip | clip | pixels [data.ffhq2k5.features]")] = None,
+    k: Annotated[int | None, typer.Option(help="KMeans clusters [data.ffhq2k5.k]")] = None,
+    seed: Annotated[int | None, typer.Option(help="KMeans / t-SNE seed [data.ffhq2k5.seed]")] = None,
     model: Annotated[str | None, typer.Option(help="BLIP hub name or local folder; CLIP architecture")] = None,
     pretrained: Annotated[str | None, typer.Option(help="CLIP weights: local file or open_clip tag")] = None,
-    cache: Annotated[Path, typer.Option(help="features cache (keyed by image sha256)")] = Path(".cache/features"),
-    batch_size: Annotated[int, typer.Option(help="images per feature batch")] = 64,
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per feature batch")] = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
     """FFHQ-2.5k: features of every image → KMeans → the smallest cluster, with size and t-SNE plots."""
-    from sqgan.data.features import build_extractor
-    from sqgan.data.ffhq import build_ffhq2k5
-
-    resolve(params, set_)
-    with stage_errors():
-        extractor = build_extractor(features, model, pretrained)
-        report = build_ffhq2k5(src, out, extractor, cache, k=k, seed=seed, batch_size=batch_size)
-    typer.echo(f"{out}: cluster {report['chosen_cluster']} with {report['images']} of {report['input_images']} "
-               f"images; sizes {report['sizes']}")
+    run_data_stage("ffhq2k5", src, out, force, params, set_, no_params_file, features=features, k=k, seed=seed,
+                   model=model, pretrained=pretrained, batch_size=batch_size)
 
 
 @data_app.command("dogface")
 def data_dogface(
-    src: Annotated[Path, typer.Option(help="Oxford-IIIT Pet root (images/, annotations/)")],
-    out: Annotated[Path, typer.Option(help="dog-face dataset folder (replaced atomically)")],
-    size: Annotated[int, typer.Option(help="output side in px")] = 256,
-    margin: Annotated[float, typer.Option(help="crop side = (1 + margin) × the head box's longer side")] = 0.25,
-    seed: Annotated[int, typer.Option(help="seed of the split and the detector")] = 0,
-    detector_steps: Annotated[int, typer.Option(help="training steps of the head-box detector")] = 300,
+    src: Annotated[Path, typer.Option(help="Oxford-IIIT Pet root (images/, annotations/)")], out: OutOpt,
+    size: Annotated[int | None, typer.Option(help="output side in px [data.dogface.size]")] = None,
+    margin: Annotated[float | None, typer.Option(help="crop side = (1 + margin) × the head box's longer side")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the split and the detector")] = None,
+    detector_steps: Annotated[int | None, typer.Option(help="training steps of the head-box detector")] = None,
     detector_weights: Annotated[Path | None, typer.Option(help="ResNet-18 weights to start the detector")] = None,
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
     """Dog faces: head boxes from the VOC XMLs (a trained detector for the rest), centred square crops."""
-    from sqgan.data.dogface import build_dogface
-
-    resolve(params, set_)
-    with stage_errors():
-        report = build_dogface(src, out, size, margin, seed, detector_steps, detector_weights)
-    typer.echo(f"{out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    run_data_stage("dogface", src, out, force, params, set_, no_params_file, size=size, margin=margin, seed=seed,
+                   detector_steps=detector_steps, detector_weights=detector_weights)
 
 
 @data_app.command("prepare")
 def data_prepare(
     name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | subset")],
-    params: ParamsOpt = None,
-    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: data.root/NAME)")] = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
-    """Build a real dataset from params (data.<name>.url+sha256 or .path) into data.root/<name>."""
-    from sqgan.data.prepare import prepare
+    """Build a real dataset from params alone (source: data.<name>.url+sha256 or .path)."""
+    from sqgan.stages import PREPARABLE
 
-    p = resolve(params, set_)
-    with stage_errors():
-        report = prepare(name, p)
-    typer.echo(f"{Path(p.data.root) / name}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    if name not in PREPARABLE:
+        _err(f"error: unknown dataset {name!r} for prepare; choose one of {', '.join(PREPARABLE)} "
+             f"(the demo: sqgan data demo --out DIR)")
+        raise typer.Exit(2)
+    run_data_stage(name, None, out, force, params, set_, no_params_file)
 
 
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default: train.out_dir)")] = None,
-    resume: Annotated[Path | None, typer.Option(help="checkpoint .pt to continue from")] = None,
+    resume: Annotated[Path | None, typer.Option(help="checkpoint .pt to continue from (and its MLflow run)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="write into an existing --out that no training wrote")] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
 ) -> None:
-    """Train a GAN as a Ray Train job (train.workers DDP ranks), tracked in MLflow."""
+    """Train a GAN as a Ray Train job (train.workers DDP ranks), tracked in MLflow.
+
+    Data, run folder, checkpoint, CPUs/GPUs and the tracking server are checked before Ray starts."""
     from sqgan.train.ray_train import run_training
 
-    p = resolve(params, set_)
+    p = resolve(params, set_, no_params_file)
     data_dir = data or Path(p.data.root) / p.data.dataset
     out_dir = out or Path(p.train.out_dir)
     with stage_errors():
-        run = run_training(p, data_dir, out_dir, resume=resume)
+        run = run_training(p, data_dir, out_dir, resume=resume, force=force)
     typer.echo(f"mlflow run {run.run_id} ({run.tracking_uri})")
     summary(out_dir)
 

@@ -71,6 +71,10 @@ class DogfaceParams(SourceParams):
     detector_weights: str | None = Field(None, description="ResNet-18 weights to start the detector from")
 
 
+class CurateParams(Section):
+    min_images: int = Field(1, ge=1, description="curate fails when fewer usable images remain")
+
+
 class SubsetParams(Section):
     source: str = Field("demo", min_length=1, description="curated dataset (folder under data.root) to draw from")
     n: int = Field(10, ge=1, description="images in the few-shot subset (10, 100, 1000)")
@@ -82,6 +86,7 @@ class DataParams(Section):
     root: str = Field("data", min_length=1, description="folder that holds the curated datasets")
     cache: str = Field(".cache/features", min_length=1, description="features cache (keyed by image sha256)")
     demo: DemoDataParams = Field(default_factory=DemoDataParams, description="the offline demo dataset")
+    curate: CurateParams = Field(default_factory=CurateParams, description="curation (also used by metfaces, ffhq2k5)")
     ffhq2k5: FFHQParams = Field(default_factory=FFHQParams, description="FFHQ → BLIP features → smallest cluster")
     brecahad: BrecahadParams = Field(default_factory=BrecahadParams, description="BreCaHAD slides → crops")
     dogface: DogfaceParams = Field(default_factory=DogfaceParams, description="Oxford-IIIT Pet → dog faces")
@@ -160,6 +165,17 @@ class TrainParams(Section):
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="train on GPU: auto = when Ray sees one")
     out_dir: str = Field("runs/demo", min_length=1, description="run folder: checkpoints/, samples/, metrics.json")
 
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _bool_spellings(cls, v: Any) -> Any:
+        """`--set train.use_gpu=true` parses as a YAML bool; True/False/yes/no/on/off all mean the same."""
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            low = v.strip().lower()
+            return {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}.get(low, low)
+        return v
+
 
 # -------------------------------------------------------------------------------------- metrics
 class MetricsParams(Section):
@@ -187,9 +203,12 @@ class MlflowParams(Section):
 class RayParams(Section):
     address: str | None = Field(None, description="Ray cluster address; unset = start a local Ray")
     storage_path: str = Field("ray_results", min_length=1, description="RunConfig.storage_path (made absolute)")
-    max_failures: int = Field(0, ge=-1, description="FailureConfig.max_failures for training workers (-1 = forever)")
+    max_failures: int = Field(0, ge=0, le=100, description="restarts of a failed worker group, from its checkpoint")
+    controller_failure_limit: int = Field(
+        1, ge=0, le=10, description="retries of the Train controller (e.g. a worker group that cannot start); bounded"
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray; unset = all")
-    cpus_per_worker: int = Field(1, ge=1, le=256, description="CPUs (and torch threads) per training worker")
+    cpus_per_worker: int = Field(2, ge=1, le=256, description="CPUs (and torch threads) per training worker")
 
 
 class Params(Section):
@@ -368,27 +387,51 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml (missing file = all defaults only when no path was asked for), override, validate."""
-    source = str(path or DEFAULT_PARAMS)
-    p = Path(source)
-    if p.exists():
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: not valid YAML ({err}); fix the file or pass another with --params") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections (data:, model:, …), got {type(raw).__name__}")
-    elif path is not None:
-        raise ConfigError(f"{source}: params file not found; pass an existing file with --params")
+def load_params(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, use_file: bool = True
+) -> Params:
+    """Read the params file (`path`, default params.yaml), apply `--set` overrides, validate.
+
+    The file must exist and hold a mapping of sections: a missing, empty or comment-only file is an error, never
+    a silent switch to the schema defaults. `use_file=False` (`--no-params-file`) asks for the defaults on purpose.
+    """
+    if not use_file:
+        if path is not None:
+            raise ConfigError(f"--params {path} and --no-params-file contradict each other; drop one")
+        raw: dict[str, Any] = {}
+        source = "defaults"
     else:
-        raw = {}
+        source = str(path or DEFAULT_PARAMS)
+        raw = _read_params_file(Path(source), explicit=path is not None)
     # Overrides go on before the file is judged, so `--set` can mend a bad value in the file.
     raw = apply_overrides(raw, list(overrides or []))
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source + (" with --set" if overrides else ""))) from None
+
+
+def default_params(overrides: list[str] | None = None) -> Params:
+    """The schema defaults (equal to the shipped params.yaml) with `overrides` applied."""
+    return load_params(None, overrides, use_file=False)
+
+
+def _read_params_file(p: Path, explicit: bool) -> dict[str, Any]:
+    hint = "pass a params file with --params FILE, or --no-params-file to use the built-in defaults on purpose"
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a folder, not a params file; {hint}")
+    if not p.exists():
+        where = "" if explicit else f" in {Path.cwd()}"
+        raise ConfigError(f"{p}: params file not found{where}; {hint}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: not valid YAML ({err}); fix the file or pass another with --params") from None
+    if raw is None:
+        raise ConfigError(f"{p}: is empty (or only comments); copy the project's params.yaml, or {hint}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (data:, model:, …), got {type(raw).__name__}")
+    return raw
 
 
 def describe(params: Params) -> str:

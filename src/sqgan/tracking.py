@@ -3,10 +3,13 @@
 Default backend: sqlite `mlflow.db` in the project, artifacts under `mlartifacts/` (the file store is
 deprecated in MLflow 3). `mlflow.tracking_uri` in params or `MLFLOW_TRACKING_URI` override it.
 The driver creates the run (params, provenance tags); rank 0 logs metrics and artifacts into it by id.
+A run folder's `tracking.json` names its run, so `--resume` continues that run (or starts a child linked to it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -19,8 +22,9 @@ from typing import Any
 import yaml
 
 from sqgan.config import Params
-from sqgan.io import sha256_file
+from sqgan.io import sha256_file, write_json_atomic
 
+TRACKING_FILE = "tracking.json"  # in a run folder: {"tracking_uri", "run_id"} of the MLflow run it belongs to
 PACKAGES = ("sqgan", "torch", "torchvision", "ray", "mlflow", "dvc", "torchmetrics", "numpy", "pydantic")
 
 
@@ -31,6 +35,31 @@ def resolve_tracking_uri(params: Params, project_dir: str | Path = ".") -> str:
     if env:
         return env
     return f"sqlite:///{(Path(project_dir) / 'mlflow.db').resolve()}"
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """One short probe of the tracking backend, so a wrong URI fails in seconds with the URI named (not after
+    minutes of client retries, and before Ray starts)."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    fix = "start the server (`make ui` serves http://127.0.0.1:5000) or unset mlflow.tracking_uri and " \
+          "MLFLOW_TRACKING_URI to log to sqlite:///mlflow.db in the project"
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as e:
+            raise RuntimeError(f"mlflow.tracking_uri {uri}: no answer within {timeout:g} s ({type(e).__name__}); "
+                               f"{fix}") from None
+        if r.status_code >= 500:
+            raise RuntimeError(f"mlflow.tracking_uri {uri}: the server answered HTTP {r.status_code}; {fix}")
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+            raise RuntimeError(f"mlflow.tracking_uri {uri}: folder {db.parent} does not exist or is not writable; "
+                               f"create it or point mlflow.tracking_uri elsewhere")
 
 
 def _client(tracking_uri: str):
@@ -84,6 +113,22 @@ def dvc_lock_hash(data_dir: Path, project_dir: Path) -> str | None:
     return None
 
 
+def dvc_dir_md5(folder: str | Path) -> str:
+    """The md5 that DVC 3 records for `folder` as a directory output: md5 of the sorted JSON list of
+    {md5, relpath} of every file, plus ".dir" (dvc_data.hashfile.tree.Tree.digest)."""
+    folder = Path(folder)
+    entries = []
+    for p in folder.rglob("*"):
+        if p.is_file():
+            h = hashlib.md5()
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            entries.append({"md5": h.hexdigest(), "relpath": p.relative_to(folder).as_posix()})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:
@@ -97,11 +142,15 @@ def package_versions() -> dict[str, str]:
 def provenance_tags(data_dir: str | Path, project_dir: str | Path = ".") -> dict[str, str]:
     data_dir, project_dir = Path(data_dir), Path(project_dir)
     manifest = data_dir / "manifest.parquet"
+    on_disk = dvc_dir_md5(data_dir)
+    locked = dvc_lock_hash(data_dir, project_dir)
     tags = {
         "git_sha": git_sha(project_dir),
         "data.dir": str(data_dir),
         "data.manifest_sha256": sha256_file(manifest) if manifest.exists() else "missing",
-        "data.dvc_lock_md5": dvc_lock_hash(data_dir, project_dir) or "not in dvc.lock",
+        "data.md5": on_disk,  # of the data on disk, the way DVC hashes a folder
+        "data.dvc_lock_md5": locked or "not in dvc.lock",
+        "data.matches_dvc_lock": "not in dvc.lock" if locked is None else str(locked == on_disk).lower(),
         "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
     }
     tags.update({f"version.{k}": v for k, v in package_versions().items()})
@@ -134,6 +183,63 @@ def start_run(
     client.log_text(run.info.run_id, yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False),
                     "params.yaml")
     return uri, run.info.run_id
+
+
+def previous_run(resume: str | Path) -> tuple[str, str] | None:
+    """(tracking_uri, run_id) of the run whose folder holds the checkpoint `resume`, if it recorded one."""
+    sidecar = Path(resume).resolve().parent.parent / TRACKING_FILE
+    try:
+        info = json.loads(sidecar.read_text())
+        return str(info["tracking_uri"]), str(info["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def open_run(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    project_dir: str | Path = ".",
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume: str | Path | None = None,
+) -> tuple[str, str]:
+    """The run a training logs into; returns (tracking_uri, run_id) and records it in `out_dir/tracking.json`.
+
+    Resuming from a checkpoint of a run that did not finish (killed, failed, or still marked RUNNING — which is
+    then marked KILLED first) with the same params continues that run, so its metric history is one curve.
+    Otherwise (it finished, or params changed) a new run starts as its child, linked by id."""
+    uri = resolve_tracking_uri(params, project_dir)
+    tags = dict(tags or {})
+    prev = previous_run(resume) if resume is not None else None
+    if prev is not None and prev[0] == uri:
+        client = _client(uri)
+        try:
+            old = client.get_run(prev[1])
+        except Exception:  # noqa: BLE001 - deleted or from another database: start afresh
+            old = None
+        if old is not None:
+            if old.info.status == "RUNNING":  # its driver is gone: we are resuming from its checkpoint
+                client.set_terminated(old.info.run_id, status="KILLED")
+            same = old.data.params == {k: str(v) for k, v in params.flat().items()}
+            if same and old.info.status != "FINISHED":
+                client.update_run(old.info.run_id, status="RUNNING")
+                n = int(old.data.tags.get("sqgan.resumes", "0")) + 1
+                for k, v in {**tags, "sqgan.resumes": str(n), f"sqgan.resume.{n}.status_before":
+                             old.info.status, f"sqgan.resume.{n}.from": str(resume)}.items():
+                    client.set_tag(old.info.run_id, k, v)
+                _record(out_dir, uri, old.info.run_id)
+                return uri, old.info.run_id
+            parent_run_id = parent_run_id or old.info.run_id
+            tags["sqgan.resumed_from_run"] = old.info.run_id
+    uri, run_id = start_run(params, data_dir, project_dir, tags=tags, parent_run_id=parent_run_id)
+    _record(out_dir, uri, run_id)
+    return uri, run_id
+
+
+def _record(out_dir: str | Path, uri: str, run_id: str) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out_dir) / TRACKING_FILE, {"tracking_uri": uri, "run_id": run_id})
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

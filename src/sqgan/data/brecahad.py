@@ -14,17 +14,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from sqgan.data.curate import NothingUsable
-from sqgan.data.demo import grid_offsets
 from sqgan.data.images import IMAGE_SUFFIXES, UnusableImage, list_files, load_rgb
 from sqgan.data.manifest import write_manifest
-from sqgan.io import atomic_dir, write_json_atomic
+from sqgan.data.recipe import grid_offsets
+from sqgan.io import UniqueNames, stage_output, write_json_atomic
 
 EXPECTED_SIZE = (1360, 1024)  # width, height of a BreCaHAD slide
 REPORT = "brecahad.json"
 
 
-def crop_brecahad(src: str | Path, out: str | Path, crop: int = 512, stride: int = 256) -> dict[str, int]:
-    """Crop every slide under `src` into `out` (atomically); returns counts."""
+def crop_brecahad(
+    src: str | Path, out: str | Path, crop: int = 512, stride: int = 256, force: bool = False
+) -> dict[str, int]:
+    """Crop every slide under `src` into `out` (atomically); returns counts. Crop names keep the slide's relative
+    path (`a/b.tif` → `images/a/b_x0000_y0000.png`), made unique where two slides would share one."""
     if crop < 1 or stride < 1:
         raise ValueError(f"crop and stride must be ≥ 1, got crop={crop}, stride={stride}")
     src, out = Path(src), Path(out)
@@ -33,7 +36,8 @@ def crop_brecahad(src: str | Path, out: str | Path, crop: int = 512, stride: int
         raise NothingUsable(f"{src} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); fix --src")
     counts = {"slides": len(files), "crops": 0, "unexpected_size": 0, "quarantined": 0}
     rows, quarantine = [], []
-    with atomic_dir(out) as tmp:
+    names = UniqueNames()
+    with stage_output(out, "brecahad", (src,), force) as tmp:
         (tmp / "images").mkdir()
         for path in tqdm(files, desc="brecahad crops", unit="slide", mininterval=1.0):
             rel = path.relative_to(src).as_posix()
@@ -46,10 +50,11 @@ def crop_brecahad(src: str | Path, out: str | Path, crop: int = 512, stride: int
                 continue
             if (img.width, img.height) != EXPECTED_SIZE:
                 counts["unexpected_size"] += 1
-            stem = "__".join(Path(rel).with_suffix("").parts)
+            stem = Path(rel).with_suffix("").as_posix()
             for x in xs:  # x outer, y inner (the recipe's order)
                 for y in ys:
-                    name = f"images/{stem}_x{x:04d}_y{y:04d}.png"
+                    name = names.claim(f"images/{stem}_x{x:04d}_y{y:04d}.png")
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(img.pixels[y : y + crop, x : x + crop]).save(tmp / name, format="PNG")
                     rows.append({"path": name, "width": crop, "height": crop, "source": "brecahad",
                                  "source_id": rel, "split": "train", "x": x, "y": y})

@@ -2,7 +2,8 @@
 
 Output (written atomically: the folder appears complete or not at all, so an interrupted run leaves
 nothing that looks finished and a re-run starts clean):
-    images/…png          the kept images, RGB PNG at their original size, named after their source path
+    images/…png          the kept images, RGB PNG at their original size, at their source's relative path with
+                         `.png` (`a/cat.jpg` → `images/a/cat.png`; a second `a/cat.*` → `images/a/cat~2.png`)
     quarantine/…         copies of the unusable files
     quarantine.csv       path, reason
     manifest.parquet     path, sha256, width, height, source, source_id, split, mode_in, converted
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from sqgan.data.images import UnusableImage, list_files, load_rgb
 from sqgan.data.manifest import write_manifest
-from sqgan.io import atomic_dir, write_json_atomic
+from sqgan.io import UniqueNames, stage_output, write_json_atomic
 
 REPORT = "curate.json"
 
@@ -30,20 +31,24 @@ class NothingUsable(ValueError):
     """Too few usable images remained."""
 
 
-def _safe_stem(rel: Path) -> str:
-    return "__".join(rel.with_suffix("").parts).replace(" ", "_")
+def curate(
+    src: str | Path, out: str | Path, source: str | None = None, min_images: int = 1, force: bool = False
+) -> dict[str, int]:
+    """Curate `src` into `out`; returns the counts. Raises `NothingUsable` when fewer than `min_images` remain.
 
-
-def curate(src: str | Path, out: str | Path, source: str | None = None, min_images: int = 1) -> dict[str, int]:
-    """Curate `src` into `out`; returns the counts. Raises `NothingUsable` when fewer than `min_images` remain."""
+    `out` may not be, contain or lie inside `src`, and an existing `out` is replaced only when it is an earlier
+    curate output (or with `force`)."""
     src, out = Path(src), Path(out)
+    if min_images < 1:
+        raise ValueError(f"min_images must be ≥ 1, got {min_images}")
     files = list_files(src)
     if not files:
         raise NothingUsable(f"{src} holds no files; put the images there or fix --src")
     source = source or src.name
     rows, quarantine, seen_pixels = [], [], {}
     counts = {"seen": len(files), "kept": 0, "converted": 0, "duplicate": 0, "quarantined": 0}
-    with atomic_dir(out) as tmp:
+    names = UniqueNames()
+    with stage_output(out, "curate", (src,), force) as tmp:
         (tmp / "images").mkdir()
         for path in tqdm(files, desc=f"curate {src.name}", unit="file", mininterval=1.0):
             rel = path.relative_to(src)
@@ -62,17 +67,18 @@ def curate(src: str | Path, out: str | Path, source: str | None = None, min_imag
                 counts["duplicate"] += 1
                 continue
             seen_pixels[digest] = rel.as_posix()
-            out_rel = f"images/{_safe_stem(rel)}.png"
+            out_rel = names.claim(f"images/{rel.with_suffix('').as_posix()}.png")
+            (tmp / out_rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img.pixels).save(tmp / out_rel, format="PNG")
             rows.append({"path": out_rel, "width": img.width, "height": img.height, "source": source,
                          "source_id": rel.as_posix(), "split": "train", "mode_in": img.mode_in,
                          "converted": img.converted})
             counts["kept"] += 1
             counts["converted"] += int(img.converted)
-        if counts["kept"] < max(1, min_images):
+        if counts["kept"] < min_images:
             reasons = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantine[:5])
             raise NothingUsable(
-                f"{src}: only {counts['kept']} usable image(s) of {len(files)} files (need {max(1, min_images)}); "
+                f"{src}: only {counts['kept']} usable image(s) of {len(files)} files (need {min_images}); "
                 f"first problems: {reasons or 'none'}"
             )
         pd.DataFrame(quarantine, columns=["path", "reason"]).to_csv(tmp / "quarantine.csv", index=False)

@@ -17,17 +17,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from sqgan.data.manifest import write_manifest
-from sqgan.io import atomic_dir
+from sqgan.data.recipe import grid_offsets, split_for
+from sqgan.io import stage_output
 
 IHC_SOURCE = "skimage:immunohistochemistry"
 LFW_SOURCE = "skimage:lfw_subset"
-
-
-def grid_offsets(size: int, crop: int, stride: int) -> list[int]:
-    """Crop origins along one axis: 0, stride, … while the crop fits (BreCaHAD: 1360/512/256 → 0..768)."""
-    if crop > size:
-        raise ValueError(f"crop {crop} is larger than the image side {size}; use a crop ≤ {size}")
-    return list(range(0, size - crop + 1, stride))
 
 
 def _ihc_crops(crop: int, stride: int) -> list[tuple[str, np.ndarray]]:
@@ -53,16 +47,6 @@ def _lfw_faces(n: int) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def split_for(n: int, test_fraction: float, seed: int) -> list[str]:
-    """Seeded train/test assignment of n items (the same n, fraction and seed give the same split)."""
-    n_test = int(round(n * test_fraction))
-    order = np.random.default_rng(seed).permutation(n)
-    split = ["train"] * n
-    for i in order[:n_test]:
-        split[i] = "test"
-    return split
-
-
 def build_demo(
     out: str | Path,
     resolution: int = 32,
@@ -71,14 +55,16 @@ def build_demo(
     lfw_faces: int = 100,
     test_fraction: float = 0.1,
     seed: int = 0,
+    force: bool = False,
 ) -> Path:
-    """Write the demo dataset to `out` (atomically: the folder appears complete or not at all)."""
+    """Write the demo dataset to `out` (atomically: the folder appears complete or not at all). An existing `out`
+    is replaced only when it is an earlier demo output (or with `force`)."""
     items = [(IHC_SOURCE, sid, arr) for sid, arr in _ihc_crops(crop, stride)]
     items += [(LFW_SOURCE, sid, arr) for sid, arr in _lfw_faces(lfw_faces)]
     splits = split_for(len(items), test_fraction, seed)
     out = Path(out)
     rows = []
-    with atomic_dir(out) as tmp:
+    with stage_output(out, "demo", force=force) as tmp:
         (tmp / "images").mkdir()
         for (source, sid, arr), split in tqdm(
             list(zip(items, splits, strict=True)), desc="demo data", unit="img", mininterval=1.0

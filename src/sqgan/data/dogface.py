@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from sqgan.data.demo import split_for
 from sqgan.data.images import UnusableImage, load_rgb
 from sqgan.data.manifest import write_manifest
-from sqgan.io import atomic_dir, write_json_atomic
+from sqgan.data.recipe import split_for
+from sqgan.io import UniqueNames, check_output, stage_output, write_json_atomic
 
 TEST_SHARE = 498 / 4990
 REPORT = "dogface.json"
@@ -187,14 +187,16 @@ def detect(model: HeadBoxRegressor, images: list[np.ndarray], side: int = 128) -
 
 # ---------------------------------------------------------------------------------------- stage
 def build_dogface(
-    root: str | Path, out: str | Path, size: int = 256, margin: float = 0.25, seed: int = 0,
+    src: str | Path, out: str | Path, size: int = 256, margin: float = 0.25, seed: int = 0,
     detector_steps: int = 300, detector_weights: str | Path | None = None, detector_side: int = 128,
+    force: bool = False,
 ) -> dict:
-    """Crop the dog faces of an Oxford-IIIT Pet folder into `out` (atomically); returns the report."""
-    root, out = Path(root), Path(out)
+    """Crop the dog faces of an Oxford-IIIT Pet folder `src` into `out` (atomically); returns the report."""
+    root, out = Path(src), Path(out)
     img_dir = root / "images"
     if not img_dir.is_dir():
         raise FileNotFoundError(f"{img_dir} not found; --src must be the Oxford-IIIT Pet root (images/, annotations/)")
+    check_output(out, "dogface", (root,), force)  # before the detector trains, not after
     species = read_species(root)
     files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if species is not None:
@@ -243,10 +245,11 @@ def build_dogface(
         raise ValueError(f"{root}: no usable dog image left; quarantined: {quarantine[:3]}")
     splits = split_for(len(items), TEST_SHARE, seed)
     rows = []
-    with atomic_dir(out) as tmp:
+    names = UniqueNames()
+    with stage_output(out, "dogface", (root,), force) as tmp:
         (tmp / "images").mkdir()
         for (name, px, box, how), split in zip(items, splits, strict=True):
-            rel = f"images/{name}.png"
+            rel = names.claim(f"images/{name}.png")
             Image.fromarray(square_crop(px, box, size, margin)).save(tmp / rel, format="PNG")
             rows.append({"path": rel, "width": size, "height": size, "source": "oxford-iiit-pet", "source_id": name,
                          "split": split, "box_source": how, "x0": box.x0, "y0": box.y0, "x1": box.x1, "y1": box.y1})

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from sqgan.io import atomic_dir
+from sqgan.io import stage_output
 
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
@@ -123,8 +123,9 @@ def _normalise(p: PurePosixPath) -> str:
     return "/".join(parts)
 
 
-def extract_archive(archive: str | Path, dest: str | Path) -> Path:
-    """Extract a tar or zip archive into `dest` (atomically), refusing members that escape it."""
+def extract_archive(archive: str | Path, dest: str | Path, force: bool = False) -> Path:
+    """Extract a tar or zip archive into `dest` (atomically), refusing members that escape it. An existing `dest`
+    is replaced only when it is an earlier extraction (or with `force`)."""
     archive, dest = Path(archive), Path(dest)
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
@@ -135,7 +136,7 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
                     _check_link(archive, m.name, m.linkname)
                 if m.isdev():
                     raise UnsafeArchive(f"{archive}: member {m.name!r} is a device file; refusing to extract")
-            with atomic_dir(dest) as tmp:
+            with stage_output(dest, "extract", (archive,), force) as tmp:
                 try:
                     tf.extractall(tmp, members=members, filter="data")  # the stdlib's guard as a second line
                 except tarfile.FilterError as e:
@@ -147,7 +148,7 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
                 _check_member_name(archive, info.filename)
                 if (info.external_attr >> 16) & 0o170000 == 0o120000:
                     raise UnsafeArchive(f"{archive}: member {info.filename!r} is a symbolic link; refusing to extract")
-            with atomic_dir(dest) as tmp:
+            with stage_output(dest, "extract", (archive,), force) as tmp:
                 zf.extractall(tmp)
         return dest
     raise ValueError(f"{archive} is neither a tar nor a zip archive; drop --extract or fix the URL")

@@ -17,7 +17,7 @@ import numpy as np
 
 from sqgan.data.features import FeatureExtractor, extract_features
 from sqgan.data.manifest import read_manifest, write_manifest
-from sqgan.io import atomic_dir, link_or_copy, write_json_atomic
+from sqgan.io import check_output, link_or_copy, stage_output, write_json_atomic
 
 REPORT = "ffhq2k5.json"
 
@@ -93,9 +93,11 @@ def build_ffhq2k5(
     seed: int = 0,
     batch_size: int = 64,
     tsne_max: int = 5000,
+    force: bool = False,
 ) -> dict:
     """Cluster the curated dataset `src` and write its smallest cluster to `out`; returns the report."""
     src, out = Path(src), Path(out)
+    check_output(out, "ffhq2k5", (src,), force)  # before hours of feature extraction, not after
     df = read_manifest(src).sort_values("path").reset_index(drop=True)
     if not 2 <= k <= len(df):
         raise ValueError(f"--k must be in [2, {len(df)}] (images in {src}), got {k}")
@@ -106,7 +108,7 @@ def build_ffhq2k5(
     df["cluster"] = labels
     report = {"k": k, "seed": seed, "features": extractor.key, "sizes": sizes.tolist(), "chosen_cluster": chosen,
               "images": int(sizes[chosen]), "input_images": len(df)}
-    with atomic_dir(out) as tmp:
+    with stage_output(out, "ffhq2k5", (src,), force) as tmp:
         picked = df[df["cluster"] == chosen].copy()
         for rel in picked["path"]:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -9,17 +9,28 @@ from pathlib import Path
 
 import pandas as pd
 
-from sqgan.io import atomic_path, sha256_file
+from sqgan.io import atomic_path, free_sibling, sha256_file
 
 MANIFEST = "manifest.parquet"
 REQUIRED_COLUMNS = ("path", "sha256", "width", "height", "source", "source_id", "split")
 
 
 def write_manifest(root: str | Path, rows: list[dict]) -> Path:
-    """Hash each listed file and write the manifest atomically (rows sorted by path for stable bytes)."""
+    """Hash each listed file and write the manifest atomically (rows sorted by path for stable bytes).
+
+    The rows and the files must agree: one row per file under `images/`, no path listed twice."""
     root = Path(root)
     if not rows:
         raise ValueError(f"{root}: no images to list in the manifest")
+    listed = [str(row["path"]) for row in rows]
+    twice = sorted({p for p in listed if listed.count(p) > 1})
+    if twice:
+        raise ValueError(f"{root}: manifest would list {twice[:3]} more than once (two inputs on one file)")
+    images = root / "images"
+    on_disk = {p.relative_to(root).as_posix() for p in images.rglob("*") if p.is_file()} if images.is_dir() else set()
+    unlisted = sorted(on_disk - set(listed))
+    if unlisted:
+        raise ValueError(f"{root}: files {unlisted[:3]} are not in the manifest (rows and files must agree)")
     for row in rows:
         row["sha256"] = sha256_file(root / row["path"])
     df = pd.DataFrame(rows).sort_values("path").reset_index(drop=True)
@@ -34,8 +45,9 @@ def read_manifest(root: str | Path) -> pd.DataFrame:
     path = root / MANIFEST
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} not found: {root} is not a curated dataset. Build it first, e.g. `sqgan data demo --out {root}` "
-            f"(or `dvc repro demo_data`), or point data.dataset / data.root at a curated folder."
+            f"{path} not found: {root} is not a curated dataset. If it holds raw images, curate them into a new "
+            f"folder (`sqgan data curate --src {root} --out {free_sibling(Path(str(root) + '-curated'))}`) and "
+            f"train on that; for the demo data run `dvc repro demo_data`."
         )
     df = pd.read_parquet(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]

@@ -1,19 +1,18 @@
-"""`sqgan data prepare NAME`: one real dataset from params, raw source to curated folder (a DVC stage each).
-
-The raw source is `data.<name>.path` (a folder, or an archive extracted once) or `data.<name>.url` with its
-sha256 (downloaded, verified, extracted under `<data.root>/raw/`). Then the dataset's own stage function
-runs and writes `<data.root>/<name>/` (images, manifest.parquet and a report JSON; plots for FFHQ-2.5k).
-"""
+"""The raw source of a real dataset (`sqgan data prepare NAME`): `data.<name>.path` (a folder, or an archive
+extracted once) or `data.<name>.url` with its sha256 (downloaded, verified, extracted under `<data.root>/raw/`).
+The stage that then runs is looked up in `sqgan.stages`."""
 
 from __future__ import annotations
 
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sqgan.config import Params, SourceParams
+if TYPE_CHECKING:
+    from sqgan.config import SourceParams
 
-DATASETS = ("ffhq2k5", "brecahad", "dogface", "metfaces", "subset")
+
 def _is_archive(path: Path) -> bool:
     return path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path))
 
@@ -55,37 +54,3 @@ def find_root(folder: Path, marker: str) -> Path:
             break
         cur = subs[0]
     raise FileNotFoundError(f"{folder}: no '{marker}' inside; is this the right archive or folder?")
-
-
-def prepare(name: str, params: Params) -> dict:
-    """Build dataset `name` under data.root; returns its report."""
-    from sqgan.data.brecahad import crop_brecahad
-    from sqgan.data.curate import curate
-    from sqgan.data.dogface import build_dogface
-    from sqgan.data.features import build_extractor
-    from sqgan.data.ffhq import build_ffhq2k5
-    from sqgan.data.subset import make_subset
-
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (the demo: sqgan data demo)")
-    d = params.data
-    root = Path(d.root)
-    out = root / name
-    if name == "ffhq2k5":
-        curated = root / "raw" / "ffhq-curated"
-        counts = curate(raw_source(name, d.ffhq2k5, root), curated)
-        f = d.ffhq2k5
-        report = build_ffhq2k5(curated, out, build_extractor(f.features, f.model, f.pretrained), d.cache,
-                               k=f.k, seed=f.seed, batch_size=f.batch_size)
-        return {**report, "curate": counts}
-    if name == "brecahad":
-        return crop_brecahad(raw_source(name, d.brecahad, root), out, d.brecahad.crop, d.brecahad.stride)
-    if name == "dogface":
-        g = d.dogface
-        pet = find_root(raw_source(name, g, root), "annotations")
-        return build_dogface(pet, out, g.size, g.margin, g.seed, g.detector_steps, g.detector_weights)
-    if name == "metfaces":
-        return curate(raw_source(name, d.metfaces, root), out)
-    s = d.subset
-    path = make_subset(root / s.source, out, s.n, s.seed)
-    return {"subset": str(path), "source": s.source, "n": s.n, "seed": s.seed}

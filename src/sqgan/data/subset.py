@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from sqgan.data.manifest import read_manifest, write_manifest
-from sqgan.io import atomic_dir, link_or_copy
+from sqgan.io import link_or_copy, stage_output
 
 
-def make_subset(src: str | Path, out: str | Path, n: int, seed: int = 0) -> Path:
+def make_subset(src: str | Path, out: str | Path, n: int, seed: int = 0, force: bool = False) -> Path:
     """Write the n-image subset of `src` chosen by `seed` to `out` (same n, seed and source → same subset)."""
     src, out = Path(src), Path(out)
     df = read_manifest(src)
@@ -19,7 +19,7 @@ def make_subset(src: str | Path, out: str | Path, n: int, seed: int = 0) -> Path
         raise ValueError(f"--n must be in [1, {len(train)}] (train images in {src}), got {n}")
     pick = np.sort(np.random.default_rng(seed).choice(len(train), size=n, replace=False))
     chosen = train.iloc[pick].copy()
-    with atomic_dir(out) as tmp:
+    with stage_output(out, "subset", (src,), force) as tmp:
         for rel in chosen["path"]:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(src / rel, tmp / rel)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from sqgan.config import Params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
-from sqgan.io import atomic_path, write_json_atomic
+from sqgan.io import atomic_path, mark_output, write_json_atomic
 from sqgan.losses.adversarial import d_loss as adversarial_d_loss
 from sqgan.losses.adversarial import g_loss as adversarial_g_loss
 from sqgan.metrics.codebook import perplexity, utilisation
@@ -163,28 +163,43 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state (weights_only=True); any file that is not one is a one-line ValueError."""
     path = Path(path)
+    pick = "pass a step_NNNNNN.pt file from a run's checkpoints/ folder"
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; {pick}")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; pass a .pt file from <out_dir>/checkpoints/")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"checkpoint {path} not found; {pick}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes: an interrupted copy?); {pick}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types here; its advice (weights_only=False) is unsafe
+        raise ValueError(f"checkpoint {path} is not a readable sqgan checkpoint ({type(e).__name__}); {pick}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an sqgan checkpoint (format {CHECKPOINT_FORMAT}); pick another file")
+        raise ValueError(f"{path}: not an sqgan checkpoint (format {CHECKPOINT_FORMAT}); {pick}")
     return state
 
 
 ARCH_KEYS = ("model.", "fq.enabled", "fq.codebook_size", "fq.layers")
 
 
-def check_resume_compatible(saved: dict[str, Any], params: Params, path: Path) -> None:
-    """The architecture of a resumed run must match the checkpoint's; anything else may change."""
+def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
+    """The step to resume from, after checking that the checkpoint fits `params`: same architecture (anything
+    else may change) and a step within train.steps."""
     from sqgan.config import flatten
 
-    old, new = flatten(saved), params.flat()
+    old, new = flatten(state["params"]), params.flat()
     diff = [k for k in new if k.startswith(ARCH_KEYS) and old.get(k) != new[k]]
     if diff:
         pairs = ", ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff)
         raise ValueError(f"cannot resume from {path}: architecture params differ ({pairs}); resume with the "
                          f"checkpoint's values or start a new run")
+    step = int(state["step"])
+    if step > params.train.steps:
+        raise ValueError(f"cannot resume from {path}: it is at step {step}, past train.steps={params.train.steps}; "
+                         f"--set train.steps={step} or more")
+    return step
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -237,6 +252,7 @@ def train(
     runtime: Runtime | None = None,
     hooks: Hooks | None = None,
 ) -> TrainResult:
+    """Train steps [start, train.steps) into `out_dir` (resuming from the checkpoint `resume`)."""
     rt, hooks = runtime or Runtime(), hooks or Hooks()
     tp, device = params.train, rt.device
     out_dir = Path(out_dir)
@@ -244,6 +260,7 @@ def train(
     if rt.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         sample_dir.mkdir(parents=True, exist_ok=True)
+        mark_output(out_dir, "train")
 
     dataset = ManifestDataset(data_dir, params.model.resolution, split="train")
     torch.manual_seed(tp.seed)  # same initial weights on every rank
@@ -255,16 +272,13 @@ def train(
     start = 0
     if resume is not None:
         state = load_checkpoint(resume)
-        check_resume_compatible(state["params"], params, Path(resume))
+        start = check_resume(state, params, Path(resume))
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
         G_ema.load_state_dict(state["G_ema"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         _set_rng_state(state["rng"])
-        start = int(state["step"])
-        if start > tp.steps:
-            raise ValueError(f"checkpoint {resume} is at step {start}, past train.steps={tp.steps}; raise train.steps")
 
     if rt.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None

@@ -1,15 +1,22 @@
 """Ray Train shell (Train V2): `sqgan train` runs `loop.train` inside a `TorchTrainer`.
 
-The driver creates the MLflow run (resolved params, provenance tags); each worker runs the plain loop with
-its rank; rank 0 logs metrics and artifacts into that run. Every checkpoint is reported to Ray, so with
-`ray.max_failures` > 0 a failed worker group restarts from the latest one (`ray.train.get_checkpoint()`).
+Before Ray starts, the driver checks everything it can in seconds — the dataset, the run folder, the checkpoint
+to resume, the CPUs/GPUs the workers ask for, the tracking server — and fails with the fix named. It then
+opens the MLflow run (resolved params, provenance tags; a resume continues its run); each worker runs the plain
+loop with its rank; rank 0 logs metrics and artifacts into that run. Every checkpoint is reported to Ray, so with
+`ray.max_failures` > 0 a failed worker group restarts from the latest one; controller retries are bounded too
+(`ray.controller_failure_limit`), so no configuration retries forever. A run that ends by Ctrl-C or SIGTERM is
+marked KILLED, one that raises FAILED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +53,76 @@ def init_ray(params: Params) -> None:
     ray.init(**kwargs)
 
 
-def _use_gpu(params: Params) -> bool:
+def available_resources(params: Params) -> tuple[dict[str, float], str]:
+    """(CPU/GPU totals, where) of the Ray this run will use: a running or remote one as Ray reports it, else
+    this machine (ray.num_cpus or its cores) — read without starting Ray."""
     import ray
 
-    if params.train.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return params.train.use_gpu == "true"
+    if ray.is_initialized():
+        return dict(ray.cluster_resources()), "the running Ray"
+    if params.ray.address:
+        init_ray(params)
+        return dict(ray.cluster_resources()), f"the Ray cluster at {params.ray.address}"
+    import torch
+
+    cpus = params.ray.num_cpus or os.cpu_count() or 1
+    where = f"ray.num_cpus={cpus}" if params.ray.num_cpus else f"this machine ({cpus} CPUs)"
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}, where
+
+
+def check_resources(params: Params, available: dict[str, float], where: str) -> bool:
+    """Fail unless train.workers × ray.cpus_per_worker CPUs (and a GPU per worker, if asked) fit; returns use_gpu.
+    Ray would otherwise wait for the worker group forever."""
+    w, c = params.train.workers, params.ray.cpus_per_worker
+    cpus, gpus = int(available.get("CPU", 0)), int(available.get("GPU", 0))
+    if w * c > cpus:
+        if cpus >= w:
+            fix = f"--set ray.cpus_per_worker={cpus // w}"
+        else:
+            fix = f"--set train.workers={max(1, cpus // c)}" if cpus >= c else f"--set train.workers={max(1, cpus)} " \
+                  f"--set ray.cpus_per_worker=1"
+        raise RuntimeError(f"train.workers={w} × ray.cpus_per_worker={c} needs {w * c} CPUs, but {where} has {cpus}; "
+                           f"{fix}")
+    if params.train.use_gpu == "true" and gpus < w:
+        raise RuntimeError(f"train.use_gpu=true with train.workers={w} needs {w} GPUs, but {where} has {gpus}; "
+                           f"--set train.use_gpu=auto (GPU when there is one) or --set train.workers={max(1, gpus)}")
+    return params.train.use_gpu == "true" or (params.train.use_gpu == "auto" and gpus >= w)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a scheduler) ends the driver like Ctrl-C, so the run is marked KILLED, not left RUNNING."""
+    def _raise(*_: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def fit_tracked(trainer: Any, tracking_uri: str, run_id: str) -> Any:
+    """`trainer.fit()`, ending the MLflow run as KILLED (Ctrl-C, SIGTERM), FAILED (an error) or FINISHED."""
+    from sqgan.tracking import end_run
+
+    try:
+        with _sigterm_as_interrupt():
+            result = trainer.fit()
+    except KeyboardInterrupt:
+        end_run(tracking_uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise
+    if result.error is not None:
+        end_run(tracking_uri, run_id, "FAILED")
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    return result
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -107,27 +178,35 @@ def run_training(
     resume: str | Path | None = None,
     project_dir: str | Path = ".",
     parent_run_id: str | None = None,
+    force: bool = False,
 ) -> TrainRun:
     """Run one training as a Ray Train job, tracked in MLflow; returns where everything went."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from sqgan.data.manifest import read_manifest
-    from sqgan.tracking import end_run, start_run
+    from sqgan.io import check_output
+    from sqgan.tracking import MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
 
+    # --- everything that can fail is checked here, before Ray starts
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    read_manifest(data_dir)  # fail here, before Ray starts, when the dataset is missing
+    read_manifest(data_dir)
+    check_output(out_dir, "train", (data_dir,), force)
     if resume is not None:
-        from sqgan.train.loop import check_resume_compatible, load_checkpoint
+        from sqgan.train.loop import check_resume, load_checkpoint
 
         resume = Path(resume).resolve()
-        check_resume_compatible(load_checkpoint(resume)["params"], params, resume)
+        check_resume(load_checkpoint(resume), params, resume)
+    use_gpu = check_resources(params, *available_resources(params))
+    tracking_uri = resolve_tracking_uri(params, project_dir)
+    check_tracking(tracking_uri)
 
     init_ray(params)
     tags = {"sqgan.stage": "train"}
     if resume is not None:
         tags["resumed_from"] = str(resume)
-    tracking_uri, run_id = start_run(params, data_dir, project_dir, tags=tags, parent_run_id=parent_run_id)
+    tracking_uri, run_id = open_run(params, data_dir, out_dir, project_dir, tags=tags, parent_run_id=parent_run_id,
+                                    resume=resume)
     storage = Path(project_dir, params.ray.storage_path).resolve()
     threads = params.ray.cpus_per_worker
     trainer = TorchTrainer(
@@ -142,24 +221,16 @@ def run_training(
             "threads": threads,
         },
         scaling_config=ScalingConfig(
-            num_workers=params.train.workers, use_gpu=_use_gpu(params), resources_per_worker={"CPU": threads}
+            num_workers=params.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}
         ),
         run_config=RunConfig(
             name=f"train-{run_id[:12]}",
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=params.ray.max_failures),
+            failure_config=FailureConfig(max_failures=params.ray.max_failures,
+                                         controller_failure_limit=params.ray.controller_failure_limit),
         ),
     )
-    try:
-        result = trainer.fit()
-    except BaseException:
-        end_run(tracking_uri, run_id, "FAILED")
-        raise
-    if result.error is not None:
-        end_run(tracking_uri, run_id, "FAILED")
-        raise RuntimeError(f"training failed: {result.error}") from result.error
-    from sqgan.tracking import MlflowLogger
-
+    result = fit_tracked(trainer, tracking_uri, run_id)
     MlflowLogger(tracking_uri, run_id).set_tags({"ray.run_path": result.path})
     end_run(tracking_uri, run_id, "FINISHED")
     return TrainRun(run_id, tracking_uri, out_dir, dict(result.metrics or {}), result.path)

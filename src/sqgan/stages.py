@@ -1,0 +1,138 @@
+"""The one stage table: name → function, params section, input, output.
+
+The CLI (`sqgan data NAME`, `sqgan data prepare NAME`), the DVC stages (`cmd: sqgan data …`) and later the KFP
+components all run a stage through `run_stage`, so the mapping from params to a stage function's arguments is
+written once, here (`Stage.arguments`). Every stage function takes `(src, out, **arguments, force=…)`
+(`demo` takes no `src`) and writes `out` atomically through `sqgan.io.stage_output`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqgan.config import Params
+from sqgan.io import check_output
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    function: str  # "module:function"
+    section: str  # the params section the stage reads (its `--set` prefix)
+    doc: str
+    source: str  # where `src` comes from when not given: "none", "raw" (data.<name> url/path), "subset", "cli"
+    arguments: Callable[[Params], dict[str, Any]]  # params → the function's keyword arguments
+    modules: tuple[str, ...] = ()  # further modules the stage runs (besides the function's own imports)
+
+    def load(self) -> Callable[..., Any]:
+        module, _, attr = self.function.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def default_out(self, params: Params) -> Path:
+        return Path(params.data.root) / self.name
+
+
+def _demo(p: Params) -> dict[str, Any]:
+    return {"resolution": p.model.resolution, **p.data.demo.model_dump()}
+
+
+def _curate(p: Params) -> dict[str, Any]:
+    return {"min_images": p.data.curate.min_images}
+
+
+def _ffhq(p: Params) -> dict[str, Any]:
+    from sqgan.data.features import build_extractor
+
+    f = p.data.ffhq2k5
+    return {"extractor": build_extractor(f.features, f.model, f.pretrained), "cache_dir": p.data.cache, "k": f.k,
+            "seed": f.seed, "batch_size": f.batch_size}
+
+
+def _brecahad(p: Params) -> dict[str, Any]:
+    return {"crop": p.data.brecahad.crop, "stride": p.data.brecahad.stride}
+
+
+def _dogface(p: Params) -> dict[str, Any]:
+    g = p.data.dogface
+    return {"size": g.size, "margin": g.margin, "seed": g.seed, "detector_steps": g.detector_steps,
+            "detector_weights": g.detector_weights}
+
+
+def _subset(p: Params) -> dict[str, Any]:
+    return {"n": p.data.subset.n, "seed": p.data.subset.seed}
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("demo", "sqgan.data.demo:build_demo", "data.demo",
+          "the offline demo set: IHC slide crops + LFW faces from scikit-image", "none", _demo),
+    Stage("curate", "sqgan.data.curate:curate", "data.curate",
+          "decode, RGB, pixel-exact dedupe, quarantine unusable files", "cli", _curate),
+    Stage("ffhq2k5", "sqgan.data.ffhq:build_ffhq2k5", "data.ffhq2k5",
+          "FFHQ → features → KMeans → the smallest cluster", "raw", _ffhq,
+          ("sqgan.data.curate", "sqgan.data.prepare")),
+    Stage("brecahad", "sqgan.data.brecahad:crop_brecahad", "data.brecahad",
+          "BreCaHAD slides → 512² crops at stride 256", "raw", _brecahad, ("sqgan.data.prepare",)),
+    Stage("dogface", "sqgan.data.dogface:build_dogface", "data.dogface",
+          "Oxford-IIIT Pet dogs → centred head crops", "raw", _dogface, ("sqgan.data.prepare",)),
+    Stage("metfaces", "sqgan.data.curate:curate", "data.curate",
+          "MetFaces, curated as released", "raw", _curate, ("sqgan.data.prepare",)),
+    Stage("subset", "sqgan.data.subset:make_subset", "data.subset",
+          "a seeded n-image few-shot subset of data.subset.source", "subset", _subset),
+)}
+PREPARABLE = tuple(name for name, s in STAGES.items() if s.source in ("raw", "subset"))
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def source_for(stage: Stage, params: Params) -> Path:
+    """The input folder of a stage run from params alone (`sqgan data prepare NAME`, `dvc repro NAME`)."""
+    from sqgan.data.prepare import find_root, raw_source
+
+    root = Path(params.data.root)
+    if stage.source == "subset":
+        return root / params.data.subset.source
+    if stage.source != "raw":
+        raise ValueError(f"stage {stage.name!r} takes its input from --src; it has no source in params")
+    raw = raw_source(stage.name, getattr(params.data, stage.name), root)
+    if stage.name == "dogface":
+        return find_root(raw, "annotations")
+    if stage.name == "ffhq2k5":  # the clustering reads a curated manifest: curate the raw images first
+        from sqgan.data.curate import curate
+
+        curated = root / "raw" / "ffhq-curated"
+        curate(raw, curated, source="ffhq", min_images=params.data.curate.min_images)
+        return curated
+    return raw
+
+
+def run_stage(
+    name: str, params: Params, src: str | Path | None = None, out: str | Path | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Run stage `name` with its arguments from `params`; `src`/`out` default to params (data.root/NAME)."""
+    stage = get_stage(name)
+    out = Path(out) if out is not None else stage.default_out(params)
+    marker = "curate" if stage.function.endswith(":curate") else name
+    check_output(out, marker, (src,), force)  # before any download or extraction
+    fn = stage.load()
+    arguments = stage.arguments(params)
+    if stage.source == "none":
+        result = fn(out, **arguments, force=force)
+    else:
+        if src is None:
+            if stage.source == "cli":
+                raise ValueError(f"stage {name!r} needs --src (the folder to read)")
+            src = source_for(stage, params)
+        result = fn(src, out, **arguments, force=force)
+    if isinstance(result, dict):
+        return result
+    from sqgan.data.manifest import read_manifest
+
+    return {"images": len(read_manifest(out))}

@@ -1,0 +1,295 @@
+"""Nothing lost, nothing hung: each case a new user hit in the trial, reproduced through the CLI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sqgan.cli import app
+
+runner = CliRunner()
+
+
+def _images(folder, n=3, size=8, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ outputs vs inputs
+def test_curate_with_out_equal_to_src_is_refused_and_keeps_the_originals(tmp_path):
+    src = tmp_path / "photos"
+    _images(src)
+    before = _tree(src)
+    r = runner.invoke(app, ["data", "curate", "--src", str(src), "--out", str(src)])
+    assert r.exit_code == 1 and "is the input" in r.output
+    assert _tree(src) == before
+
+
+@pytest.mark.parametrize("out_rel", [".", "photos/curated"])
+def test_curate_with_out_containing_or_inside_src_is_refused(tmp_path, out_rel):
+    src = tmp_path / "photos"
+    _images(src)
+    before = _tree(tmp_path)
+    r = runner.invoke(app, ["data", "curate", "--src", str(src), "--out", str(tmp_path / out_rel)])
+    assert r.exit_code == 1 and re.search(r"(contains|lies inside) the input", r.output), r.output
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("stage", ["curate", "demo", "brecahad", "subset"])
+def test_a_stage_never_replaces_a_folder_it_did_not_write(tmp_path, demo_dir, stage):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("\\chapter{years of work}")
+    src = {"curate": ["--src", str(demo_dir / "images")], "demo": [],
+           "brecahad": ["--src", str(demo_dir / "images"), "--crop", "16", "--stride", "16"],
+           "subset": ["--src", str(demo_dir), "--n", "3"]}[stage]
+    r = runner.invoke(app, ["data", stage, *src, "--out", str(out)])
+    assert r.exit_code == 1, r.output
+    assert "no sqgan stage wrote" in r.output and "--out" in r.output
+    assert (out / "thesis.tex").read_text() == "\\chapter{years of work}"
+    # the advice names a folder that does not exist yet: following it as written is safe
+    suggested = re.search(r"e\.g\. --out (\S+)", r.output).group(1)
+    assert not (tmp_path / suggested).exists() and suggested.endswith("mine-2")
+    # a second run of the same stage replaces its own output; --force is the only way over a foreign folder
+    assert runner.invoke(app, ["data", stage, *src, "--out", str(out), "--force"]).exit_code == 0
+    assert not (out / "thesis.tex").exists()
+    assert runner.invoke(app, ["data", stage, *src, "--out", str(out)]).exit_code == 0
+
+
+def test_one_stage_does_not_replace_another_stages_output(tmp_path, demo_dir):
+    out = tmp_path / "sub"
+    assert runner.invoke(app, ["data", "subset", "--src", str(demo_dir), "--n", "3", "--out", str(out)]).exit_code == 0
+    r = runner.invoke(app, ["data", "curate", "--src", str(demo_dir / "images"), "--out", str(out)])
+    assert r.exit_code == 1 and "output of the 'subset' stage" in r.output
+    assert len(pd.read_parquet(out / "manifest.parquet")) == 3
+
+
+def test_missing_manifest_advice_is_safe_to_follow_as_written(tmp_path):
+    """`sqgan train --data FOLDER` once advised `sqgan data demo --out FOLDER`, which wiped the images."""
+    folder = tmp_path / "my_faces"
+    _images(folder)
+    before = _tree(folder)
+    for cmd in (["train", "--data", str(folder)], ["data", "ffhq2k5", "--src", str(folder), "--out",
+                                                   str(tmp_path / "ffhq"), "--features", "pixels"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 1 and "is not a curated dataset" in r.output, r.output
+        advice = re.search(r"`(sqgan data [^`]+)`", r.output).group(1)
+        assert str(folder) in advice and "--out" in advice
+    follow = runner.invoke(app, shlex.split(advice)[1:])
+    assert follow.exit_code == 0, follow.output
+    assert _tree(folder) == before
+    assert len(pd.read_parquet(tmp_path / "my_faces-curated" / "manifest.parquet")) == 3
+
+
+# ------------------------------------------------------------------------------ curate correctness
+def test_no_two_inputs_land_on_one_output_file(tmp_path):
+    src = tmp_path / "raw"
+    rng = np.random.default_rng(1)
+    names = ["cat.png", "cat.jpg", "a/b.png", "a__b.png", "CAT.PNG", "cat~2.png", "x.jpg.png", "x.jpg", "a/b"]
+    for i, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (6, 6 + i, 3), dtype=np.uint8)  # every image different
+        Image.fromarray(arr).save(src / name, format="JPEG" if name.endswith(".jpg") else "PNG")
+    r = runner.invoke(app, ["data", "curate", "--src", str(src), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / "images").rglob("*")
+                   if p.is_file())
+    assert len(df) == len(names) == len(files) and sorted(df["path"]) == files
+    assert sorted(df["source_id"]) == sorted(names)
+    for row in df.itertuples():  # each row's file is the image of its own source
+        with Image.open(tmp_path / "out" / row.path) as im:
+            assert im.size == (row.width, row.height)
+        assert row.width == 6 + names.index(row.source_id)
+
+
+def test_dedupe_compares_shape_not_only_bytes(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    same_bytes = np.arange(18, dtype=np.uint8)
+    Image.fromarray(same_bytes.reshape(2, 3, 3)).save(src / "wide.png")  # 2×3 RGB
+    Image.fromarray(same_bytes.reshape(3, 2, 3)).save(src / "tall.png")  # 3×2 RGB, the same 18 bytes
+    Image.fromarray(same_bytes.reshape(2, 3, 3)).save(src / "wide_copy.png")
+    from sqgan.data.curate import curate
+
+    counts = curate(src, tmp_path / "out")
+    assert counts["kept"] == 2 and counts["duplicate"] == 1
+
+
+def test_min_images_is_a_minimum_not_a_strict_bound(tmp_path):
+    from sqgan.data.curate import NothingUsable, curate
+
+    src = tmp_path / "raw"
+    _images(src, n=1)
+    assert curate(src, tmp_path / "one", min_images=1)["kept"] == 1
+    with pytest.raises(NothingUsable, match=r"only 1 usable image\(s\) of 1 files \(need 2\)"):
+        curate(src, tmp_path / "two", min_images=2)
+
+
+# ------------------------------------------------------------------------------ params honoured
+def test_data_commands_honour_params_and_set(tmp_path, demo_dir):
+    out = tmp_path / "crops"
+    r = runner.invoke(app, ["data", "brecahad", "--src", str(demo_dir / "images"), "--out", str(out),
+                            "--set", "data.brecahad.crop=16", "--set", "data.brecahad.stride=16"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "manifest.parquet")
+    assert set(df["width"]) == {16} and len(df) == 149 * 4  # 32² images → 2×2 crops of 16
+    from conftest import ROOT
+
+    f = tmp_path / "p.yaml"
+    f.write_text((ROOT / "params.yaml").read_text().replace("    n: 10\n", "    n: 4\n"))
+    r = runner.invoke(app, ["data", "subset", "--src", str(demo_dir), "--out", str(tmp_path / "s"), "--params", str(f)])
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_parquet(tmp_path / "s" / "manifest.parquet")) == 4
+
+
+def test_unknown_stage_is_an_error(tmp_path):
+    r = runner.invoke(app, ["data", "prepare", "cifar"])
+    assert r.exit_code == 2 and "unknown dataset 'cifar'" in r.output
+    from sqgan.stages import get_stage
+
+    with pytest.raises(ValueError, match="unknown stage 'cifar'"):
+        get_stage("cifar")
+
+
+# ------------------------------------------------------------------------------ fail fast, before Ray
+def _no_ray(monkeypatch):
+    import sqgan.train.ray_train as rt
+
+    def boom(*a, **k):
+        raise AssertionError("Ray must not start for a run that cannot work")
+
+    monkeypatch.setattr(rt, "init_ray", boom)
+
+
+def test_workers_that_do_not_fit_fail_in_seconds_naming_the_fix(demo_dir, tmp_path, monkeypatch):
+    """`--set train.workers=2` with 2 CPUs per worker on a 2-CPU machine once retried forever."""
+    _no_ray(monkeypatch)
+    t0 = time.monotonic()
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "run"), "--set",
+                            "train.workers=2", "--set", "ray.cpus_per_worker=2", "--set", "ray.num_cpus=2"])
+    assert time.monotonic() - t0 < 20
+    assert r.exit_code == 1
+    assert "needs 4 CPUs, but ray.num_cpus=2 has 2; --set ray.cpus_per_worker=1" in r.output
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "run"), "--set",
+                            "train.workers=3", "--set", "ray.cpus_per_worker=1", "--set", "ray.num_cpus=2"])
+    assert r.exit_code == 1 and "--set train.workers=2" in r.output
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "run"), "--set",
+                            "train.use_gpu=true", "--set", "ray.cpus_per_worker=1", "--set", "ray.num_cpus=2"])
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        assert r.exit_code == 1 and "needs 1 GPUs" in r.output
+
+
+def test_resources_that_fit_are_accepted():
+    from sqgan.config import default_params
+    from sqgan.train.ray_train import check_resources
+
+    p = default_params(["train.workers=2", "ray.cpus_per_worker=1"])
+    assert check_resources(p, {"CPU": 2.0, "GPU": 0.0}, "x") is False
+    assert check_resources(p, {"CPU": 2.0, "GPU": 2.0}, "x") is True  # auto: a GPU per worker is there
+    with pytest.raises(RuntimeError, match="needs 2 CPUs, but x has 1"):
+        check_resources(p, {"CPU": 1.0}, "x")
+
+
+def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(demo_dir, tmp_path, monkeypatch):
+    import socket
+
+    _no_ray(monkeypatch)
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "run"), "--set",
+                            f"mlflow.tracking_uri={uri}", "--set", "ray.cpus_per_worker=1"])
+    assert time.monotonic() - t0 < 20
+    assert r.exit_code == 1 and f"mlflow.tracking_uri {uri}: no answer" in r.output and "make ui" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_ray_failure_policy_is_bounded(demo_dir, tmp_path, monkeypatch):
+    import sqgan.train.ray_train as rt
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, *a, run_config, scaling_config, **k):
+            seen["failure"], seen["scaling"] = run_config.failure_config, scaling_config
+
+        def fit(self):
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(rt, "init_ray", lambda p: None)
+    monkeypatch.setattr("ray.train.torch.TorchTrainer", FakeTrainer)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    from sqgan.config import default_params
+
+    p = default_params([f"mlflow.tracking_uri={uri}", f"mlflow.artifact_root={tmp_path / 'a'}",
+                        "ray.cpus_per_worker=1", "ray.max_failures=2"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        rt.run_training(p, demo_dir, tmp_path / "run", project_dir=tmp_path)
+    assert seen["failure"].max_failures == 2 and seen["failure"].controller_failure_limit == 1
+    from sqgan.config import ConfigError
+
+    with pytest.raises(ConfigError, match="ray.max_failures"):
+        default_params(["ray.max_failures=-1"])
+    with pytest.raises(ConfigError, match="ray.controller_failure_limit"):
+        default_params(["ray.controller_failure_limit=-1"])
+
+
+@pytest.mark.parametrize(("content", "expect"), [
+    (b"", "is empty (0 bytes"),
+    (b"hello, not a checkpoint\n", "is not a readable sqgan checkpoint"),
+])
+def test_bad_checkpoint_is_one_line_before_ray(demo_dir, tmp_path, monkeypatch, content, expect):
+    _no_ray(monkeypatch)
+    ckpt = tmp_path / "step_000010.pt"
+    ckpt.write_bytes(content)
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "run"), "--resume", str(ckpt),
+                            "--set", "ray.cpus_per_worker=1"])
+    assert r.exit_code == 1 and expect in r.output, r.output
+    assert "Aborted" not in r.output and "weights_only=False" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_resume_past_train_steps_fails_before_ray(demo_dir, tmp_path, monkeypatch):
+    from conftest import tiny_overrides
+
+    from sqgan.config import default_params
+    from sqgan.train.loop import train
+
+    train(default_params(tiny_overrides(**{"train.steps": 10})), demo_dir, tmp_path / "r")
+    _no_ray(monkeypatch)
+    sets = [x for kv in tiny_overrides(**{"train.steps": 5}) for x in ("--set", kv)]
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "r2"), "--resume",
+                            str(tmp_path / "r" / "checkpoints" / "step_000010.pt"), *sets])
+    assert r.exit_code == 1 and "at step 10, past train.steps=5; --set train.steps=10 or more" in r.output
+
+
+def test_train_refuses_an_out_it_did_not_write(demo_dir, tmp_path, monkeypatch):
+    _no_ray(monkeypatch)
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("keep me")
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(out), "--set", "ray.cpus_per_worker=1"])
+    assert r.exit_code == 1 and "no sqgan stage wrote" in r.output
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(demo_dir), "--set", "ray.cpus_per_worker=1"])
+    assert r.exit_code == 1 and "is the input" in r.output
+    assert (out / "todo.txt").read_text() == "keep me"
