@@ -16,6 +16,16 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 ROOT = Path(__file__).resolve().parents[1]
+WRITTEN_BY_RUNS = (".cache", "mlflow.db", "mlartifacts", "ray_results", "runs", "data/demo")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_stays_clean():
+    """Tests write caches, runs and MLflow stores under tmp_path only, never into the checkout."""
+    before = {name: (ROOT / name).exists() for name in WRITTEN_BY_RUNS}
+    yield
+    created = [name for name, existed in before.items() if not existed and (ROOT / name).exists()]
+    assert not created, f"tests wrote {created} into the repository; give them a tmp_path"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sqgan.cli import app
-from sqgan.config import ConfigError, Params, load_params
+from sqgan.config import ConfigError, Params, default_params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -90,3 +90,55 @@ def test_set_can_mend_a_bad_value_in_the_file_and_a_bad_file_names_itself(tmp_pa
     assert load_params(f, ["fq.decay=0.5"]).fq.decay == 0.5
     with pytest.raises(ConfigError, match=r"p.yaml: fq.decay must be float in \[0.0, 1.0\), got 1.5"):
         load_params(f)
+
+
+def test_schema_defaults_equal_the_shipped_params_yaml():
+    """`--no-params-file` (or a library call) and the project's params.yaml must mean the same run."""
+    shipped = load_params(ROOT / "params.yaml").model_dump(mode="json")
+    assert default_params().model_dump(mode="json") == shipped
+    assert shipped["ray"]["cpus_per_worker"] == 2
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("", "is empty (or only comments)"),
+    ("# every key commented out\n# fq:\n#   decay: 0.8\n", "is empty (or only comments)"),
+    ("- a\n- b\n", "expected a mapping of sections"),
+    ("fq: [1\n", "not valid YAML"),
+])
+def test_an_empty_or_non_mapping_params_file_is_an_error_not_the_defaults(tmp_path, text, words):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_params(f)
+    assert words in str(e.value) and str(f) in str(e.value)
+
+
+def test_no_params_file_in_the_folder_is_an_error_unless_defaults_are_asked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["config", "show"])
+    assert r.exit_code == 2 and "params.yaml: params file not found" in r.output and "--no-params-file" in r.output
+    r = runner.invoke(app, ["config", "show", "--no-params-file", "--set", "fq.decay=0.7"])
+    assert r.exit_code == 0 and "decay: 0.7" in r.output
+    r = runner.invoke(app, ["config", "show", "--no-params-file", "--params", str(ROOT / "params.yaml")])
+    assert r.exit_code == 2 and "contradict" in r.output
+
+
+def test_params_given_as_a_folder_is_a_clear_error(tmp_path):
+    r = runner.invoke(app, ["config", "validate", "--params", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder, not a params file" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(("given", "expect"), [
+    ("true", "true"), ("True", "true"), ("yes", "true"), ("on", "true"), ("false", "false"), ("FALSE", "false"),
+    ("no", "false"), ("auto", "auto"),
+])
+def test_use_gpu_accepts_the_usual_boolean_spellings(given, expect):
+    assert default_params([f"train.use_gpu={given}"]).train.use_gpu == expect
+
+
+@pytest.mark.parametrize("item", ["train.lr_g=0", "train.lr_g=-0.001", "train.lr_d=0", "train.lr_d=-1",
+                                  "fq.decay=1.0", "fq.decay=-0.1", "train.use_gpu=maybe"])
+def test_values_outside_their_range_are_refused(item):
+    key = item.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"--set {item}: {key} must be"):
+        default_params([item])

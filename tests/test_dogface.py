@@ -49,12 +49,31 @@ def _red_centroid(path) -> tuple[float, float]:
     return float(xs.mean()), float(ys.mean())
 
 
-def test_dog_crops_are_centred_on_the_head_box_and_cats_are_excluded(tmp_path):
+def test_dog_crops_are_centred_on_the_head_box_and_cats_are_excluded(tmp_path, monkeypatch):
+    import sqgan.data.dogface as mod
+
+    trained, detected = {}, {}
+    real_train, real_detect = mod.train_detector, mod.detect
+
+    def spy_train(images, boxes, **kw):
+        trained["n"] = len(images)
+        trained["model"], trained["iou"] = real_train(images, boxes, **kw)
+        return trained["model"], trained["iou"]
+
+    def spy_detect(model, images, side):
+        detected["boxes"] = real_detect(model, images, side)
+        return detected["boxes"]
+
+    monkeypatch.setattr(mod, "train_detector", spy_train)
+    monkeypatch.setattr(mod, "detect", spy_detect)
     root, _ = _pet_root(tmp_path)
     report = build_dogface(root, tmp_path / "out", size=64, detector_steps=5, detector_side=32)
     assert report["dogs"] == 12 and report["crops"] == 12
     assert report["from_xml"] == 9 and report["from_detector"] == 3
-    assert 0.0 <= report["detector_heldout_iou"] <= 1.0
+    assert trained["n"] == 9  # trained on the annotated dogs only; its held-out IoU is what the report says
+    assert report["detector_heldout_iou"] == trained["iou"]
+    det_rows = pd.read_parquet(tmp_path / "out" / "manifest.parquet").query("box_source == 'detector'")
+    assert sorted(det_rows["x0"]) == sorted(b.x0 for b in detected["boxes"])  # crops use the detector's boxes
     assert report["train"] + report["test"] == 12 and report["test"] == round(12 * 498 / 4990)
     df = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert not df["source_id"].str.startswith("Persian").any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()
     shutil.copy(ROOT / "dvc.yaml", proj)
+    shutil.copy(ROOT / ".gitignore", proj)
     shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(steps=4, batch_size=8, log_every=2, sample_every=2, checkpoint_every=2)
@@ -55,6 +57,26 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     assert "didn't change, skipping" in second.stdout
     status = _run([dvc, "status", "train"], proj, env)
     assert "up to date" in status.stdout
+
+    # the data hash sqgan tags runs with is the one DVC records for the folder
+    from sqgan.tracking import dvc_dir_md5
+
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    locked = next(o["md5"] for o in lock["stages"]["demo_data"]["outs"] if o["path"] == "data/demo")
+    assert dvc_dir_md5(proj / "data/demo") == locked
+
+    # the README's `dvc exp run` example, run as written (it names the train stage, so the real-dataset
+    # stages, which have no source here, are not run)
+    example = re.search(r"dvc (exp run train -S (\S+))", (ROOT / "README.md").read_text())
+    assert example, "README shows no `dvc exp run train -S …` example"
+    assert _run(["git", "add", "-A"], proj, env).returncode == 0
+    assert _run(["git", "commit", "-qm", "base"], proj, env).returncode == 0
+    exp = _run([dvc, *example.group(1).split()], proj, env)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    key, value = example.group(2).split("=")
+    section, name = key.split(".")
+    assert yaml.safe_load((proj / "params.yaml").read_text())[section][name] == yaml.safe_load(value)
+    assert yaml.safe_load((proj / "runs/demo/metrics.json").read_text())["step"] == 4
 
     # a real-dataset stage runs once its source is given by path (here: one BreCaHAD-sized slide)
     import numpy as np

@@ -79,8 +79,11 @@ def test_k_larger_than_the_dataset_is_an_error(demo_dir, tmp_path):
 
 
 def test_pixel_features_run_end_to_end_and_are_seed_deterministic(demo_dir, tmp_path):
-    a = build_ffhq2k5(demo_dir, tmp_path / "a", PixelFeatures(), tmp_path / "c", k=4, tsne_max=60)
-    b = build_ffhq2k5(demo_dir, tmp_path / "b", PixelFeatures(), tmp_path / "c", k=4, tsne_max=60)
+    # separate caches: the second run extracts every feature again, so determinism is really tested
+    ext_a, ext_b = PixelFeatures(), PixelFeatures()
+    a = build_ffhq2k5(demo_dir, tmp_path / "a", ext_a, tmp_path / "ca", k=4, tsne_max=60)
+    b = build_ffhq2k5(demo_dir, tmp_path / "b", ext_b, tmp_path / "cb", k=4, tsne_max=60)
+    assert ext_a.images_seen == ext_b.images_seen == 149
     assert a == b and sum(a["sizes"]) == 149 and a["images"] == min(a["sizes"])
     ma = pd.read_parquet(tmp_path / "a" / "manifest.parquet")
     assert len(ma) == a["images"] and (ma["cluster"] == a["chosen_cluster"]).all()

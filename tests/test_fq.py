@@ -27,18 +27,20 @@ def _as_map(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def test_ema_update_matches_hand_computed_case():
-    q = _quantizer(torch.tensor([[0.0, 0.0], [10.0, 10.0]]), decay=0.5, eps=1e-5)
+    # λ = 0.7, not 0.5: a swap of λ and 1 − λ must change every number below
+    q = _quantizer(torch.tensor([[0.0, 0.0], [10.0, 10.0]]), decay=0.7, eps=1e-5)
     h = torch.tensor([[1.0, 1.0], [2.0, 0.0], [9.0, 9.0]])  # → entries 0, 0, 1
     out = q(_as_map(h))
     assert out.indices.flatten().tolist() == [0, 0, 1]
-    # N = .5·[1, 1] + .5·[2, 1] = [1.5, 1];  m = .5·e + .5·Σh = [[1.5, .5], [9.5, 9.5]]
-    assert torch.allclose(q.ema_count, torch.tensor([1.5, 1.0]))
-    assert torch.allclose(q.ema_sum, torch.tensor([[1.5, 0.5], [9.5, 9.5]]))
-    eps, n = 1e-5, 2.5
-    smoothed = [(1.5 + eps) / (n + 2 * eps) * n, (1.0 + eps) / (n + 2 * eps) * n]
-    expected = torch.tensor([[1.5 / smoothed[0], 0.5 / smoothed[0]], [9.5 / smoothed[1], 9.5 / smoothed[1]]])
+    # n = [2, 1], Σh = [[3, 1], [9, 9]]
+    # N = .7·[1, 1] + .3·[2, 1] = [1.3, 1.0];  m = .7·e + .3·Σh = [[0.9, 0.3], [9.7, 9.7]]
+    assert torch.allclose(q.ema_count, torch.tensor([1.3, 1.0]))
+    assert torch.allclose(q.ema_sum, torch.tensor([[0.9, 0.3], [9.7, 9.7]]))
+    eps, n = 1e-5, 2.3
+    smoothed = [(1.3 + eps) / (n + 2 * eps) * n, (1.0 + eps) / (n + 2 * eps) * n]
+    expected = torch.tensor([[0.9 / smoothed[0], 0.3 / smoothed[0]], [9.7 / smoothed[1], 9.7 / smoothed[1]]])
     assert torch.allclose(q.codebook, expected, rtol=0, atol=1e-6)
-    assert q.codebook[0, 0].item() == pytest.approx(1.0, abs=1e-4)  # ≈ the mean 1.5/1.5, not 1.5
+    assert q.codebook[0, 0].item() == pytest.approx(0.9 / 1.3, abs=1e-4)  # ≈ m/N, not m
     # commitment β·mean((h − sg(e))²) with the dictionary the vectors were assigned to
     e_used = torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 10.0]])
     assert out.loss.item() == pytest.approx(0.25 * ((h - e_used) ** 2).mean().item())

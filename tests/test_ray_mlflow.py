@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 from conftest import ROOT, tiny_overrides
 
 from sqgan.config import default_params
+from sqgan.tracking import MlflowLogger, dvc_dir_md5, open_run
+from sqgan.train.loop import Hooks, train
 
 pytestmark = pytest.mark.ray
 
@@ -44,17 +49,46 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     assert {"params.yaml", "metrics.json", "checkpoints"} <= top
     assert run.metrics["step"] == 12 and run.metrics["fid_randcnn"] == pytest.approx(r.data.metrics["fid_randcnn"])
 
-    # `sqgan train --resume`: a second Ray job from the step-6 checkpoint ends with the same weights
-    import torch
+    assert r.data.tags["data.md5"] == dvc_dir_md5(demo_dir)
+    assert r.data.tags["data.matches_dvc_lock"] == "not in dvc.lock"
+    assert json.loads((tmp_path / "run" / "tracking.json").read_text())["run_id"] == run.run_id
 
+    # A driver killed after the step-6 checkpoint leaves its run RUNNING; resuming it continues that very run.
+    killed = tmp_path / "killed"
+    _, killed_id = open_run(params, demo_dir, killed, ROOT)
+    logger = MlflowLogger(uri, killed_id)
+
+    def die_after_6(path, step, metrics):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(params.ray.cpus_per_worker)  # as inside a Ray worker, so the floats match bit for bit
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(params, demo_dir, killed, hooks=Hooks(log_metrics=logger.log_metrics, on_checkpoint=die_after_6))
+    finally:
+        torch.set_num_threads(threads)
+    assert client.get_run(killed_id).info.status == "RUNNING"
+    cont = run_training(params, demo_dir, killed, resume=killed / "checkpoints" / "step_000006.pt", project_dir=ROOT)
+    assert cont.run_id == killed_id
+    k = client.get_run(killed_id)
+    assert k.info.status == "FINISHED" and k.data.tags["sqgan.resume.1.status_before"] == "RUNNING"
+    assert [m.step for m in client.get_metric_history(killed_id, "loss/d")] == [4, 8, 12]  # one curve
+
+    # Resuming a finished run (here into another folder) starts a child run linked to it by id.
     ckpt = tmp_path / "run" / "checkpoints" / "step_000006.pt"
     again = run_training(params, demo_dir, tmp_path / "resumed", resume=ckpt, project_dir=ROOT)
-    assert client.get_run(again.run_id).data.tags["resumed_from"] == str(ckpt)
+    child = client.get_run(again.run_id)
+    assert again.run_id != run.run_id and child.data.tags["mlflow.parentRunId"] == run.run_id
+    assert child.data.tags["sqgan.resumed_from_run"] == run.run_id and child.data.tags["resumed_from"] == str(ckpt)
     assert client.get_metric_history(again.run_id, "loss/d")[0].step == 8  # continues, not restarts
+    assert client.get_run(run.run_id).info.status == "FINISHED"
     a = torch.load(tmp_path / "run" / "checkpoints" / "step_000012.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "step_000012.pt", weights_only=True)
-    for part in ("G", "D", "G_ema"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for folder in ("resumed", "killed"):  # both resumed runs end bit-identical to the uninterrupted one
+        b = torch.load(tmp_path / folder / "checkpoints" / "step_000012.pt", weights_only=True)
+        for part in ("G", "D", "G_ema"):
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (folder, part)
 
 
 def test_two_ddp_workers_train_and_finish_with_one_checkpoint_per_report(ray_session, demo_dir, tmp_path):

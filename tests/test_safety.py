@@ -293,3 +293,58 @@ def test_train_refuses_an_out_it_did_not_write(demo_dir, tmp_path, monkeypatch):
     r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(demo_dir), "--set", "ray.cpus_per_worker=1"])
     assert r.exit_code == 1 and "is the input" in r.output
     assert (out / "todo.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------------------ provenance
+@pytest.mark.parametrize(("raised", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
+def test_a_run_whose_driver_stops_is_marked_killed_or_failed(demo_dir, tmp_path, raised, status):
+    from mlflow.tracking import MlflowClient
+
+    from sqgan.config import default_params
+    from sqgan.tracking import open_run
+    from sqgan.train.ray_train import fit_tracked
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    p = default_params([f"mlflow.tracking_uri={uri}", f"mlflow.artifact_root={tmp_path / 'a'}"])
+    _, run_id = open_run(p, demo_dir, tmp_path / "run", tmp_path)
+
+    class Dies:
+        def fit(self):
+            raise raised("stopped")
+
+    with pytest.raises(raised):
+        fit_tracked(Dies(), uri, run_id)
+    assert MlflowClient(uri).get_run(run_id).info.status == status
+
+
+def test_data_hash_tag_is_of_the_data_on_disk_and_compared_with_dvc_lock(demo_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    from sqgan.tracking import dvc_dir_md5, provenance_tags
+
+    data = tmp_path / "data" / "demo"
+    shutil.copytree(demo_dir, data)
+    lock = {"schema": "2.0", "stages": {"demo_data": {"outs": [{"path": "data/demo", "md5": dvc_dir_md5(data)}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    tags = provenance_tags(data, tmp_path)
+    assert tags["data.matches_dvc_lock"] == "true" and tags["data.md5"] == tags["data.dvc_lock_md5"]
+    img = next((data / "images").iterdir())
+    img.write_bytes(img.read_bytes() + b"\0")  # the data on disk drifts from what dvc.lock recorded
+    tags = provenance_tags(data, tmp_path)
+    assert tags["data.matches_dvc_lock"] == "false" and tags["data.md5"] != tags["data.dvc_lock_md5"]
+
+
+def test_run_outputs_are_ignored_by_git_so_training_leaves_the_tree_clean():
+    """After one training in a fresh clone every run was tagged `<sha>-dirty`: training rewrote tracked files."""
+    import subprocess
+
+    from conftest import ROOT
+
+    tracked = subprocess.run(["git", "ls-files", "runs", "mlflow.db", "mlartifacts", "ray_results", ".cache"],
+                             cwd=ROOT, capture_output=True, text=True).stdout
+    assert tracked == ""
+    for path in ("runs/demo/grid.png", "runs/demo/metrics.json", "runs/x/checkpoints/step_000010.pt",
+                 ".cache/features/a.npy", "mlflow.db"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path

@@ -72,7 +72,10 @@ def test_batches_cover_each_image_once_per_epoch_across_ranks():
             seen.extend(batch_indices(step, n, b, world, rank, seed=0).tolist())
     for epoch in range(3):
         assert sorted(seen[epoch * n : (epoch + 1) * n]) == list(range(n))
-    assert batch_indices(3, n, b, world, 1, 0).tolist() == batch_indices(3, n, b, world, 1, 0).tolist()
+    # step 3, rank 1: positions 3·6 + 3 = 21..23 → epoch 2, offsets 1..3 of the permutation seeded 0·7919 + 2
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(2))[1:4].tolist()
+    assert batch_indices(3, n, b, world, 1, seed=0).tolist() == expected
+    assert batch_indices(3, n, b, world, 1, seed=1).tolist() != expected  # the seed matters
 
 
 def test_alpha_warms_up_linearly():
@@ -82,9 +85,16 @@ def test_alpha_warms_up_linearly():
     assert alpha_at(0, 2.0, 0) == 2.0
 
 
-def test_nonsaturating_loss_without_fq_or_augment_trains(demo_dir, tmp_path):
+def test_nonsaturating_loss_without_fq_or_augment_trains(demo_dir, tmp_path, monkeypatch):
+    import sqgan.train.loop as loop
+
+    kinds = []
+    real_d, real_g = loop.adversarial_d_loss, loop.adversarial_g_loss
+    monkeypatch.setattr(loop, "adversarial_d_loss", lambda r, f, kind: kinds.append(("d", kind)) or real_d(r, f, kind))
+    monkeypatch.setattr(loop, "adversarial_g_loss", lambda f, kind: kinds.append(("g", kind)) or real_g(f, kind))
     p = _params(**{"train.loss": "nonsaturating", "fq.enabled": "false", "train.diffaugment": "[]",
                    "train.steps": 6, "train.log_every": 3})
     result = train(p, demo_dir, tmp_path / "ns")
+    assert kinds == [("d", "nonsaturating"), ("g", "nonsaturating")] * 6
     assert not any(k.startswith("fq/layer") for k in result.metrics)
     assert result.metrics["loss/fq"] == 0.0
