@@ -122,15 +122,14 @@ def run_stage(
     marker = "curate" if stage.function.endswith(":curate") else name
     check_output(out, marker, (src,), force)  # before any download or extraction
     fn = stage.load()
-    arguments = stage.arguments(params)
     if stage.source == "none":
-        result = fn(out, **arguments, force=force)
+        result = fn(out, **stage.arguments(params), force=force)
     else:
-        if src is None:
+        if src is None:  # the source first: a missing one is the error to report, before any model loads
             if stage.source == "cli":
                 raise ValueError(f"stage {name!r} needs --src (the folder to read)")
             src = source_for(stage, params)
-        result = fn(src, out, **arguments, force=force)
+        result = fn(src, out, **stage.arguments(params), force=force)
     if isinstance(result, dict):
         return result
     from sqgan.data.manifest import read_manifest
