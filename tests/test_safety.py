@@ -350,3 +350,19 @@ def test_run_outputs_are_ignored_by_git_so_training_leaves_the_tree_clean():
     for path in ("runs/demo/grid.png", "runs/demo/metrics.json", "runs/x/checkpoints/step_000010.pt",
                  ".cache/features/a.npy", "mlflow.db"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+
+
+def test_download_never_overwrites_a_different_file_of_the_same_name(server, tmp_path):
+    import hashlib
+
+    base, h = server
+    h.files["/report.pdf"] = b"the archive's bytes"
+    (tmp_path / "report.pdf").write_bytes(b"my own report")
+    sha = hashlib.sha256(b"the archive's bytes").hexdigest()
+    args = ["data", "download", "--url", f"{base}/report.pdf", "--sha256", sha, "--out", str(tmp_path)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "nothing was changed" in r.output and h.seen_ranges == []
+    assert (tmp_path / "report.pdf").read_bytes() == b"my own report"
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+    assert (tmp_path / "report.pdf").read_bytes() == b"the archive's bytes"
+    assert runner.invoke(app, args).exit_code == 0  # the verified copy is kept and reused

@@ -109,7 +109,7 @@ def data_download(
     from sqgan.data.download import archive_stem, download, extract_archive
 
     with stage_errors():
-        path = download(url, sha256, out, filename)
+        path = download(url, sha256, out, filename, force=force)
         if extract:
             path = extract_archive(path, out / archive_stem(path.name), force=force)
     typer.echo(f"ready: {path}")

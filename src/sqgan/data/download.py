@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from sqgan.io import stage_output
+from sqgan.io import UnsafeOutput, free_sibling, sha256_file, stage_output
 
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
@@ -70,9 +70,11 @@ class ResumableDownloader:
 
 
 def download(
-    url: str, sha256: str, out_dir: str | Path, filename: str | None = None, progressbar: bool = True
+    url: str, sha256: str, out_dir: str | Path, filename: str | None = None, progressbar: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Fetch `url` into `out_dir` (kept only if its sha256 matches); an existing good copy is not fetched again."""
+    """Fetch `url` into `out_dir` (kept only if its sha256 matches); an existing good copy is not fetched again.
+    An existing file of that name with other bytes is never replaced without `force`."""
     import pooch
 
     if not SHA256.match(sha256 or ""):
@@ -81,6 +83,11 @@ def download(
     name = filename or PurePosixPath(urlparse(url).path).name
     if not name:
         raise ValueError(f"cannot tell a file name from {url!r}; pass --filename")
+    target = out_dir / name
+    if target.exists() and not force and (not target.is_file() or sha256_file(target) != sha256.lower()):
+        raise UnsafeOutput(f"{target} exists and is not the file with sha256 {sha256}; nothing was changed. "
+                           f"Download into another folder (--out {free_sibling(out_dir)}), or add --force to "
+                           f"replace {target.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / f".{name}.part"
     try:
