@@ -46,6 +46,17 @@ def test_ema_update_matches_hand_computed_case():
     assert out.loss.item() == pytest.approx(0.25 * ((h - e_used) ** 2).mean().item())
 
 
+def test_commitment_gradient_pulls_each_feature_toward_its_entry():
+    # d/dh β·mean((h − sg(e))²) = 2β(h − e)/N: the features move, the EMA dictionary gets no gradient
+    q = _quantizer(torch.tensor([[0.0, 0.0], [10.0, 10.0]]), decay=0.7)
+    h = torch.tensor([[1.0, 1.0], [2.0, 0.0], [9.0, 9.0]])
+    hmap = _as_map(h).requires_grad_(True)
+    q(hmap).loss.backward()
+    e_used = torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 10.0]])
+    expected = 2 * 0.25 * (h - e_used) / h.numel()
+    assert torch.allclose(hmap.grad[:, :, 0, 0], expected)
+
+
 def test_ema_update_with_zero_decay_equals_batch_mean():
     torch.manual_seed(0)
     start = torch.randn(8, 5)

@@ -111,6 +111,11 @@ def test_no_two_inputs_land_on_one_output_file(tmp_path):
                    if p.is_file())
     assert len(df) == len(names) == len(files) and sorted(df["path"]) == files
     assert sorted(df["source_id"]) == sorted(names)
+    # names keep the relative path (README); clashes, case-insensitive, get ~2, ~3 in sorted source order
+    assert dict(zip(df["source_id"], df["path"], strict=True)) == {
+        "CAT.PNG": "images/CAT.png", "cat.jpg": "images/cat~2.png", "cat.png": "images/cat~3.png",
+        "cat~2.png": "images/cat~2~2.png", "a/b": "images/a/b.png", "a/b.png": "images/a/b~2.png",
+        "a__b.png": "images/a__b.png", "x.jpg": "images/x.png", "x.jpg.png": "images/x.jpg.png"}
     for row in df.itertuples():  # each row's file is the image of its own source
         with Image.open(tmp_path / "out" / row.path) as im:
             assert im.size == (row.width, row.height)

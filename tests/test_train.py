@@ -98,3 +98,48 @@ def test_nonsaturating_loss_without_fq_or_augment_trains(demo_dir, tmp_path, mon
     assert kinds == [("d", "nonsaturating"), ("g", "nonsaturating")] * 6
     assert not any(k.startswith("fq/layer") for k in result.metrics)
     assert result.metrics["loss/fq"] == 0.0
+
+
+def test_g_ema_is_the_ramped_exponential_average_of_g(demo_dir, tmp_path):
+    from sqgan.train.loop import build_generator, ema_beta
+
+    p = _params(**{"train.steps": 2, "train.checkpoint_every": 1, "train.log_every": 1, "train.sample_every": 1})
+    train(p, demo_dir, tmp_path / "r")
+    one = load_checkpoint(tmp_path / "r" / "checkpoints" / "step_000001.pt")
+    two = load_checkpoint(tmp_path / "r" / "checkpoints" / "step_000002.pt")
+    beta = ema_beta(1, p.train.g_ema_decay)  # the 0-based step that made checkpoint 2: min(0.999, 2/11)
+    assert beta == 2 / 11
+    params = [name for name, _ in build_generator(p).named_parameters()]  # buffers are copied, not averaged
+    assert params
+    for k in params:
+        expected = one["G_ema"][k] + (1 - beta) * (two["G"][k] - one["G_ema"][k])
+        assert torch.allclose(two["G_ema"][k], expected, atol=1e-6), k
+
+
+def test_resume_restores_the_global_rng_states_it_saved(demo_dir, tmp_path, monkeypatch):
+    import sqgan.train.loop as loop
+
+    train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "r")
+    ckpt = tmp_path / "r" / "checkpoints" / "step_000010.pt"
+    saved = load_checkpoint(ckpt)["rng"]["torch"]
+    seen = []
+    real = loop._set_rng_state
+
+    def spy(state):
+        real(state)
+        seen.append(torch.get_rng_state())
+
+    monkeypatch.setattr(loop, "_set_rng_state", spy)
+    torch.manual_seed(12345)  # whatever the process did before
+    train(_params(**{"train.steps": 12}), demo_dir, tmp_path / "r2", resume=ckpt)
+    assert len(seen) == 1 and torch.equal(seen[0], saved)
+
+
+def test_resume_at_exactly_train_steps_runs_no_step_and_finishes(demo_dir, tmp_path):
+    train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "r")
+    logged = []
+    result = train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "again",
+                   resume=tmp_path / "r" / "checkpoints" / "step_000010.pt",
+                   hooks=Hooks(log_metrics=lambda m, s: logged.append(s)))
+    assert result.step == 10 and logged == [10]  # only the final evaluation, at step 10
+    assert "fid_randcnn" in result.metrics
