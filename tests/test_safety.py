@@ -371,3 +371,40 @@ def test_download_never_overwrites_a_different_file_of_the_same_name(server, tmp
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
     assert (tmp_path / "report.pdf").read_bytes() == b"the archive's bytes"
     assert runner.invoke(app, args).exit_code == 0  # the verified copy is kept and reused
+
+
+def test_data_hash_equals_dvc_datas_own_tree_hash(tmp_path):
+    """An independent reference: DVC's own library hashes the same folder to the same `.dir` md5."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    from sqgan.tracking import dvc_dir_md5
+
+    (tmp_path / "d" / "images" / "z").mkdir(parents=True)
+    (tmp_path / "d" / "images" / "z" / "b.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "d" / "images" / "a.png").write_bytes(b"\0\1\2")
+    (tmp_path / "d" / ".sqgan-stage.json").write_text('{"stage": "demo"}\n')
+    _, _, tree = build(HashFileDB(MemoryFileSystem(), "memory://odb"), str(tmp_path / "d"), LocalFileSystem(), "md5")
+    assert dvc_dir_md5(tmp_path / "d") == tree.hash_info.value
+
+
+def test_manifest_rows_and_files_must_agree(tmp_path):
+    from sqgan.data.manifest import write_manifest
+
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "images" / name)
+    row = {"width": 2, "height": 2, "source": "t", "source_id": "a", "split": "train"}
+    with pytest.raises(ValueError, match=r"files \['images/b.png'\] are not in the manifest"):
+        write_manifest(tmp_path, [{**row, "path": "images/a.png"}])
+    with pytest.raises(ValueError, match="more than once"):
+        write_manifest(tmp_path, [{**row, "path": "images/a.png"}, {**row, "path": "images/a.png"},
+                                  {**row, "path": "images/b.png"}])
+    with pytest.raises(FileNotFoundError):
+        write_manifest(tmp_path, [{**row, "path": "images/a.png"}, {**row, "path": "images/b.png"},
+                                  {**row, "path": "images/gone.png"}])
+    assert not (tmp_path / "manifest.parquet").exists()
+    write_manifest(tmp_path, [{**row, "path": "images/a.png"}, {**row, "path": "images/b.png"}])
+    assert len(pd.read_parquet(tmp_path / "manifest.parquet")) == 2
