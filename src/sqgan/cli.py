@@ -1,7 +1,9 @@
-"""`sqgan` command line: a thin shell over the stage functions.
+"""`sqgan` command line: a thin shell over the stage table (sqgan.stages).
 
-Every command reads `--params FILE` (default params.yaml) and any number of `--set key.path=value`.
-Bad params exit with status 2 and a message naming the key; a failing stage exits with status 1.
+The config, data and train commands read `--params FILE` (default ./params.yaml, which must exist;
+`--no-params-file` for the built-in defaults) and any number of `--set key.path=value`. Bad params exit
+with status 2 naming the key; a failing stage exits with status 1 and a one-line message. No stage writes
+over its input or over a folder it did not write (`--force` to replace one).
 """
 
 from __future__ import annotations
