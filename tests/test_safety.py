@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from sqgan.cli import app
 
 runner = CliRunner()
+ROOT_PARAMS = __import__("conftest").ROOT / "params.yaml"
 
 
 def _images(folder, n=3, size=8, seed=0):
@@ -408,3 +409,145 @@ def test_manifest_rows_and_files_must_agree(tmp_path):
     assert not (tmp_path / "manifest.parquet").exists()
     write_manifest(tmp_path, [{**row, "path": "images/a.png"}, {**row, "path": "images/b.png"}])
     assert len(pd.read_parquet(tmp_path / "manifest.parquet")) == 2
+
+
+# ------------------------------------------------------------------------------ from the new-user trial
+def test_rerun_refuses_an_earlier_output_to_which_files_were_added(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "cur"
+    _images(src)
+    args = ["data", "curate", "--src", str(src), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0  # untouched: a re-run replaces it
+    (out / "mywork").mkdir()
+    (out / "mywork" / "analysis.ipynb").write_text("{}")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "files were added to or removed from it" in r.output
+    assert (out / "mywork" / "analysis.ipynb").exists()
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0 and not (out / "mywork").exists()
+
+
+def test_the_current_folder_is_never_an_output_even_with_force(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("keep")
+    monkeypatch.chdir(home)
+    for out in (".", str(home), ".."):
+        r = runner.invoke(app, ["data", "demo", "--out", out, "--force", "--params", str(ROOT_PARAMS)])
+        assert r.exit_code == 1 and "is or contains the current folder" in r.output, (out, r.output)
+        assert "--out ..-2" not in r.output
+    assert (home / "thesis.tex").read_text() == "keep"
+
+
+def test_a_symlinked_out_replaces_its_target_and_leaves_no_stray_link(tmp_path):
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    args = ["data", "demo", "--params", str(ROOT_PARAMS), "--set", "data.demo.lfw_faces=2"]
+    assert runner.invoke(app, [*args, "--out", str(real)]).exit_code == 0
+    link.symlink_to(real)
+    assert runner.invoke(app, [*args, "--out", str(link), "--set", "data.demo.lfw_faces=3"]).exit_code == 0
+    assert link.is_symlink() and len(pd.read_parquet(real / "manifest.parquet")) == 49 + 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_outputs_are_readable_as_the_umask_allows(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        from sqgan.data.demo import build_demo
+
+        out = build_demo(tmp_path / "d", 32, lfw_faces=1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "manifest.parquet").stat().st_mode) == 0o644
+
+
+def test_sigterm_during_a_stage_leaves_no_temporary_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    _images(src, n=40)
+    script = (
+        "import time, sqgan.data.curate as c\n"
+        "real = c.load_rgb\n"
+        "c.load_rgb = lambda p: (time.sleep(0.25), real(p))[1]\n"
+        "from sqgan.cli import app\n"
+        f"app(['data', 'curate', '--src', {str(src)!r}, '--out', {str(tmp_path / 'out')!r}, '--params', "
+        f"{str(ROOT_PARAMS)!r}])\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the stage never started"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_fresh_training_over_an_earlier_runs_checkpoints_is_refused(demo_dir, tmp_path, monkeypatch):
+    from conftest import tiny_overrides
+
+    from sqgan.config import default_params
+    from sqgan.train.loop import train
+
+    train(default_params(tiny_overrides(**{"train.steps": 10})), demo_dir, tmp_path / "run")
+    _no_ray(monkeypatch)
+    r = runner.invoke(app, ["train", "--data", str(demo_dir), "--out", str(tmp_path / "run"), "--set",
+                            "ray.cpus_per_worker=1"])
+    assert r.exit_code == 1 and "holds the checkpoints of an earlier run (up to step_000010.pt)" in r.output
+    assert "--resume" in r.output and (tmp_path / "run" / "checkpoints" / "step_000010.pt").exists()
+
+
+def test_unreachable_ray_address_fails_in_seconds(demo_dir, tmp_path):
+    from sqgan.train.ray_train import check_ray_address
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ray.address 127.0.0.1:9: nothing answered"):
+        check_ray_address("127.0.0.1:9", timeout=2)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(RuntimeError, match="expected host:port"):
+        check_ray_address("not-an-address")
+    check_ray_address("auto")  # left to Ray
+
+
+def test_gpu_advice_never_repeats_the_current_setting():
+    from sqgan.config import default_params
+    from sqgan.train.ray_train import check_resources
+
+    with pytest.raises(RuntimeError) as e:
+        check_resources(default_params(["train.use_gpu=true", "ray.cpus_per_worker=1"]), {"CPU": 2.0, "GPU": 0.0}, "x")
+    fix = str(e.value).split(";", 1)[1]
+    assert "train.use_gpu=auto" in fix and "train.workers=" not in fix
+
+
+def test_subset_into_its_own_source_is_refused_as_the_input_even_with_force(tmp_path, demo_dir):
+    import shutil
+
+    shutil.copytree(demo_dir, tmp_path / "demo")
+    r = runner.invoke(app, ["data", "prepare", "subset", "--out", str(tmp_path / "demo"), "--force", "--params",
+                            str(ROOT_PARAMS), "--set", f"data.root={tmp_path}"])
+    assert r.exit_code == 1 and "is the input" in r.output
+
+
+def test_download_extract_into_a_taken_folder_is_refused_before_downloading(server, tmp_path):
+    import hashlib
+    import io
+    import zipfile
+
+    base, h = server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.txt", b"a")
+    h.files["/imgs.zip"] = buf.getvalue()
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "mine.txt").write_text("keep")
+    r = runner.invoke(app, ["data", "download", "--url", f"{base}/imgs.zip", "--out", str(tmp_path), "--extract",
+                            "--sha256", hashlib.sha256(buf.getvalue()).hexdigest()])
+    assert r.exit_code == 1 and "no sqgan stage wrote" in r.output
+    assert h.seen_ranges == [] and not (tmp_path / "imgs.zip").exists()

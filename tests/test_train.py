@@ -143,3 +143,4 @@ def test_resume_at_exactly_train_steps_runs_no_step_and_finishes(demo_dir, tmp_p
                    hooks=Hooks(log_metrics=lambda m, s: logged.append(s)))
     assert result.step == 10 and logged == [10]  # only the final evaluation, at step 10
     assert "fid_randcnn" in result.metrics
+    assert "loss/d" in result.metrics and "fq/layer1/utilisation" in result.metrics  # the last window's, kept

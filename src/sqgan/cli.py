@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from sqgan.config import ConfigError, Params, describe, load_params
+from sqgan.io import sigterm_as_interrupt
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Show or check the resolved params.", no_args_is_help=True)
@@ -72,7 +73,7 @@ def run_data_stage(
     stage = get_stage(name)
     sets = list(set_ or []) + [f"{stage.section}.{k}={v}" for k, v in options.items() if v is not None]
     p = resolve(params, sets, no_params_file)
-    with stage_errors():
+    with stage_errors(), sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: no temp folder is left behind
         report = run_stage(name, p, src, out, force)
     where = out or stage.default_out(p)
     typer.echo(f"{name} → {where}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
@@ -88,7 +89,7 @@ def config_show(params: ParamsOpt = None, set_: SetOpt = None, no_params_file: N
 def config_validate(params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False) -> None:
     """Check the params; exit 2 naming the first bad key."""
     resolve(params, set_, no_params_file)
-    typer.echo(f"{params or 'params.yaml'}: ok")
+    typer.echo(f"{'built-in defaults' if no_params_file else params or 'params.yaml'}: ok")
 
 
 @data_app.command("demo")
@@ -108,9 +109,12 @@ def data_download(
     force: ForceOpt = False,
 ) -> None:
     """Download a file (resuming a partial one), verify its sha256, optionally extract it safely."""
-    from sqgan.data.download import archive_stem, download, extract_archive
+    from sqgan.data.download import archive_stem, download, extract_archive, file_name
+    from sqgan.io import check_output
 
-    with stage_errors():
+    with stage_errors(), sigterm_as_interrupt():
+        if extract:  # before fetching anything: a refused destination must not cost a download
+            check_output(out / archive_stem(file_name(url, filename)), "extract", (), force)
         path = download(url, sha256, out, filename, force=force)
         if extract:
             path = extract_archive(path, out / archive_stem(path.name), force=force)
@@ -240,7 +244,12 @@ def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("
     if prov:
         typer.echo(f"metrics by:   {prov.get('implementation')}; features: {prov.get('feature_extractor')}; "
                    f"{prov.get('n_real')} real vs {prov.get('n_fake')} generated")
-    typer.echo("dashboard:    make ui  →  http://127.0.0.1:5000")
+    tracking = run_dir / "tracking.json"
+    if tracking.exists():
+        t = json.loads(tracking.read_text())
+        typer.echo(f"mlflow run:   {t['run_id']} in {t['tracking_uri']}")
+    typer.echo("dashboard:    make ui  →  http://127.0.0.1:5000 (the project's mlflow.db; for another tracking URI "
+               "run `mlflow ui --backend-store-uri URI`)")
 
 
 def main() -> None:  # pragma: no cover - console entry

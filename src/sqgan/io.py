@@ -16,6 +16,12 @@ from typing import Any
 MARKER = ".sqgan-stage.json"  # written into every stage output: which stage made this folder
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -36,6 +42,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any new file
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -61,15 +68,19 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should read like any new folder
     try:
         yield tmp
         old = None
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -89,10 +100,8 @@ class UnsafeOutput(ValueError):
 
 def stage_of(folder: str | Path) -> str | None:
     """The stage that wrote `folder` (from its marker), or None when no sqgan stage did."""
-    try:
-        return str(json.loads((Path(folder) / MARKER).read_text())["stage"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    stage = _marker(Path(folder)).get("stage")
+    return str(stage) if stage else None
 
 
 def free_sibling(path: str | Path) -> Path:
@@ -106,9 +115,22 @@ def free_sibling(path: str | Path) -> Path:
     return cand
 
 
+def listing(folder: str | Path) -> str:
+    """sha256 of the sorted relative paths of every file under `folder` but its marker: what a stage wrote."""
+    folder = Path(folder)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    return sha256_bytes("\n".join(names).encode())
+
+
+def _suggest(path: Path) -> Path:
+    """A free sibling of `path`, absolute where the given path ends in '.' or '..'."""
+    return free_sibling(path.resolve() if path.name in ("", ".", "..") else path)
+
+
 def check_output(out: str | Path, stage: str, inputs: tuple[str | Path | None, ...] = (), force: bool = False) -> None:
-    """Refuse an `out` that is, contains or lies inside one of `inputs`, or that exists and holds something
-    this stage did not write (unless `force`). Raises `UnsafeOutput` naming a folder that is safe to use."""
+    """Refuse an `out` that is, contains or lies inside one of `inputs`, that is or contains the working folder,
+    or that exists and holds something this stage did not write (unless `force`); an earlier output of this
+    stage to which files were added since counts as not written by it. Raises `UnsafeOutput` naming a safe fix."""
     out_path = Path(out)
     out_r = out_path.resolve()
     for src in inputs:
@@ -122,14 +144,27 @@ def check_output(out: str | Path, stage: str, inputs: tuple[str | Path | None, .
                 f"--out {out_path} {how} the input {src}; the input is never written to. "
                 f"Write to a separate folder, e.g. --out {safe}"
             )
+    cwd = Path.cwd().resolve()
+    if out_r == cwd or out_r in cwd.parents:
+        raise UnsafeOutput(f"--out {out_path} is or contains the current folder {cwd}; it is never replaced, even "
+                           f"with --force. Write to a new folder, e.g. --out {_suggest(out_path)}")
     if not (out_r.exists() or out_path.is_symlink()):
         return
     if out_r.is_dir() and not any(out_r.iterdir()):
         return  # an empty folder: nothing to lose
-    owner = stage_of(out_r) if out_r.is_dir() else None
-    if owner == stage or force:
+    if force:
         return
-    safe = free_sibling(out_path)
+    owner = stage_of(out_r) if out_r.is_dir() else None
+    safe = _suggest(out_path)
+    if owner == stage:
+        recorded = _marker(out_r).get("listing")
+        if stage == "train" or recorded is None or recorded == listing(out_r):
+            return
+        raise UnsafeOutput(
+            f"--out {out_path} is an earlier '{stage}' output, but files were added to or removed from it since; "
+            f"nothing was changed. Move what you added elsewhere, write to a new folder (e.g. --out {safe}), or "
+            f"add --force to replace the folder and everything in it"
+        )
     if owner is not None:
         raise UnsafeOutput(
             f"--out {out_path} holds the output of the '{owner}' stage, not of '{stage}'; nothing was changed. "
@@ -142,20 +177,49 @@ def check_output(out: str | Path, stage: str, inputs: tuple[str | Path | None, .
     )
 
 
+def _marker(folder: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((folder / MARKER).read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
 @contextlib.contextmanager
 def stage_output(
     out: str | Path, stage: str, inputs: tuple[str | Path | None, ...] = (), force: bool = False
 ) -> Iterator[Path]:
-    """`atomic_dir(out)` after `check_output`; the finished folder carries the stage's marker."""
+    """`atomic_dir(out)` after `check_output`; the finished folder carries the stage's marker with the listing of
+    what it wrote. `out` is resolved first, so a symlink's target is what gets replaced."""
     check_output(out, stage, inputs, force)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(Path(out).resolve()) as tmp:
         yield tmp
-        mark_output(tmp, stage)
+        mark_output(tmp, stage, listing(tmp))
 
 
-def mark_output(folder: str | Path, stage: str) -> None:
-    """Record in `folder` that `stage` wrote it (so a re-run may replace it and other stages may not)."""
-    write_bytes_atomic(Path(folder) / MARKER, (json.dumps({"stage": stage}) + "\n").encode())
+def mark_output(folder: str | Path, stage: str, files: str | None = None) -> None:
+    """Record in `folder` that `stage` wrote it (so a re-run may replace it and other stages may not), with the
+    hash of its file listing when the stage wrote the folder whole."""
+    info = {"stage": stage} if files is None else {"listing": files, "stage": stage}
+    write_bytes_atomic(Path(folder) / MARKER, (json.dumps(info, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a scheduler) ends the process like Ctrl-C, so temp folders are removed and runs closed."""
+    import signal
+
+    def _raise(*_: Any) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        old = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class UniqueNames:

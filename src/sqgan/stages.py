@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqgan.config import Params
-from sqgan.io import check_output
+from sqgan.io import UnsafeOutput, check_output
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,11 @@ def source_for(stage: Stage, params: Params) -> Path:
         from sqgan.data.curate import curate
 
         curated = root / "raw" / "ffhq-curated"
-        curate(raw, curated, source="ffhq", min_images=params.data.curate.min_images)
+        try:
+            curate(raw, curated, source="ffhq", min_images=params.data.curate.min_images)
+        except UnsafeOutput:
+            raise UnsafeOutput(f"{curated} is where `prepare ffhq2k5` keeps its curated copy of FFHQ, and it holds "
+                               f"something else; move that folder away, or set data.root to another folder") from None
         return curated
     return raw
 
@@ -120,6 +124,8 @@ def run_stage(
     stage = get_stage(name)
     out = Path(out) if out is not None else stage.default_out(params)
     marker = "curate" if stage.function.endswith(":curate") else name
+    if src is None and stage.source == "subset":  # cheap to know: check it against --out right away
+        src = source_for(stage, params)
     check_output(out, marker, (src,), force)  # before any download or extraction
     fn = stage.load()
     if stage.source == "none":

@@ -69,6 +69,14 @@ class ResumableDownloader:
         shutil.move(str(self.part), output_file)  # complete: pooch now checks the hash and renames
 
 
+def file_name(url: str, filename: str | None = None) -> str:
+    """The name a download of `url` is saved under: `filename`, else the URL's last path part."""
+    name = filename or PurePosixPath(urlparse(url).path).name
+    if not name:
+        raise ValueError(f"cannot tell a file name from {url!r}; pass --filename")
+    return name
+
+
 def download(
     url: str, sha256: str, out_dir: str | Path, filename: str | None = None, progressbar: bool = True,
     force: bool = False,
@@ -80,9 +88,7 @@ def download(
     if not SHA256.match(sha256 or ""):
         raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}; compute it with `sha256sum FILE`")
     out_dir = Path(out_dir)
-    name = filename or PurePosixPath(urlparse(url).path).name
-    if not name:
-        raise ValueError(f"cannot tell a file name from {url!r}; pass --filename")
+    name = file_name(url, filename)
     target = out_dir / name
     if target.exists() and not force and (not target.is_file() or sha256_file(target) != sha256.lower()):
         raise UnsafeOutput(f"{target} exists and is not the file with sha256 {sha256}; nothing was changed. "

@@ -270,6 +270,7 @@ def train(
     opt_d = torch.optim.Adam(D.parameters(), lr=tp.lr_d, betas=(tp.beta1, tp.beta2))
 
     start = 0
+    last_metrics: dict[str, float] = {}
     if resume is not None:
         state = load_checkpoint(resume)
         start = check_resume(state, params, Path(resume))
@@ -279,6 +280,7 @@ def train(
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         _set_rng_state(state["rng"])
+        last_metrics = dict(state.get("metrics", {}))  # kept when no step is left to run
 
     if rt.world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -291,7 +293,6 @@ def train(
     window: dict[str, float] = {}
     window_counts: dict[int, torch.Tensor] = {}
     window_n = 0
-    last_metrics: dict[str, float] = {}
     ckpt_path: Path | None = None
 
     def checkpoint(step: int) -> Path | None:

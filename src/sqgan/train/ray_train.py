@@ -11,12 +11,9 @@ marked KILLED, one that raises FAILED.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,24 @@ class TrainRun:
     out_dir: Path
     metrics: dict[str, Any]
     ray_path: str
+
+
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """One TCP connect to a `host:port` Ray address (ray.init would retry its GCS for minutes)."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"ray.address {address!r}: expected host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise RuntimeError(f"ray.address {address}: nothing answered within {timeout:g} s ({e.strerror or e}); "
+                           f"start the cluster (`ray start --head`, or `ray up ray_cluster.yaml`) or unset ray.address "
+                           f"to run on a local Ray") from None
 
 
 def init_ray(params: Params) -> None:
@@ -61,6 +76,7 @@ def available_resources(params: Params) -> tuple[dict[str, float], str]:
     if ray.is_initialized():
         return dict(ray.cluster_resources()), "the running Ray"
     if params.ray.address:
+        check_ray_address(params.ray.address)
         init_ray(params)
         return dict(ray.cluster_resources()), f"the Ray cluster at {params.ray.address}"
     import torch
@@ -84,34 +100,20 @@ def check_resources(params: Params, available: dict[str, float], where: str) -> 
         raise RuntimeError(f"train.workers={w} × ray.cpus_per_worker={c} needs {w * c} CPUs, but {where} has {cpus}; "
                            f"{fix}")
     if params.train.use_gpu == "true" and gpus < w:
-        raise RuntimeError(f"train.use_gpu=true with train.workers={w} needs {w} GPUs, but {where} has {gpus}; "
-                           f"--set train.use_gpu=auto (GPU when there is one) or --set train.workers={max(1, gpus)}")
+        fix = "--set train.use_gpu=auto (GPU when there is one)"
+        if gpus >= 1:
+            fix += f" or --set train.workers={gpus}"
+        raise RuntimeError(f"train.use_gpu=true with train.workers={w} needs {w} GPUs, but {where} has {gpus}; {fix}")
     return params.train.use_gpu == "true" or (params.train.use_gpu == "auto" and gpus >= w)
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (kill, a scheduler) ends the driver like Ctrl-C, so the run is marked KILLED, not left RUNNING."""
-    def _raise(*_: Any) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    try:
-        old = signal.signal(signal.SIGTERM, _raise)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def fit_tracked(trainer: Any, tracking_uri: str, run_id: str) -> Any:
     """`trainer.fit()`, ending the MLflow run as KILLED (Ctrl-C, SIGTERM), FAILED (an error) or FINISHED."""
+    from sqgan.io import sigterm_as_interrupt
     from sqgan.tracking import end_run
 
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             result = trainer.fit()
     except KeyboardInterrupt:
         end_run(tracking_uri, run_id, "KILLED")
@@ -185,13 +187,18 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     from sqgan.data.manifest import read_manifest
-    from sqgan.io import check_output
+    from sqgan.io import check_output, free_sibling
     from sqgan.tracking import MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
 
     # --- everything that can fail is checked here, before Ray starts
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     read_manifest(data_dir)
     check_output(out_dir, "train", (data_dir,), force)
+    earlier = sorted((out_dir / "checkpoints").glob("step_*.pt"))
+    if resume is None and earlier and not force:
+        raise RuntimeError(f"--out {out_dir} holds the checkpoints of an earlier run (up to {earlier[-1].name}); "
+                           f"continue it with --resume {earlier[-1]}, write to a new folder (e.g. --out "
+                           f"{free_sibling(out_dir)}), or add --force to train over it")
     if resume is not None:
         from sqgan.train.loop import check_resume, load_checkpoint
 
