@@ -68,6 +68,18 @@ def tiny_overrides(**extra: object) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip archive holding `members` (name → bytes), for the download/extract/prepare tests."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     seen_ranges: list[str | None] = []

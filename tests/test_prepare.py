@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import zip_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,15 +17,17 @@ from sqgan.config import default_params
 from sqgan.stages import run_stage as prepare
 
 
-def _zip_of_slides(n: int) -> bytes:
+def _image_bytes(arr: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
-    rng = np.random.default_rng(0)
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in range(n):
-            png = io.BytesIO()
-            Image.fromarray(rng.integers(0, 255, (1024, 1360, 3), dtype=np.uint8)).save(png, format="TIFF")
-            zf.writestr(f"BreCaHAD/images/Case_{i}.tif", png.getvalue())
+    Image.fromarray(arr).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def _zip_of_slides(n: int) -> bytes:
+    rng = np.random.default_rng(0)
+    return zip_bytes({f"BreCaHAD/images/Case_{i}.tif": _image_bytes(rng.integers(0, 255, (1024, 1360, 3),
+                                                                                 dtype=np.uint8), "TIFF")
+                      for i in range(n)})
 
 
 def test_brecahad_is_downloaded_verified_extracted_and_cropped(server, tmp_path):
@@ -42,14 +44,9 @@ def test_brecahad_is_downloaded_verified_extracted_and_cropped(server, tmp_path)
 
 
 def test_metfaces_from_a_local_archive_and_subset_from_it(tmp_path):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for i in range(6):
-            png = io.BytesIO()
-            Image.fromarray(np.full((40, 30, 3), i * 40, np.uint8)).save(png, format="PNG")
-            zf.writestr(f"metfaces/images/{i:05d}.png", png.getvalue())
-        zf.writestr("metfaces/images/broken.png", b"")
-    (tmp_path / "metfaces.zip").write_bytes(buf.getvalue())
+    members = {f"metfaces/images/{i:05d}.png": _image_bytes(np.full((40, 30, 3), i * 40, np.uint8), "PNG")
+               for i in range(6)}
+    (tmp_path / "metfaces.zip").write_bytes(zip_bytes({**members, "metfaces/images/broken.png": b""}))
     root = tmp_path / "data"
     params = default_params([f"data.root={root}", f"data.metfaces.path={tmp_path / 'metfaces.zip'}",
                                 "data.subset.source=metfaces", "data.subset.n=3"])
@@ -79,12 +76,9 @@ def test_missing_source_names_the_params_to_set(tmp_path):
 
 def test_cli_download_with_extract_unpacks_next_to_the_archive(server, tmp_path):
     base, h = server
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("pics/a.txt", b"a")
-    h.files["/set.zip"] = buf.getvalue()
+    h.files["/set.zip"] = blob = zip_bytes({"pics/a.txt": b"a"})
     r = CliRunner().invoke(app, ["data", "download", "--url", f"{base}/set.zip", "--out", str(tmp_path),
-                                 "--sha256", hashlib.sha256(buf.getvalue()).hexdigest(), "--extract"])
+                                 "--sha256", hashlib.sha256(blob).hexdigest(), "--extract"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "set" / "pics" / "a.txt").read_bytes() == b"a"
     bad = CliRunner().invoke(app, ["data", "download", "--url", f"{base}/set.zip", "--out", str(tmp_path / "x"),

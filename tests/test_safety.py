@@ -504,7 +504,7 @@ def test_fresh_training_over_an_earlier_runs_checkpoints_is_refused(demo_dir, tm
     assert "--resume" in r.output and (tmp_path / "run" / "checkpoints" / "step_000010.pt").exists()
 
 
-def test_unreachable_ray_address_fails_in_seconds(demo_dir, tmp_path):
+def test_unreachable_ray_address_fails_in_seconds():
     from sqgan.train.ray_train import check_ray_address
 
     t0 = time.monotonic()
@@ -537,17 +537,14 @@ def test_subset_into_its_own_source_is_refused_as_the_input_even_with_force(tmp_
 
 def test_download_extract_into_a_taken_folder_is_refused_before_downloading(server, tmp_path):
     import hashlib
-    import io
-    import zipfile
+
+    from conftest import zip_bytes
 
     base, h = server
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("a.txt", b"a")
-    h.files["/imgs.zip"] = buf.getvalue()
+    h.files["/imgs.zip"] = blob = zip_bytes({"a.txt": b"a"})
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "mine.txt").write_text("keep")
     r = runner.invoke(app, ["data", "download", "--url", f"{base}/imgs.zip", "--out", str(tmp_path), "--extract",
-                            "--sha256", hashlib.sha256(buf.getvalue()).hexdigest()])
+                            "--sha256", hashlib.sha256(blob).hexdigest()])
     assert r.exit_code == 1 and "no sqgan stage wrote" in r.output
     assert h.seen_ranges == [] and not (tmp_path / "imgs.zip").exists()

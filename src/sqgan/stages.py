@@ -23,7 +23,6 @@ class Stage:
     name: str
     function: str  # "module:function"
     section: str  # the params section the stage reads (its `--set` prefix)
-    doc: str
     source: str  # where `src` comes from when not given: "none", "raw" (data.<name> url/path), "subset", "cli"
     arguments: Callable[[Params], dict[str, Any]]  # params → the function's keyword arguments
     modules: tuple[str, ...] = ()  # further modules the stage runs (besides the function's own imports)
@@ -67,21 +66,14 @@ def _subset(p: Params) -> dict[str, Any]:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("demo", "sqgan.data.demo:build_demo", "data.demo",
-          "the offline demo set: IHC slide crops + LFW faces from scikit-image", "none", _demo),
-    Stage("curate", "sqgan.data.curate:curate", "data.curate",
-          "decode, RGB, pixel-exact dedupe, quarantine unusable files", "cli", _curate),
-    Stage("ffhq2k5", "sqgan.data.ffhq:build_ffhq2k5", "data.ffhq2k5",
-          "FFHQ → features → KMeans → the smallest cluster", "raw", _ffhq,
+    Stage("demo", "sqgan.data.demo:build_demo", "data.demo", "none", _demo),
+    Stage("curate", "sqgan.data.curate:curate", "data.curate", "cli", _curate),
+    Stage("ffhq2k5", "sqgan.data.ffhq:build_ffhq2k5", "data.ffhq2k5", "raw", _ffhq,
           ("sqgan.data.curate", "sqgan.data.prepare")),
-    Stage("brecahad", "sqgan.data.brecahad:crop_brecahad", "data.brecahad",
-          "BreCaHAD slides → 512² crops at stride 256", "raw", _brecahad, ("sqgan.data.prepare",)),
-    Stage("dogface", "sqgan.data.dogface:build_dogface", "data.dogface",
-          "Oxford-IIIT Pet dogs → centred head crops", "raw", _dogface, ("sqgan.data.prepare",)),
-    Stage("metfaces", "sqgan.data.curate:curate", "data.curate",
-          "MetFaces, curated as released", "raw", _curate, ("sqgan.data.prepare",)),
-    Stage("subset", "sqgan.data.subset:make_subset", "data.subset",
-          "a seeded n-image few-shot subset of data.subset.source", "subset", _subset),
+    Stage("brecahad", "sqgan.data.brecahad:crop_brecahad", "data.brecahad", "raw", _brecahad, ("sqgan.data.prepare",)),
+    Stage("dogface", "sqgan.data.dogface:build_dogface", "data.dogface", "raw", _dogface, ("sqgan.data.prepare",)),
+    Stage("metfaces", "sqgan.data.curate:curate", "data.curate", "raw", _curate, ("sqgan.data.prepare",)),
+    Stage("subset", "sqgan.data.subset:make_subset", "data.subset", "subset", _subset),
 )}
 PREPARABLE = tuple(name for name, s in STAGES.items() if s.source in ("raw", "subset"))
 
