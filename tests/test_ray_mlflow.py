@@ -58,7 +58,7 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     _, killed_id = open_run(params, demo_dir, killed, ROOT)
     logger = MlflowLogger(uri, killed_id)
 
-    def die_after_6(path, step, metrics):
+    def die_after_6(metrics, step, path):
         if step == 6:
             raise KeyboardInterrupt
 
@@ -66,7 +66,7 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     torch.set_num_threads(params.ray.cpus_per_worker)  # as inside a Ray worker, so the floats match bit for bit
     try:
         with pytest.raises(KeyboardInterrupt):
-            train(params, demo_dir, killed, hooks=Hooks(log_metrics=logger.log_metrics, on_checkpoint=die_after_6))
+            train(params, demo_dir, killed, hooks=Hooks(log_metrics=logger.log_metrics, report=die_after_6))
     finally:
         torch.set_num_threads(threads)
     assert client.get_run(killed_id).info.status == "RUNNING"

@@ -58,6 +58,9 @@ def stage_errors() -> Iterator[None]:
     """A failing stage (missing input, bad data, unloadable model) exits 1 with its message, no traceback."""
     try:
         yield
+    except ConfigError as e:  # params that do not fit (a sweep's space, a trial's values): status 2 like --set
+        _err(f"error: {e}")
+        raise typer.Exit(2) from None
     except (OSError, ValueError, RuntimeError) as e:
         _err(f"error: {e}")
         raise typer.Exit(1) from None
@@ -223,6 +226,55 @@ def train_cmd(
         run = run_training(p, data_dir, out_dir, resume=resume, force=force)
     typer.echo(f"mlflow run {run.run_id} ({run.tracking_uri})")
     summary(out_dir)
+
+
+@app.command("tune")
+def tune_cmd(
+    data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
+    out: Annotated[Path | None, typer.Option(help="sweep folder (default: tune.out_dir)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the interrupted sweep in this folder")] = None,
+    report: Annotated[str | None, typer.Option(help="re-render the report of this sweep parent run id from MLflow "
+                                                    "alone, into --out (default: <tune.out_dir>-report-<id>)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="write into an existing --out that no sweep wrote")] = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """Sweep trainings with Ray Tune over tune.space (ASHA on the interim KID by default), one MLflow parent run
+    with a nested run per trial; writes trials.csv/.md, plots and best_params.yaml to the sweep folder.
+
+    The search space, resources, storage and tracking server are checked before any trial starts."""
+    from sqgan.train import tune as sweeps
+    from sqgan.train.tune_report import write_report
+
+    if sum(x is not None for x in (resume, report)) > 1:
+        _err("error: --resume and --report exclude each other; pass one")
+        raise typer.Exit(2)
+    if resume is not None and (params is not None or set_ or no_params_file or data is not None or out is not None):
+        _err(f"error: --resume continues the sweep with the params saved in {resume}/params.yaml; drop --params, "
+             f"--set, --data and --out (or start a new sweep with them)")
+        raise typer.Exit(2)
+    if resume is not None:
+        with stage_errors():
+            result = sweeps.resume_sweep(resume)
+    else:
+        p = resolve(params, set_, no_params_file)
+        if report is not None:
+            from sqgan.tracking import resolve_tracking_uri
+
+            where = out or Path(f"{p.tune.out_dir}-report-{report[:12]}")
+            with stage_errors():
+                rows = write_report(resolve_tracking_uri(p), report, where, log=False)
+            typer.echo(f"{len(rows)} trials → {where}")
+            typer.echo((where / "trials.md").read_text(), nl=False)
+            return
+        data_dir = data or Path(p.data.root) / p.data.dataset
+        with stage_errors():
+            result = sweeps.run_sweep(p, data_dir, out or Path(p.tune.out_dir), force=force)
+    typer.echo(f"sweep {result.sweep_dir}: {len(result.table)} trials; mlflow parent run {result.parent_run_id} "
+               f"({result.tracking_uri})")
+    typer.echo((result.sweep_dir / "trials.md").read_text(), nl=False)
+    typer.echo(f"best params: {result.sweep_dir / 'best_params.yaml'}")
 
 
 @app.command("summary")

@@ -144,6 +144,16 @@ class FQParams(Section):
 
 
 # ---------------------------------------------------------------------------------------- train
+def gpu_spelling(v: Any) -> Any:
+    """`--set train.use_gpu=true` parses as a YAML bool; True/False/yes/no/on/off all mean the same."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        low = v.strip().lower()
+        return {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}.get(low, low)
+    return v
+
+
 class TrainParams(Section):
     steps: int = Field(1000, ge=1, description="total optimisation steps (one D step + one G step each)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
@@ -168,13 +178,7 @@ class TrainParams(Section):
     @field_validator("use_gpu", mode="before")
     @classmethod
     def _bool_spellings(cls, v: Any) -> Any:
-        """`--set train.use_gpu=true` parses as a YAML bool; True/False/yes/no/on/off all mean the same."""
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            low = v.strip().lower()
-            return {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}.get(low, low)
-        return v
+        return gpu_spelling(v)
 
 
 # -------------------------------------------------------------------------------------- metrics
@@ -187,6 +191,10 @@ class MetricsParams(Section):
     randcnn_seed: int = Field(0, ge=0, description="seed of the random-CNN feature network")
     kid_subset_size: int = Field(100, ge=2, description="KID subset size (capped at the smaller image count)")
     kid_subsets: int = Field(50, ge=1, description="KID subsets averaged")
+    eval_every: int = Field(
+        250, ge=0, description="steps between interim FID/KID (logged as interim/…, reported to Ray); 0 = final only"
+    )
+    eval_num_fake: int = Field(200, ge=2, description="generated images of each interim evaluation (final: num_fake)")
 
 
 # --------------------------------------------------------------------------------------- mlflow
@@ -211,6 +219,119 @@ class RayParams(Section):
     cpus_per_worker: int = Field(2, ge=1, le=256, description="CPUs (and torch threads) per training worker")
 
 
+# ----------------------------------------------------------------------------------------- tune
+DISTRIBUTIONS = {  # name → (what its list holds, Ray Tune's constructor in sqgan.train.tune)
+    "grid": "values, every one tried (× the other grid axes)",
+    "choice": "values, one drawn per trial",
+    "uniform": "[low, high]",
+    "loguniform": "[low, high], 0 < low",
+    "randint": "[low, high], integers, both ends included",
+    "qrandint": "[low, high, q], multiples of q, both ends included",
+}
+
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, tuple[str, list[Any]]]:
+    """Nested `tune.space` ({fq: {decay: {grid: [..]}}}) → {"fq.decay": ("grid", [..])}; a null axis is dropped."""
+    out: dict[str, tuple[str, list[Any]]] = {}
+    for k, v in space.items():
+        key = f"{prefix}{k}"
+        if v is None:
+            continue
+        if not isinstance(v, dict) or not v:
+            raise ValueError(f"'{key}' must be {{distribution: [arguments]}} with a distribution among "
+                             f"{', '.join(DISTRIBUTIONS)}, got {v!r}")
+        dists = [d for d in v if d in DISTRIBUTIONS]
+        if not dists:
+            out.update(flatten_space(v, key + "."))
+            continue
+        if len(v) != 1:
+            raise ValueError(f"'{key}' must name exactly one distribution, got {', '.join(map(str, v))}")
+        (name, args), = v.items()
+        out[key] = (name, _distribution_args(key, name, args))
+    return out
+
+
+def _distribution_args(key: str, name: str, args: Any) -> list[Any]:
+    shape = DISTRIBUTIONS[name]
+    if not isinstance(args, list):
+        raise ValueError(f"'{key}': {name} takes a list of {shape}, got {args!r}")
+    if name in ("grid", "choice"):
+        if not args:
+            raise ValueError(f"'{key}': the {name} is empty; list at least one value, e.g. {{{name}: [0.8, 0.9]}}")
+        return args
+    n = 3 if name == "qrandint" else 2
+    is_int = name in ("randint", "qrandint")
+    if not is_int:  # YAML 1.1 reads 1e-4 as a string
+        args = [_number(a) for a in args]
+    ok = len(args) == n and all(isinstance(a, int if is_int else (int, float)) and not isinstance(a, bool)
+                                for a in args)
+    if not ok or args[0] > args[1] or (name == "loguniform" and args[0] <= 0) or (name == "qrandint" and args[2] < 1):
+        raise ValueError(f"'{key}': {name} takes {shape}, got {args!r}")
+    return args
+
+
+def _number(a: Any) -> Any:
+    if isinstance(a, str):
+        try:
+            return float(a)
+        except ValueError:
+            return a
+    return a
+
+
+class TuneParams(Section):
+    space: dict[str, Any] = Field(
+        default_factory=lambda: {"fq": {"codebook_size": {"grid": [16, 64]}, "decay": {"grid": [0.8, 0.9]},
+                                        "alpha": {"grid": [1.0]}}},
+        description="search space, nested like params: key → {grid|choice: [values]}, {uniform|loguniform: "
+                    "[low, high]}, {randint: [low, high]} or {qrandint: [low, high, q]}; null drops an axis",
+    )
+    fixed: dict[str, Any] = Field(
+        default_factory=lambda: {"train": {"steps": 60, "log_every": 10, "sample_every": 20, "checkpoint_every": 20},
+                                 "metrics": {"eval_every": 20}},
+        description="params every trial gets on top of the rest, nested like params (e.g. a short schedule)",
+    )
+    searcher: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every grid combination × num_samples draws; random: grids drawn like choices; "
+                            "optuna: Optuna TPE (grids become choices)",
+    )
+    scheduler: Literal["fifo", "asha"] = Field("asha", description="asha stops weak trials at its milestones; fifo "
+                                                                  "runs all to the end")
+    metric: str = Field("kid", min_length=1, description="what trials are ranked (and ASHA prunes) on: kid | fid (the "
+                                                         "run's KID/FID: interim, then final) or a logged metric name")
+    mode: Literal["min", "max"] = Field("min", description="whether a lower or a higher metric is better")
+    num_samples: int = Field(1, ge=1, le=10000, description="trials (grid: draws per grid combination)")
+    max_concurrent_trials: int = Field(2, ge=1, le=1024, description="trials at once (also capped by the CPUs)")
+    workers: int | None = Field(None, ge=1, le=1024, description="DDP workers per trial; unset = train.workers")
+    use_gpu: Literal["auto", "true", "false"] | None = Field(None, description="per trial; unset = train.use_gpu")
+    cpus_per_worker: int | None = Field(None, ge=1, le=256, description="per trial; unset = ray.cpus_per_worker")
+    grace_period: int | None = Field(None, ge=1, description="ASHA: steps before a trial can be stopped; unset = "
+                                                             "the trials' metrics.eval_every")
+    reduction_factor: int = Field(2, ge=2, le=100, description="ASHA: keep the best 1/reduction_factor at each "
+                                                              "milestone")
+    max_failures: int = Field(1, ge=0, le=100, description="retries of a failed trial, from its last checkpoint")
+    seed: int = Field(0, ge=0, description="seed of the random/optuna searcher")
+    out_dir: str = Field("runs/sweep", min_length=1, description="sweep folder: trials/, trials.csv/.md, plots, "
+                                                                 "best_params.yaml")
+
+    @field_validator("space")
+    @classmethod
+    def _space_shape(cls, v: dict[str, Any]) -> dict[str, Any]:
+        axes = flatten_space(v)
+        if not axes:
+            raise ValueError("is empty; give at least one axis, e.g. fq: {decay: {grid: [0.8, 0.9]}}")
+        return v
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _bool_spellings(cls, v: Any) -> Any:
+        return None if v is None else gpu_spelling(v)
+
+    def axes(self) -> dict[str, tuple[str, list[Any]]]:
+        """The search space as {"fq.decay": ("grid", [0.8, 0.9]), …}."""
+        return flatten_space(self.space)
+
+
 class Params(Section):
     data: DataParams = Field(default_factory=DataParams, description="datasets")
     model: ModelParams = Field(default_factory=ModelParams, description="G and D")
@@ -219,6 +340,7 @@ class Params(Section):
     metrics: MetricsParams = Field(default_factory=MetricsParams, description="FID/KID")
     mlflow: MlflowParams = Field(default_factory=MlflowParams, description="tracking")
     ray: RayParams = Field(default_factory=RayParams, description="Ray Train")
+    tune: TuneParams = Field(default_factory=TuneParams, description="Ray Tune sweeps (`sqgan tune`)")
 
     @model_validator(mode="after")
     def _fq_layers_exist(self) -> Params:
@@ -235,13 +357,34 @@ class Params(Section):
         """Resolved params as {"a.b": value} (for MLflow and for comparing runs)."""
         return flatten(self.model_dump(mode="json"))
 
+    def override(self, values: dict[str, Any], source: str = "override") -> Params:
+        """A copy with dotted keys set ({"fq.decay": 0.8}): how a sweep applies a trial's values. Unknown keys and
+        values the schema rejects raise ConfigError naming the key."""
+        raw = self.model_dump(mode="json")
+        for key, value in values.items():
+            path = key.split(".")
+            msg = _unknown_key_message(path, source)
+            if msg:
+                raise ConfigError(msg)
+            node = raw
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        try:
+            return Params.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, source)) from None
+
 
 # ------------------------------------------------------------------------------- load/override
+FREE_FORM = ("tune.space", "tune.fixed")  # dict-valued keys: one value each (MLflow param, `config show` line)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and key not in FREE_FORM:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
@@ -280,6 +423,8 @@ def _unknown_key_message(path: list[str], source: str) -> str:
             return f"{source}: unknown key '{dotted}'; {hint}keys allowed in {where}: {allowed}"
         sub = _section_type(model.model_fields[part].annotation)
         if sub is None:
+            if get_origin(model.model_fields[part].annotation) is dict:  # free-form (tune.space): any depth
+                return ""
             if i < len(path) - 1:
                 return f"{source}: '{'.'.join(path[: i + 1])}' is a value, not a section; cannot set '{'.'.join(path)}'"
             return ""
@@ -372,6 +517,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         msg = _unknown_key_message(path, f"--set {item}")
         if msg:
             raise ConfigError(msg)
+        _seed_free_form(raw, path)
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part), dict):
@@ -385,6 +531,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if mine:
                 raise ConfigError(_format_validation_error(err, f"--set {item}")) from None
     return raw
+
+
+def _seed_free_form(raw: dict[str, Any], path: list[str]) -> None:
+    """`--set tune.space.fq.decay=…` edits the space in force: when the file does not give the free-form key, its
+    schema default is copied in first (else the override would replace the whole default space)."""
+    dotted = ".".join(path)
+    for key in FREE_FORM:
+        if dotted.startswith(key + ".") or dotted == key:
+            section, name = key.split(".")
+            holder = raw.setdefault(section, {})
+            if isinstance(holder, dict) and name not in holder and dotted != key:
+                import copy
+
+                holder[name] = copy.deepcopy(Params().model_dump(mode="json")[section][name])
 
 
 def load_params(

@@ -74,10 +74,13 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    root = Path(artifact_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    location = None  # a tracking server keeps the artifacts where it was told to (--artifacts-destination)
+    if not tracking_uri.startswith(("http://", "https://", "databricks")):
+        root = Path(artifact_root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        location = (root / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=(root / name).as_uri())
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # created by a concurrent run meanwhile
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -247,15 +250,28 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 class MlflowLogger:
-    """Logs into an existing run by id (used on rank 0 inside Ray workers)."""
+    """Logs into an existing run by id (used on rank 0 inside Ray workers).
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    `skip_logged=True` (a resumed or restarted run, which replays the steps after its checkpoint) drops each point
+    whose step MLflow already holds for that metric, so every curve has each step once."""
+
+    def __init__(self, tracking_uri: str, run_id: str, skip_logged: bool = False) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.client = _client(tracking_uri)
+        self.skip_logged = skip_logged
+        self._logged_to: dict[str, int] = {}  # metric → last step MLflow held when this logger started
+
+    def _last_logged_step(self, key: str) -> int:
+        if key not in self._logged_to:
+            history = self.client.get_metric_history(self.run_id, key)
+            self._logged_to[key] = max((m.step for m in history), default=-1)
+        return self._logged_to[key]
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self.skip_logged:
+            metrics = {k: v for k, v in metrics.items() if step > self._last_logged_step(k)}
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):

@@ -162,3 +162,17 @@ class FeatureQuantizer(nn.Module):
         loss = self.commitment * (h - e.detach()).pow(2).mean()
         quantized = h + (e - h).detach()  # straight-through: forward e, gradient identity
         return QuantizerOutput(quantized, loss, indices.view(b, hh, ww), perplexity(counts), counts)
+
+
+def dictionary_digest(module: nn.Module) -> str:
+    """sha256 over every FeatureQuantizer's dictionary and EMA statistics in `module` (in module order): equal on
+    every DDP rank as long as the all-reduced EMA keeps them in step."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, sub in module.named_modules():
+        if isinstance(sub, FeatureQuantizer):
+            h.update(name.encode())
+            for buf in (sub.codebook, sub.ema_count, sub.ema_sum):
+                h.update(buf.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

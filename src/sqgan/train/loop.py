@@ -8,7 +8,9 @@ Everything random in a step (batch indices, z, augmentation) comes from a genera
 (train.seed, step, rank), so a run resumed from a checkpoint continues bit-identically.
 
 The loop knows nothing of Ray or MLflow: a shell passes `Runtime` (rank, world size, device) and
-`Hooks` (where metrics, artifacts and checkpoints go).
+`Hooks` (where metrics, artifacts and checkpoints go). Every `train.log_every` steps (and at each interim
+evaluation, each checkpoint and the end) every rank calls `hooks.report` with the same step, so a shell can hand
+the metrics to Ray Train and Tune.
 """
 
 from __future__ import annotations
@@ -60,12 +62,13 @@ class Runtime:
 
 @dataclass
 class Hooks:
-    """What the shell does with the loop's outputs. log_* run on rank 0 only; on_checkpoint on every rank
-    (with the checkpoint path on rank 0 and None elsewhere), the same number of times."""
+    """What the shell does with the loop's outputs. log_* run on rank 0 only. `report(metrics, step, checkpoint)`
+    runs on every rank at the same steps (log, interim evaluation, checkpoint, end), with the checkpoint path on
+    rank 0 at checkpoint steps and None otherwise; interim and final FID/KID are in rank 0's metrics only."""
 
     log_metrics: Callable[[dict[str, float], int], None] = _noop
     log_artifact: Callable[[Path, str], None] = _noop
-    on_checkpoint: Callable[[Path | None, int, dict[str, float]], None] = _noop
+    report: Callable[[dict[str, float], int, Path | None], None] = _noop
 
 
 @dataclass
@@ -228,7 +231,11 @@ def generate_uint8(g_ema: nn.Module, n: int, z_dim: int, batch: int, seed: int, 
         yield to_uint8(g_ema(z)).cpu()
 
 
-def evaluate(params: Params, g_ema: nn.Module, dataset: ManifestDataset, device: torch.device):
+INTERIM = "interim/"  # prefix of the metrics of an interim evaluation (metrics.eval_num_fake images, not num_fake)
+
+
+def evaluate(params: Params, g_ema: nn.Module, dataset: ManifestDataset, device: torch.device,
+             num_fake: int | None = None):
     """FID/KID of G_ema against the training images, with the feature network named in the metric."""
     from sqgan.metrics.fid import build_feature_net, fid_kid
 
@@ -236,7 +243,8 @@ def evaluate(params: Params, g_ema: nn.Module, dataset: ManifestDataset, device:
     net, name = build_feature_net(mp.inception_weights, mp.randcnn_seed)
     net = net.to(device)
     reals = (dataset.images[i : i + mp.batch_size].to(device) for i in range(0, len(dataset), mp.batch_size))
-    fakes = generate_uint8(g_ema, mp.num_fake, params.model.z_dim, mp.batch_size, params.train.seed + 2, device)
+    fakes = generate_uint8(g_ema, num_fake or mp.num_fake, params.model.z_dim, mp.batch_size, params.train.seed + 2,
+                           device)
     metrics, provenance = fid_kid(reals, fakes, net, name, mp.kid_subset_size, mp.kid_subsets, params.train.seed)
     provenance.update({"reference": f"{dataset.root.name} train split", "generator": "G_ema",
                        "resize": f"generated at {params.model.resolution}px; reals resized to it (Lanczos)"})
@@ -367,6 +375,7 @@ def train(
         if not all(math.isfinite(v) for v in values.values()):
             raise FloatingPointError(f"non-finite loss at step {done}: {values}; lower the learning rates")
 
+        report: dict[str, float] | None = None
         if done % tp.log_every == 0 or done == tp.steps:
             metrics = {k: v / window_n for k, v in window.items()}
             metrics["fq/alpha"] = alpha
@@ -380,17 +389,32 @@ def train(
                 hooks.log_metrics(metrics, done)
                 progress.set_postfix(d=f"{metrics['loss/d']:.3f}", g=f"{metrics['loss/g']:.3f}")
             window, window_counts, window_n, t0 = {}, {}, 0, time.perf_counter()
+            report = dict(last_metrics)
 
         if rt.is_main and (done % tp.sample_every == 0 or done == tp.steps):
             grid = sample_grid(G_ema, fixed_z, sample_dir / f"step_{done:06d}.png")
             hooks.log_artifact(grid, "samples")
 
+        eval_every = params.metrics.eval_every
+        if eval_every and done % eval_every == 0 and done != tp.steps:  # the end has the full evaluation
+            report = dict(last_metrics) if report is None else report
+            if rt.is_main:  # fewer images than the final evaluation, so named interim/… (a fixed seed, like it)
+                interim, _ = evaluate(params, G_ema, dataset, device, num_fake=params.metrics.eval_num_fake)
+                interim = {INTERIM + k: v for k, v in interim.items()}
+                hooks.log_metrics(interim, done)
+                report.update(interim)
+
+        path: Path | None = None
         if done % tp.checkpoint_every == 0 and done != tp.steps:
-            ckpt_path = checkpoint(done)
-            hooks.on_checkpoint(ckpt_path, done, last_metrics)
+            check_dictionaries_agree(D, rt, done)
+            ckpt_path = path = checkpoint(done)
+            report = dict(last_metrics) if report is None else report
+        if report is not None and done != tp.steps:
+            hooks.report(report, done, path)
     progress.close()
 
     final = dict(last_metrics)
+    check_dictionaries_agree(D, rt, tp.steps)
     if rt.is_main:
         ckpt_path = checkpoint(tp.steps)
         grid = sample_grid(G_ema, fixed_z, out_dir / "grid.png")
@@ -402,5 +426,37 @@ def train(
         write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **summary, "provenance": provenance})
         hooks.log_artifact(out_dir / "metrics.json", "")
         hooks.log_artifact(ckpt_path, "checkpoints")
-    hooks.on_checkpoint(ckpt_path, tp.steps, final)
+    hooks.report(final, tp.steps, ckpt_path if rt.is_main else None)
     return TrainResult(step=tp.steps, metrics=final, checkpoint=ckpt_path)
+
+
+def check_dictionaries_agree(D: nn.Module, rt: Runtime, step: int) -> None:
+    """Under DDP, fail loudly unless every rank holds the same FQ dictionaries (compared by hash)."""
+    if rt.world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    from sqgan.quant.fq import dictionary_digest
+
+    mine = dictionary_digest(_unwrap(D))
+    digests: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(digests, mine)
+    if len(set(digests)) != 1:
+        listing = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
+        raise RuntimeError(f"FQ dictionaries diverged across DDP ranks at step {step} ({listing}); the EMA statistics "
+                           f"must be all-reduced before each update (sqgan.quant.fq.FeatureQuantizer.ema_update)")
+
+
+def reported_metrics(params: Params) -> set[str]:
+    """Every metric name a run with `params` logs (what a sweep may rank trials on)."""
+    names = {"loss/d", "loss/d_adv", "loss/g", "loss/fq", "d/real_logit", "d/fake_logit", "fq/alpha",
+             "time/steps_per_s"}
+    if params.fq.enabled:
+        for i in params.fq.layers:
+            names |= {f"fq/layer{i}/utilisation", f"fq/layer{i}/perplexity"}
+    net = "inception" if params.metrics.inception_weights else "randcnn"  # as metrics.fid.build_feature_net names it
+    quality = {f"fid_{net}", f"kid_{net}_mean", f"kid_{net}_std"}
+    names |= quality
+    if params.metrics.eval_every and params.metrics.eval_every < params.train.steps:
+        names |= {INTERIM + q for q in quality}
+    return names

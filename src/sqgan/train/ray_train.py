@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +127,76 @@ def fit_tracked(trainer: Any, tracking_uri: str, run_id: str) -> Any:
     return result
 
 
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "fuse.")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path` (longest mount point in /proc/mounts); "" when unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    best, kind = "", ""
+    target = str(path)
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, kind = point, parts[2]
+    return kind
+
+
+def resolve_storage(params: Params, project_dir: str | Path = ".") -> str:
+    """ray.storage_path as RunConfig wants it: a URI (s3://, gs://, …) as is, a folder made absolute. With
+    ray.address set the workers may run on other nodes, which cannot write into a folder local to this one."""
+    sp = params.ray.storage_path
+    if "://" in sp:
+        return sp
+    folder = Path(project_dir, sp).resolve()
+    if params.ray.address:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        kind = filesystem_type(probe)
+        if not kind.startswith(SHARED_FILESYSTEMS):
+            raise RuntimeError(
+                f"ray.storage_path {sp} is a folder on this machine ({kind or 'local'} file system), but with "
+                f"ray.address={params.ray.address} trials and workers run on other nodes, which cannot checkpoint "
+                f"into it; use shared storage: --set ray.storage_path=s3://BUCKET/sqgan (or gs://…, or a folder on "
+                f"an NFS mount every node sees), or unset ray.address to run on a local Ray")
+    return str(folder)
+
+
+@dataclass
+class WorkerConfig:
+    """What each training worker gets (Ray pickles it to every rank)."""
+
+    params: dict[str, Any]  # Params as JSON
+    data_dir: str
+    out_dir: str
+    tracking_uri: str
+    run_id: str
+    threads: int
+    resume: str | None = None  # checkpoint to start from (a restart after a failure uses Ray's latest instead)
+    skip_logged: bool = False  # the MLflow run already holds points (a retried trial): never log a step twice
+    fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT): "RANK:STEP:FLAG_FILE", that rank exits once
+
+
+def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
+    """The fault switch of the restart tests: rank RANK exits at step STEP unless FLAG_FILE exists (created first,
+    so the restarted worker group runs through)."""
+    if not fault:
+        return
+    want_rank, want_step, flag = fault.split(":", 2)
+    if rank == int(want_rank) and step == int(want_step) and not Path(flag).exists():
+        Path(flag).write_text(f"rank {rank} exited at step {step}\n")
+        os._exit(1)
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker`: one DDP rank of the training loop."""
+    """`train_loop_per_worker`: one DDP rank of the training loop; reports every `hooks.report` to Ray Train."""
     import ray.train
     import ray.train.torch  # noqa: F401  (get_device)
     import torch
@@ -137,40 +205,85 @@ def train_worker(config: dict[str, Any]) -> None:
     from sqgan.tracking import MlflowLogger
     from sqgan.train.loop import Hooks, Runtime, train
 
-    params = Params.model_validate(config["params"])
+    cfg = WorkerConfig(**config["worker"])
+    params = Params.model_validate(cfg.params)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["threads"])))
+    torch.set_num_threads(max(1, cfg.threads))
     device = ray.train.torch.get_device()
 
-    resume = config.get("resume")
+    resume = cfg.resume
     local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
     restored = ray.train.get_checkpoint()
     if restored is not None:  # a restart after a failure: continue from Ray's latest checkpoint
         with restored.as_directory() as d:
             resume = str(shutil.copy2(Path(d) / CHECKPOINT_FILE, local_tmp / CHECKPOINT_FILE))
 
-    logger = MlflowLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    # A resumed run replays the steps after its checkpoint: points MLflow already holds are not logged twice.
+    logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=cfg.skip_logged or resume is not None) \
+        if rank == 0 else None
 
-    def on_checkpoint(path: Path | None, step: int, metrics: dict[str, float]) -> None:
-        report = {**metrics, "step": step}
+    def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
+        _maybe_fail(cfg.fault, rank, step)
+        payload = {**metrics, "step": step}
         if path is None:
-            ray.train.report(report, checkpoint=None)
+            ray.train.report(payload, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
             link_or_copy(path, Path(d) / CHECKPOINT_FILE)  # Ray copies the folder into storage
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     hooks = Hooks(
         log_metrics=logger.log_metrics if logger else Hooks.log_metrics,
         log_artifact=logger.log_artifact if logger else Hooks.log_artifact,
-        on_checkpoint=on_checkpoint,
+        report=report,
     )
     try:
-        train(params, config["data_dir"], config["out_dir"], resume=resume,
+        train(params, cfg.data_dir, cfg.out_dir, resume=resume,
               runtime=Runtime(rank=rank, world_size=world, device=device), hooks=hooks)
     finally:
         shutil.rmtree(local_tmp, ignore_errors=True)
+
+
+def build_trainer(
+    params: Params,
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    use_gpu: bool,
+    storage_path: str,
+    name: str,
+    resume: Path | None = None,
+    skip_logged: bool = False,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TorchTrainer of one training (train.workers ranks of `train_worker`), shared by `sqgan train` and each
+    trial of `sqgan tune` (which adds its callbacks). A run `name` already in `storage_path` resumes from its latest
+    checkpoint; failed worker groups restart ray.max_failures times and controller retries stay bounded."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    threads = params.ray.cpus_per_worker
+    worker = WorkerConfig(params=params.model_dump(mode="json"), data_dir=str(data_dir), out_dir=str(out_dir),
+                          tracking_uri=tracking_uri, run_id=run_id, threads=threads,
+                          resume=str(resume) if resume else None, skip_logged=skip_logged,
+                          fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"worker": asdict(worker)},
+        scaling_config=ScalingConfig(
+            num_workers=params.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=params.ray.max_failures,
+                                         controller_failure_limit=params.ray.controller_failure_limit),
+            callbacks=list(callbacks or []),
+        ),
+    )
 
 
 def run_training(
@@ -183,15 +296,34 @@ def run_training(
     force: bool = False,
 ) -> TrainRun:
     """Run one training as a Ray Train job, tracked in MLflow; returns where everything went."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from sqgan.tracking import MlflowLogger, end_run, open_run
 
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    resume = Path(resume).resolve() if resume is not None else None
+    use_gpu, storage = preflight(params, data_dir, out_dir, resume, project_dir, force)
+
+    init_ray(params)
+    tags = {"sqgan.stage": "train"}
+    if resume is not None:
+        tags["resumed_from"] = str(resume)
+    tracking_uri, run_id = open_run(params, data_dir, out_dir, project_dir, tags=tags, parent_run_id=parent_run_id,
+                                    resume=resume)
+    trainer = build_trainer(params, data_dir, out_dir, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
+                            storage_path=storage, name=f"train-{run_id[:12]}", resume=resume)
+    result = fit_tracked(trainer, tracking_uri, run_id)
+    MlflowLogger(tracking_uri, run_id).set_tags({"ray.run_path": result.path})
+    end_run(tracking_uri, run_id, "FINISHED")
+    return TrainRun(run_id, tracking_uri, out_dir, dict(result.metrics or {}), result.path)
+
+
+def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None, project_dir: str | Path,
+              force: bool) -> tuple[bool, str]:
+    """Everything that can fail, checked before Ray starts: the dataset, the run folder, the checkpoint, the
+    resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
     from sqgan.data.manifest import read_manifest
     from sqgan.io import check_output, free_sibling
-    from sqgan.tracking import MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
+    from sqgan.tracking import check_tracking, resolve_tracking_uri
 
-    # --- everything that can fail is checked here, before Ray starts
-    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     read_manifest(data_dir)
     check_output(out_dir, "train", (data_dir,), force)
     earlier = sorted((out_dir / "checkpoints").glob("step_*.pt"))
@@ -202,42 +334,8 @@ def run_training(
     if resume is not None:
         from sqgan.train.loop import check_resume, load_checkpoint
 
-        resume = Path(resume).resolve()
         check_resume(load_checkpoint(resume), params, resume)
+    storage = resolve_storage(params, project_dir)
+    check_tracking(resolve_tracking_uri(params, project_dir))
     use_gpu = check_resources(params, *available_resources(params))
-    tracking_uri = resolve_tracking_uri(params, project_dir)
-    check_tracking(tracking_uri)
-
-    init_ray(params)
-    tags = {"sqgan.stage": "train"}
-    if resume is not None:
-        tags["resumed_from"] = str(resume)
-    tracking_uri, run_id = open_run(params, data_dir, out_dir, project_dir, tags=tags, parent_run_id=parent_run_id,
-                                    resume=resume)
-    storage = Path(project_dir, params.ray.storage_path).resolve()
-    threads = params.ray.cpus_per_worker
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={
-            "params": params.model_dump(mode="json"),
-            "data_dir": str(data_dir),
-            "out_dir": str(out_dir),
-            "resume": str(resume) if resume else None,
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
-            "threads": threads,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=params.train.workers, use_gpu=use_gpu, resources_per_worker={"CPU": threads}
-        ),
-        run_config=RunConfig(
-            name=f"train-{run_id[:12]}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=params.ray.max_failures,
-                                         controller_failure_limit=params.ray.controller_failure_limit),
-        ),
-    )
-    result = fit_tracked(trainer, tracking_uri, run_id)
-    MlflowLogger(tracking_uri, run_id).set_tags({"ray.run_path": result.path})
-    end_run(tracking_uri, run_id, "FINISHED")
-    return TrainRun(run_id, tracking_uri, out_dir, dict(result.metrics or {}), result.path)
+    return use_gpu, storage

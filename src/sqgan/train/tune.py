@@ -1,0 +1,427 @@
+"""Ray Tune shell: `sqgan tune` runs a sweep of trainings, one MLflow parent run with a nested run per trial.
+
+Ray 2.60 Train V2: each trial is a Tune function that builds the same `TorchTrainer` as `sqgan train`
+(`ray_train.build_trainer`) and calls `fit()`; a Train callback hands the trial's reports to Tune, where ASHA
+prunes on the interim KID/FID. Before any trial starts, the search space is checked against the params schema
+(unknown key, empty grid, a value the schema rejects, a metric the run does not report: exit 2, naming the key),
+and the resources, storage and tracking server like a training's. The sweep folder's `sweep.json` names the
+parent run and Ray's experiment, so `sqgan tune --resume SWEEP_DIR` (`Tuner.restore`) re-runs nothing finished,
+continues unfinished trials from their last checkpoints and logs into the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqgan.config import ConfigError, Params, flatten
+
+SWEEP_FILE = "sweep.json"  # in a sweep folder: tracking URI, parent run, Ray experiment path, params
+METRIC_ALIASES = ("kid", "fid")
+TRIAL_TAG = "sqgan.trial_id"  # the Ray trial id, on each nested run
+# A trial's own process only starts its TorchTrainer and waits: no CPU (its workers hold them), but Ray needs some
+# resource in the bundle, so it asks for a little memory.
+TRIAL_DRIVER = {"CPU": 0, "memory": 256 * 2**20}
+
+
+@dataclass
+class SweepSpec:
+    """What every trial function needs (passed with tune.with_parameters; plain values only)."""
+
+    base: dict[str, Any]  # Params as JSON: the sweep's params with tune.fixed and the per-trial resources applied
+    data_dir: str
+    sweep_dir: str
+    project_dir: str
+    tracking_uri: str
+    parent_run_id: str
+    storage: str
+    name: str
+    use_gpu: bool
+    metric: str  # the key Tune ranks on: an alias (kid, fid) or a logged metric
+
+
+@dataclass
+class Sweep:
+    """What a finished `sqgan tune` leaves behind."""
+
+    sweep_dir: Path
+    parent_run_id: str
+    tracking_uri: str
+    table: list[dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------------ checks
+def trial_base(params: Params) -> Params:
+    """The params every trial starts from: the sweep's, then tune.fixed, then tune.workers/use_gpu/cpus_per_worker."""
+    t = params.tune
+    fixed = flatten(t.fixed)
+    base = params.override(fixed, source="tune.fixed") if fixed else params
+    per_trial = {"train.workers": t.workers, "train.use_gpu": t.use_gpu, "ray.cpus_per_worker": t.cpus_per_worker}
+    return base.override({k: v for k, v in per_trial.items() if v is not None}, source="tune")
+
+
+def probe_values(name: str, args: list[Any]) -> list[Any]:
+    """Values of an axis to check against the schema: every listed or (≤ 512) integer value, else the range's ends
+    and points between."""
+    if name in ("grid", "choice"):
+        return list(args)
+    if name == "randint":
+        lo, hi = args
+        return list(range(lo, hi + 1)) if hi - lo <= 512 else [lo + (hi - lo) * i // 16 for i in range(17)]
+    if name == "qrandint":
+        lo, hi, q = args
+        values = list(range(math.ceil(lo / q) * q, hi + 1, q))
+        return values if len(values) <= 512 else values[:: max(1, len(values) // 16)] + [values[-1]]
+    lo, hi = args
+    if name == "loguniform":
+        return [math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / 4) for i in range(5)]
+    return [lo + (hi - lo) * i / 4 for i in range(5)]
+
+
+def metric_key(params: Params, metric: str) -> str:
+    """The logged name behind `tune.metric` in a run's final metrics: kid → kid_<net>_mean, fid → fid_<net>."""
+    net = "inception" if params.metrics.inception_weights else "randcnn"
+    return {"kid": f"kid_{net}_mean", "fid": f"fid_{net}"}.get(metric, metric)
+
+
+def check_sweep(params: Params) -> Params:
+    """Every check of the search space that needs no Ray; returns the trials' base params. ConfigError names the key."""
+    from sqgan.config import _unknown_key_message
+    from sqgan.train.loop import INTERIM, reported_metrics
+
+    base = trial_base(params)
+    t = params.tune
+    for key, (name, args) in t.axes().items():
+        if key.startswith("tune."):
+            raise ConfigError(f"tune.space.{key}: a sweep cannot sweep its own settings; pick params outside tune")
+        msg = _unknown_key_message(key.split("."), f"tune.space.{key}")
+        if msg:
+            raise ConfigError(msg)
+        for value in probe_values(name, args):
+            try:
+                base.override({key: value}, source=f"tune.space.{key}")
+            except ConfigError as e:
+                hint = " (K = 2^P: list powers of two, e.g. {grid: [16, 32, 64]})" if key == "fq.codebook_size" else ""
+                raise ConfigError(f"{e}; {name} {args} includes {value!r}, which the params schema rejects{hint}") \
+                    from None
+    reported = reported_metrics(base)
+    key = metric_key(base, t.metric)
+    if key not in reported:
+        known = ", ".join(sorted(reported))
+        raise ConfigError(f"tune.metric {t.metric!r} is not a metric the run reports; use kid, fid or one of: {known}")
+    if t.scheduler == "asha":
+        evaluated = key.startswith(("fid_", "kid_"))
+        if evaluated and INTERIM + key not in reported:
+            raise ConfigError(f"tune.scheduler=asha prunes on {t.metric}, but the trials evaluate it only at the end "
+                              f"(metrics.eval_every={base.metrics.eval_every}, train.steps={base.train.steps}); set "
+                              f"--set tune.fixed.metrics.eval_every=N with N < train.steps, or tune.scheduler=fifo")
+        grace = t.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
+        if grace >= base.train.steps:
+            raise ConfigError(f"tune.grace_period={grace} is not below the trials' train.steps={base.train.steps}, so "
+                              f"ASHA could never stop a trial; lower it or use tune.scheduler=fifo")
+    return base
+
+
+def sweep_concurrency(params: Params, base: Params, available: dict[str, float]) -> int:
+    """tune.max_concurrent_trials, capped by how many trials' workers fit at once (never 0: one must fit)."""
+    per_trial = base.train.workers * base.ray.cpus_per_worker
+    fits = max(1, int(available.get("CPU", 0)) // per_trial)
+    return min(params.tune.max_concurrent_trials, fits)
+
+
+# ------------------------------------------------------------------------------ search space
+def ray_space(params: Params) -> dict[str, Any]:
+    """tune.space as Ray Tune's param_space ({"fq.decay": tune.grid_search([...]), …})."""
+    from ray import tune
+
+    grid_as_choice = params.tune.searcher != "grid"  # random and optuna draw from grids like from choices
+    space: dict[str, Any] = {}
+    for key, (name, args) in params.tune.axes().items():
+        if name == "grid":
+            space[key] = tune.choice(args) if grid_as_choice else tune.grid_search(args)
+        elif name == "choice":
+            space[key] = tune.choice(args)
+        elif name == "uniform":
+            space[key] = tune.uniform(*args)
+        elif name == "loguniform":
+            space[key] = tune.loguniform(*args)
+        elif name == "randint":
+            space[key] = tune.randint(args[0], args[1] + 1)  # Ray's upper end is exclusive; ours is included
+        elif name == "qrandint":
+            space[key] = tune.qrandint(*args)
+    return space
+
+
+def build_searcher(params: Params, metric: str) -> Any:
+    t = params.tune
+    if t.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode=t.mode, seed=t.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=t.seed)
+
+
+def build_scheduler(params: Params, base: Params, metric: str) -> Any:
+    t = params.tune
+    if t.scheduler == "fifo":
+        from ray.tune.schedulers import FIFOScheduler
+
+        return FIFOScheduler()
+    from ray.tune.schedulers import ASHAScheduler
+
+    evaluated = metric_key(base, metric).startswith(("fid_", "kid_"))
+    grace = t.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
+    # stop_last_trials=False: a trial that reaches train.steps ends by itself (its run marked completed), not killed
+    return ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=grace,
+                         reduction_factor=t.reduction_factor, stop_last_trials=False)
+
+
+# ------------------------------------------------------------------------------------- trial
+def _report_callback(metric: str, final_key: str) -> Any:
+    """A Train callback (built inside the trial) that hands each report with the ranked metric to Tune, the
+    alias (kid, fid) filled from the final evaluation or else the interim one. Reports without it are not passed
+    on: ASHA and the searchers need the metric in every result."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sqgan.train.loop import INTERIM
+
+    class ReportToTune(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            m = dict(metrics[0])
+            if metric in METRIC_ALIASES:
+                value = m.get(final_key, m.get(INTERIM + final_key))
+                if value is not None:
+                    m[metric] = value
+            if metric in m:
+                super().after_report(run_context, [m], None)  # Train keeps the checkpoints; Tune needs none
+
+    return ReportToTune()
+
+
+def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
+    """One trial: the sweep's params with this trial's values, trained by the shared TorchTrainer into
+    SWEEP_DIR/trials/<trial id>, logged to a nested MLflow run (the same one again when the trial is resumed)."""
+    from ray import tune
+
+    from sqgan.tracking import end_run
+    from sqgan.train.ray_train import build_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    params = Params.model_validate(spec.base).override(config, source=f"trial {trial_id}")
+    out_dir = Path(spec.sweep_dir) / "trials" / trial_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id, continued, done = trial_run(params, spec, trial_id, config, out_dir)
+    if done is not None:  # finished before the driver died, but Ray's sweep state had not caught up: not re-run
+        final_key = metric_key(params, spec.metric)
+        tune.report({**done, "step": params.train.steps,
+                     **({spec.metric: done[final_key]} if final_key in done else {})})
+        return
+    trainer = build_trainer(
+        params, Path(spec.data_dir), out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
+        storage_path=spec.storage, name=f"{spec.name}-{trial_id}", skip_logged=continued,
+        callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric))],
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        end_run(spec.tracking_uri, run_id, "FAILED")
+        raise
+    if result.error is not None:
+        end_run(spec.tracking_uri, run_id, "FAILED")
+        raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
+    from sqgan.tracking import MlflowLogger
+
+    MlflowLogger(spec.tracking_uri, run_id).set_tags({"sqgan.trial_status": "completed", "ray.run_path": result.path})
+    end_run(spec.tracking_uri, run_id, "FINISHED")
+
+
+def trial_run(
+    params: Params, spec: SweepSpec, trial_id: str, values: dict[str, Any], out_dir: Path
+) -> tuple[str, bool, dict[str, float] | None]:
+    """(run id, continued, final metrics if it already completed): the trial's nested run — the one it already has
+    when resumed or retried, else a new one with the resolved params, the trial's values and the Ray trial id."""
+    from sqgan.tracking import _client, _record, start_run
+
+    client = _client(spec.tracking_uri)
+    parent = client.get_run(spec.parent_run_id)
+    query = f"tags.mlflow.parentRunId = '{spec.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    found = client.search_runs([parent.info.experiment_id], query)
+    if found:
+        run = found[0]
+        if run.info.status == "FINISHED" and run.data.tags.get("sqgan.trial_status") == "completed":
+            return run.info.run_id, True, dict(run.data.metrics)
+        client.update_run(run.info.run_id, status="RUNNING")
+        n = int(run.data.tags.get("sqgan.trial_starts", "1")) + 1
+        client.set_tag(run.info.run_id, "sqgan.trial_starts", str(n))
+        return run.info.run_id, True, None
+    tags = {"sqgan.stage": "trial", TRIAL_TAG: trial_id, "ray.trial_id": trial_id, "sqgan.trial_starts": "1",
+            "sqgan.trial_values": json.dumps(values, sort_keys=True)}
+    if params.mlflow.run_name is None:
+        tags["mlflow.runName"] = f"trial-{trial_id}"
+    _, run_id = start_run(params, spec.data_dir, spec.project_dir, tags=tags, parent_run_id=spec.parent_run_id)
+    _record(out_dir, spec.tracking_uri, run_id)
+    return run_id, False, None
+
+
+# ------------------------------------------------------------------------------------- sweep
+def run_sweep(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    project_dir: str | Path = ".",
+    force: bool = False,
+) -> Sweep:
+    """Check everything, open the parent run, run the trials under Ray Tune, write and log the report."""
+    from sqgan.io import check_output, mark_output, write_json_atomic
+    from sqgan.train.ray_train import available_resources, init_ray
+
+    data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
+    project_dir = Path(project_dir).resolve()
+    base = check_sweep(params)
+    check_output(out_dir, "sweep", (data_dir,), force)
+    if (out_dir / SWEEP_FILE).exists() and not force:
+        raise RuntimeError(f"--out {out_dir} holds an earlier sweep; continue it with `sqgan tune --resume {out_dir}`, "
+                           f"or choose another --out")
+    use_gpu, storage, tracking_uri = _preflight(base, data_dir, project_dir)
+    available = available_resources(base)[0]
+    concurrency = sweep_concurrency(params, base, available)
+
+    init_ray(params)
+    parent_run_id = open_sweep_run(params, base, data_dir, project_dir)
+    name = f"sweep-{parent_run_id[:12]}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_output(out_dir, "sweep")
+    (out_dir / "params.yaml").write_text(_dump_params(params))
+    write_json_atomic(out_dir / SWEEP_FILE, {
+        "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "storage": storage, "name": name,
+        "experiment_path": _join(storage, name), "data_dir": str(data_dir), "project_dir": str(project_dir),
+        "use_gpu": use_gpu, "max_concurrent_trials": concurrency,
+    })
+    spec = SweepSpec(base=base.model_dump(mode="json"), data_dir=str(data_dir), sweep_dir=str(out_dir),
+                     project_dir=str(project_dir), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                     storage=storage, name=name, use_gpu=use_gpu, metric=params.tune.metric)
+    tuner = _tuner(params, base, spec, concurrency)
+    return _fit_and_report(tuner, params, spec, out_dir)
+
+
+def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path) -> str:
+    """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags."""
+    from sqgan.tracking import start_run
+
+    t = params.tune
+    tags = {"sqgan.stage": "sweep", "sqgan.tune.axes": json.dumps(list(t.axes())), "sqgan.tune.metric": t.metric,
+            "sqgan.tune.metric_key": metric_key(base, t.metric), "sqgan.tune.mode": t.mode,
+            "sqgan.tune.searcher": t.searcher, "sqgan.tune.scheduler": t.scheduler,
+            "sqgan.tune.steps": str(base.train.steps)}
+    if params.mlflow.run_name is None:
+        tags["mlflow.runName"] = f"sweep-{'-'.join(k.split('.')[-1] for k in t.axes())}"
+    return start_run(params, data_dir, project_dir, tags=tags)[1]
+
+
+def resume_sweep(sweep_dir: str | Path) -> Sweep:
+    """Continue an interrupted sweep from its folder: same params, parent run, trials and Ray experiment."""
+    from ray import tune
+
+    from sqgan.config import load_params
+    from sqgan.tracking import _client
+    from sqgan.train.ray_train import init_ray
+
+    sweep_dir = Path(sweep_dir).resolve()
+    info_file = sweep_dir / SWEEP_FILE
+    if not info_file.is_file():
+        raise FileNotFoundError(f"--resume {sweep_dir}: no {SWEEP_FILE} there; pass the --out folder of a sweep "
+                                f"that `sqgan tune` started")
+    info = json.loads(info_file.read_text())
+    params = load_params(sweep_dir / "params.yaml")
+    base = check_sweep(params)
+    _, _, tracking_uri = _preflight(base, Path(info["data_dir"]), Path(info["project_dir"]))
+    if tracking_uri != info["tracking_uri"]:
+        raise RuntimeError(f"the sweep logged to {info['tracking_uri']}, but this shell resolves {tracking_uri}; "
+                           f"set MLFLOW_TRACKING_URI={info['tracking_uri']} (or unset it) and resume again")
+    if not tune.Tuner.can_restore(info["experiment_path"]):
+        raise RuntimeError(f"--resume {sweep_dir}: Ray has no sweep state at {info['experiment_path']} (the driver "
+                           f"died before the first trial started?); start it again with `sqgan tune --out NEW_DIR`")
+    init_ray(params)
+    _client(info["tracking_uri"]).update_run(info["parent_run_id"], status="RUNNING")
+    spec = SweepSpec(base=base.model_dump(mode="json"), data_dir=info["data_dir"], sweep_dir=str(sweep_dir),
+                     project_dir=info["project_dir"], tracking_uri=info["tracking_uri"],
+                     parent_run_id=info["parent_run_id"], storage=info["storage"], name=info["name"],
+                     use_gpu=info["use_gpu"], metric=params.tune.metric)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
+    tuner = tune.Tuner.restore(info["experiment_path"], trainable=trainable, resume_unfinished=True,
+                               resume_errored=True)
+    return _fit_and_report(tuner, params, spec, sweep_dir)
+
+
+def _preflight(base: Params, data_dir: Path, project_dir: Path) -> tuple[bool, str, str]:
+    """A trial's checks (dataset, resources, storage, tracking server) before Ray starts: (use_gpu, storage, uri)."""
+    from sqgan.data.manifest import read_manifest
+    from sqgan.tracking import check_tracking, resolve_tracking_uri
+    from sqgan.train.ray_train import available_resources, check_resources, resolve_storage
+
+    read_manifest(data_dir)
+    storage = resolve_storage(base, project_dir)
+    tracking_uri = resolve_tracking_uri(base, project_dir)
+    check_tracking(tracking_uri)
+    use_gpu = check_resources(base, *available_resources(base))
+    return use_gpu, storage, tracking_uri
+
+
+def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> Any:
+    from ray import tune
+
+    t = params.tune
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Ray's sweep state at most ~1 s behind (default ≥ 10)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
+    return tune.Tuner(
+        trainable,
+        param_space=ray_space(params),
+        tune_config=tune.TuneConfig(
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=concurrency,
+            search_alg=build_searcher(params, t.metric), scheduler=build_scheduler(params, base, t.metric),
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=spec.storage, failure_config=tune.FailureConfig(max_failures=t.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def _fit_and_report(tuner: Any, params: Params, spec: SweepSpec, sweep_dir: Path) -> Sweep:
+    from sqgan.io import sigterm_as_interrupt
+    from sqgan.tracking import end_run
+    from sqgan.train.tune_report import settle_trials, write_report
+
+    try:
+        with sigterm_as_interrupt():
+            grid = tuner.fit()
+    except KeyboardInterrupt:
+        end_run(spec.tracking_uri, spec.parent_run_id, "KILLED")
+        raise
+    except BaseException:
+        end_run(spec.tracking_uri, spec.parent_run_id, "FAILED")
+        raise
+    settle_trials(spec.tracking_uri, spec.parent_run_id, grid, params)
+    table = write_report(spec.tracking_uri, spec.parent_run_id, sweep_dir)
+    errors = [r for r in grid if r.error is not None]
+    end_run(spec.tracking_uri, spec.parent_run_id, "FAILED" if errors and len(errors) == len(grid) else "FINISHED")
+    return Sweep(sweep_dir, spec.parent_run_id, spec.tracking_uri, table)
+
+
+def _dump_params(params: Params) -> str:
+    import yaml
+
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+def _join(storage: str, name: str) -> str:
+    return storage.rstrip("/") + "/" + name if "://" in storage else str(Path(storage) / name)
+
+

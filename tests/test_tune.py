@@ -1,0 +1,255 @@
+"""`sqgan tune`: the search space checked before Ray, a real sweep with one MLflow view and a report readable back
+from MLflow alone, a driver killed by SIGKILL and resumed, and the sweep-facing pieces of the Ray shell."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, tiny_overrides
+from typer.testing import CliRunner
+
+from sqgan.cli import app
+from sqgan.config import ConfigError, default_params, load_params
+
+runner = CliRunner()
+
+
+def sweep_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """A 2 × 2 grid of 8-step trials on the demo data, everything written under tmp_path."""
+    base = {
+        "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.artifact_root": str(tmp_path / "artifacts"),
+        "ray.storage_path": str(tmp_path / "ray"),
+        "tune.fixed": "{}",
+        "tune.space": "{fq: {codebook_size: {grid: [16, 32]}, decay: {grid: [0.7, 0.9]}}}",
+        "train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, "train.sample_every": 4,
+        "metrics.eval_every": 4, "metrics.eval_num_fake": 40, "tune.max_concurrent_trials": 2,
+    }
+    base.update(extra)
+    return tiny_overrides(**base)
+
+
+# ----------------------------------------------------------------------------- before any trial
+@pytest.mark.parametrize(("sets", "words"), [
+    (["tune.space.fq.decy={grid: [0.5]}"], "unknown key 'fq.decy'; did you mean 'fq.decay'"),
+    (["tune.space.fq.decay={grid: []}"], "'fq.decay': the grid is empty"),
+    (["tune.space.fq.codebook_size={grid: [16, 24]}"], "tune.space.fq.codebook_size: fq.codebook_size must be a "
+                                                        "power of two"),
+    (["tune.space.fq.codebook_size={randint: [16, 64]}"], "randint [16, 64] includes 17"),
+    (["tune.space.fq.decay={uniform: [0.5, 1.0]}"], "tune.space.fq.decay: fq.decay must be float in [0.0, 1.0)"),
+    (["tune.space.fq.decay={uniform: [0.9, 0.1]}"], "'fq.decay': uniform takes [low, high]"),
+    (["tune.space.tune.num_samples={grid: [1, 2]}"], "cannot sweep its own settings"),
+    (["tune.metric=loss/dd"], "tune.metric 'loss/dd' is not a metric the run reports"),
+    (["tune.fixed.metrics.eval_every=0"], "asha prunes on kid, but the trials evaluate it only at the end"),
+    (["tune.grace_period=60"], "tune.grace_period=60 is not below the trials' train.steps=60"),
+    (["tune.searcher=bayes"], "tune.searcher must be one of 'grid', 'random', 'optuna'"),
+])
+def test_a_bad_search_space_exits_2_naming_the_key_before_any_trial_starts(demo_dir, tmp_path, sets, words):
+    args = ["tune", "--no-params-file", "--data", str(demo_dir), "--out", str(tmp_path / "sweep")]
+    for s in [*sweep_overrides(tmp_path, **{"tune.fixed": "{train: {steps: 60}, metrics: {eval_every: 20}}"}),
+              *sets]:
+        args += ["--set", s]
+    t0 = time.perf_counter()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert words in r.output, r.output
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "ray").exists()
+
+
+def test_params_override_applies_dotted_values_and_names_a_bad_key():
+    p = default_params()
+    q = p.override({"fq.decay": 0.5, "train.lr_d": 1e-3})
+    assert (q.fq.decay, q.train.lr_d, p.fq.decay) == (0.5, 1e-3, 0.9)
+    with pytest.raises(ConfigError, match=r"trial x: fq.codebook_size must be a power of two"):
+        p.override({"fq.codebook_size": 48}, source="trial x")
+    with pytest.raises(ConfigError, match=r"unknown key 'fq.alpah'; did you mean 'fq.alpha'"):
+        p.override({"fq.alpah": 1.0})
+
+
+def test_search_space_nests_like_params_and_maps_to_ray_distributions():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from sqgan.train.tune import probe_values, ray_space
+
+    p = default_params(["tune.space.fq.alpha=null", "tune.space.train.lr_d={loguniform: [1e-4, 1e-3]}",
+                        "tune.space.train.batch_size={qrandint: [8, 32, 8]}", "tune.space.fq.commitment={randint: "
+                        "[0, 2]}"])
+    axes = p.tune.axes()
+    assert list(axes) == ["fq.codebook_size", "fq.decay", "fq.commitment", "train.lr_d", "train.batch_size"]
+    space = ray_space(p)
+    assert space["fq.decay"] == {"grid_search": [0.8, 0.9]}
+    assert isinstance(space["train.lr_d"], Float) and space["train.lr_d"].lower == 1e-4
+    assert isinstance(space["fq.commitment"], Integer) and space["fq.commitment"].upper == 3  # both ends included
+    assert probe_values("qrandint", [8, 32, 8]) == [8, 16, 24, 32]
+    drawn = ray_space(default_params(["tune.searcher=random"]))
+    assert isinstance(drawn["fq.codebook_size"], Categorical)  # random/optuna draw grid axes like choices
+    assert p.flat()["tune.space"] == p.tune.space  # one MLflow param / one `config show` line per free-form key
+
+
+def test_a_multi_node_ray_refuses_a_local_storage_folder_but_takes_shared_storage(monkeypatch, tmp_path):
+    from sqgan.train import ray_train
+    from sqgan.train.ray_train import resolve_storage
+
+    local = default_params(["ray.address=10.0.0.1:6379", f"ray.storage_path={tmp_path / 'ray'}"])
+    with pytest.raises(RuntimeError, match=r"use shared storage: --set ray.storage_path=s3://BUCKET/sqgan"):
+        resolve_storage(local)
+    assert resolve_storage(default_params(["ray.address=10.0.0.1:6379", "ray.storage_path=s3://b/sqgan"])) == \
+        "s3://b/sqgan"
+    monkeypatch.setattr(ray_train, "filesystem_type", lambda path: "nfs4")
+    assert resolve_storage(local) == str(tmp_path / "ray")
+    assert resolve_storage(default_params([f"ray.storage_path={tmp_path / 'r'}"])) == str(tmp_path / "r")
+
+
+def test_reported_metrics_name_the_interim_evaluation_only_when_it_runs():
+    from sqgan.train.loop import reported_metrics
+
+    with_interim = reported_metrics(default_params(["train.steps=100", "metrics.eval_every=20"]))
+    assert {"interim/kid_randcnn_mean", "kid_randcnn_mean", "fq/layer2/perplexity"} <= with_interim
+    assert "interim/kid_randcnn_mean" not in reported_metrics(default_params(["metrics.eval_every=0"]))
+    assert "fq/layer1/utilisation" not in reported_metrics(default_params(["fq.enabled=false"]))
+
+
+# ------------------------------------------------------------------------------- a real sweep
+def _children(client, parent_id):
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.ray
+def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads_back_from_mlflow(
+        ray_session, demo_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from sqgan.train.tune import run_sweep
+
+    params = default_params(sweep_overrides(tmp_path))
+    sweep = run_sweep(params, demo_dir, tmp_path / "sweep", project_dir=ROOT)
+    client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    parent = client.get_run(sweep.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["tune.searcher"] == "grid" and parent.data.tags["sqgan.tune.scheduler"] == "asha"
+    assert json.loads(parent.data.tags["sqgan.tune.axes"]) == ["fq.codebook_size", "fq.decay"]
+    assert len(parent.data.tags["git_sha"].removesuffix("-dirty")) == 40
+
+    runs = _children(client, sweep.parent_run_id)
+    assert len(runs) == 4  # one nested run per trial, no more
+    assert sorted((r.data.params["fq.codebook_size"], r.data.params["fq.decay"]) for r in runs) == \
+        [("16", "0.7"), ("16", "0.9"), ("32", "0.7"), ("32", "0.9")]
+    trial_dirs = sorted(p.name for p in (tmp_path / "sweep" / "trials").iterdir())
+    assert sorted(r.data.tags["ray.trial_id"] for r in runs) == trial_dirs
+    completed = [r for r in runs if r.data.tags["sqgan.trial_status"] == "completed"]
+    assert completed, "ASHA keeps at least the best trial to the end"
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss/d")]
+        assert steps == list(range(2, int(r.data.tags["sqgan.stopped_at_step"]) + 1, 2))  # each step once
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "interim/kid_randcnn_mean")][:1] == [4]
+    for r in completed:
+        assert r.info.status == "FINISHED" and "kid_randcnn_mean" in r.data.metrics
+        arts = {f.path for f in client.list_artifacts(r.info.run_id, "samples")} | \
+            {f.path for f in client.list_artifacts(r.info.run_id, "checkpoints")}
+        assert {"samples/grid.png", "checkpoints/step_000008.pt"} <= arts
+    for r in runs:
+        if r not in completed:
+            assert r.info.status == "KILLED" and r.data.tags["sqgan.trial_status"] == "stopped by asha"
+
+    out = tmp_path / "sweep"
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4 and [r["trial"] for r in rows] == [r["trial"] for r in sweep.table]
+    kids = [float(r["kid"]) for r in rows]
+    assert kids == sorted(kids)
+    by_run = {r.info.run_id: r for r in runs}
+    for row in rows:
+        run = by_run[row["run_id"]]
+        key = "kid_randcnn_mean" if row["from"] == "final" else "interim/kid_randcnn_mean"
+        assert float(row["kid"]) == pytest.approx(run.data.metrics[key])
+        assert row["step"] == run.data.tags["sqgan.stopped_at_step"] and row["status"] == \
+            run.data.tags["sqgan.trial_status"]
+    for png in ("metric_vs_axes.png", "curves.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 300
+    best = next(r for r in rows if r["status"] == "completed")
+    best_params = load_params(out / "best_params.yaml")  # `sqgan train --params best_params.yaml` takes it as is
+    assert (best_params.fq.codebook_size, best_params.fq.decay) == (int(best["fq.codebook_size"]),
+                                                                     float(best["fq.decay"]))
+    assert runner.invoke(app, ["config", "validate", "--params", str(out / "best_params.yaml")]).exit_code == 0
+    logged = {f.path for f in client.list_artifacts(sweep.parent_run_id, "sweep")}
+    assert {"sweep/trials.csv", "sweep/trials.md", "sweep/curves.png", "sweep/best_params.yaml"} <= logged
+
+    # The table is readable back from MLflow alone.
+    again = tmp_path / "again"
+    r = runner.invoke(app, ["tune", "--no-params-file", "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}",
+                            "--report", sweep.parent_run_id, "--out", str(again)])
+    assert r.exit_code == 0, r.output
+    assert (again / "trials.csv").read_text() == (out / "trials.csv").read_text()
+    assert (again / "best_params.yaml").read_text() == (out / "best_params.yaml").read_text()
+    r = runner.invoke(app, ["tune", "--no-params-file", "--set", f"mlflow.tracking_uri={params.mlflow.tracking_uri}",
+                            "--report", runs[0].info.run_id, "--out", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "is not a sweep's parent run" in r.output
+
+
+@pytest.mark.ray
+def test_a_sweep_driver_killed_after_a_trial_finished_resumes_without_rerunning_it(demo_dir, tmp_path):
+    """SIGKILL of `sqgan tune` (its own local Ray dies with it); `sqgan tune --resume` completes the rest."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = sweep_overrides(tmp_path, **{"tune.scheduler": "fifo", "tune.max_concurrent_trials": 1,
+                                        "tune.space": "{fq: {decay: {grid: [0.6, 0.7, 0.8]}}}", "train.steps": 6,
+                                        "metrics.eval_every": 0, "ray.num_cpus": 2})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    sqgan = [sys.executable, "-m", "sqgan.cli"]
+    cmd = [*sqgan, "tune", "--no-params-file", "--data", str(demo_dir), "--out", str(tmp_path / "sweep")]
+    for s in sets:
+        cmd += ["--set", s]
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    client = MlflowClient(tracking_uri=uri)
+    finished: list = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None:
+            time.sleep(2)
+            info = tmp_path / "sweep" / "sweep.json"
+            if not info.exists():
+                continue
+            finished = [r for r in _children(client, json.loads(info.read_text())["parent_run_id"])
+                        if r.info.status == "FINISHED"]
+            if finished:
+                break
+        assert finished, (tmp_path / "driver.log").read_text()[-3000:]
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, by the process group we started
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    parent_id = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["parent_run_id"]
+    assert client.get_run(parent_id).info.status == "RUNNING"  # what a killed driver leaves
+
+    r = subprocess.run([*sqgan, "tune", "--resume", str(tmp_path / "sweep")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    runs = _children(client, parent_id)
+    assert len(runs) == 3 and len(list((tmp_path / "sweep" / "trials").iterdir())) == 3  # no duplicates
+    assert all(x.info.status == "FINISHED" and x.data.tags["sqgan.trial_status"] == "completed" for x in runs)
+    first = next(x for x in runs if x.info.run_id == finished[0].info.run_id)
+    assert first.data.tags["sqgan.trial_starts"] == "1"  # the finished trial was not trained again
+    for x in runs:
+        assert [m.step for m in client.get_metric_history(x.info.run_id, "loss/d")] == [2, 4, 6]
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    rows = list(csv.DictReader((tmp_path / "sweep" / "trials.csv").open()))
+    assert sorted(row["fq.decay"] for row in rows) == ["0.6", "0.7", "0.8"]
+    assert yaml.safe_load((tmp_path / "sweep" / "best_params.yaml").read_text())["train"]["steps"] == 6
