@@ -14,8 +14,10 @@
 2. Ray Tune's overhead per trial: a sweep (`sqgan.train.tune.run_sweep`) of `--trials` trials, a grid over
    fq.decay, scheduler fifo, max_concurrent_trials 1, tune.fixed = the same schedule as above. Per trial: its
    wall time (Ray Tune's `time_total_s`, and the span of its nested MLflow run) minus its training time (the
-   loop's steps/s windows from the run's metric history); for the sweep: run_sweep's wall time (and the child
-   process's) minus the sum of the trainings.
+   loop's steps/s windows from the run's metric history), split into before and after the loop; for the sweep:
+   run_sweep's wall time (and the child process's) minus the sum of the trainings. Where trials run at the same
+   time, a trial's wall time holds its wait for the other's workers; 'waited s' (another trial's loop within this
+   trial's run) is subtracted in the last column, and run_sweep − Σ loop stays the fair total.
 3. `--device cuda`: the same with train.use_gpu=true (GPU workers) against the plain loop on cuda; skipped with a
    message where torch.cuda.is_available() is False. `--workers 2` adds a Ray row with 2 workers (DDP, batch per
    worker, so images/s is the throughput to compare): 1 vs 2 GPU-worker throughput needs a machine with 2 GPUs
@@ -44,7 +46,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 REPO_OUTPUTS = ("mlflow.db", "mlartifacts", "ray_results", "runs")  # what a run would leave in a project folder
 SPS = "time/steps_per_s"
-KINDS = ("plain", "plain-mlflow", "ray", "tune")
+KINDS = ("plain", "plain-mlflow", "ray", "tune", "warm")
 
 
 # ------------------------------------------------------------------------------------------- child
@@ -66,8 +68,35 @@ def _span(run: Any) -> float | None:
     return (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else None
 
 
+def _timeline(client: Any, run_id: str) -> dict[str, float | None]:
+    """When a tracked run's loop ran, in epoch seconds: it ends at its last `time/steps_per_s` log (logged as it is
+    computed) and starts that first window's length before its first log; and the run's own start and end."""
+    hist = sorted(client.get_metric_history(run_id, SPS), key=lambda m: m.step)
+    info = client.get_run(run_id).info
+    out: dict[str, float | None] = {"run_start": info.start_time / 1000 if info.start_time else None,
+                                    "run_end": info.end_time / 1000 if info.end_time else None,
+                                    "loop_start": None, "loop_end": None}
+    if hist:
+        out["loop_start"] = hist[0].timestamp / 1000 - hist[0].step / hist[0].value
+        out["loop_end"] = hist[-1].timestamp / 1000
+    return out
+
+
+def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
 def _child(kind: str, spec_path: Path, result_path: Path) -> None:
     t_entry = time.time()
+    if kind == "warm":  # unmeasured: reads every module once, so the first measured row does not pay a cold disk
+        import mlflow.tracking  # noqa: F401
+        import ray.train.torch  # noqa: F401
+        import ray.tune  # noqa: F401
+        import torch  # noqa: F401
+
+        import sqgan.train.loop  # noqa: F401
+        import sqgan.train.tune  # noqa: F401
+        return
     spec = json.loads(spec_path.read_text())
     import torch
 
@@ -120,8 +149,10 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
         run = run_training(params, data, out, project_dir=project)
         res["run_s"] = time.time() - t0
         client = MlflowClient(run.tracking_uri)
+        tl = _timeline(client, run.run_id)
         res.update(loop_s=_loop_seconds(_history(client, run.run_id)), mlflow_span_s=_span(client.get_run(run.run_id)),
-                   last_window_steps_per_s=run.metrics.get(SPS))
+                   last_window_steps_per_s=run.metrics.get(SPS), timeline=tl,
+                   pre_loop_s=tl["loop_start"] - tl["run_start"], post_loop_s=tl["run_end"] - tl["loop_end"])
         t0 = time.time()
         ray.shutdown()
         res["shutdown_s"] = time.time() - t0
@@ -146,15 +177,23 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
         for r in sorted(children, key=lambda r: r.info.start_time):
             tid = r.data.tags.get(TRIAL_TAG, "?")
             loop_s = _loop_seconds(_history(client, r.info.run_id))
-            rr = ray_results.get(tid, {})
             trials.append({"trial_id": tid, "values": json.loads(r.data.tags.get("sqgan.trial_values", "{}")),
-                           "status": r.info.status, "mlflow_span_s": _span(r), "ray_time_total_s":
-                           rr.get("time_total_s"), "loop_s": loop_s,
-                           "steps_per_s": params.train.steps / loop_s if loop_s else None})
-        bad = [t for t in trials if t["status"] != "FINISHED"]
+                           "status": r.info.status, "mlflow_span_s": _span(r),
+                           "ray_time_total_s": ray_results.get(tid, {}).get("time_total_s"), "loop_s": loop_s,
+                           "steps_per_s": params.train.steps / loop_s if loop_s else None,
+                           "timeline": _timeline(client, r.info.run_id)})
+        bad = [t for t in trials if t["status"] != "FINISHED" or t["timeline"]["loop_start"] is None]
         if bad or len(trials) != spec["trials"]:
             raise RuntimeError(f"sweep: expected {spec['trials']} FINISHED trials, got "
                                f"{[(t['trial_id'], t['status']) for t in trials]}; see the log above")
+        for t in trials:
+            a = t["timeline"]
+            t["pre_loop_s"], t["post_loop_s"] = a["loop_start"] - a["run_start"], a["run_end"] - a["loop_end"]
+            # the time this trial's run spent while another trial's loop held the CPUs/GPUs
+            t["waited_s"] = sum(_overlap(a["run_start"], a["run_end"], o["timeline"]["loop_start"],
+                                         o["timeline"]["loop_end"]) for o in trials if o is not t)
+            t["runs_overlapped"] = any(_overlap(a["run_start"], a["run_end"], o["timeline"]["run_start"],
+                                                o["timeline"]["run_end"]) > 0 for o in trials if o is not t)
         res.update(trials=trials, loop_s=sum(t["loop_s"] for t in trials), mlflow_span_s=_span(client.get_run(
             sweep.parent_run_id)))
         t0 = time.time()
@@ -298,6 +337,7 @@ def main() -> None:
         if a.trials > 0:
             rows.append((f"tune ×{a.trials} trials", "tune", 1))
         results: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in rows}
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "warm"], cwd=tmp, check=True)
         for rep in range(a.repeats):
             order = rows if rep % 2 == 0 else rows[::-1]
             print(f"round {rep + 1}/{a.repeats}")
@@ -362,39 +402,56 @@ def main() -> None:
     if a.trials > 0:
         sweeps = results[f"tune ×{a.trials} trials"]
         print()
-        print(f"Tune sweep: {a.trials} trials (grid over fq.decay, fifo, max_concurrent_trials 1, same schedule)")
-        print(" | ".join(f"{h:>12}" for h in ("round", "trial", "fq.decay", "time_total s", "mlflow span s",
-                                                "loop s", "steps/s", "total−loop s", "span−loop s")))
-        per_trial_span, per_trial_total = [], []
-        for rep, s in enumerate(sweeps):
-            for t in s["trials"]:
+        print(f"Tune sweep: {a.trials} trials (grid over fq.decay, fifo, max_concurrent_trials 1, same schedule); "
+              f"per trial, from Ray's result and the trial's MLflow run")
+        head = ("round", "trial", "fq.decay", "time_total s", "mlflow span s", "loop s", "steps/s", "pre-loop s",
+                "post-loop s", "waited s", "total−loop s", "span−loop s", "span−loop−wait")
+        print(" | ".join(f"{h:>13}" for h in head))
+        per_trial: dict[str, list[float]] = {"time_total": [], "span": [], "span_wait": []}
+        overlapped = False
+        for rep, sweep in enumerate(sweeps):
+            for t in sweep["trials"]:
                 o_total = t["ray_time_total_s"] - t["loop_s"] if t["ray_time_total_s"] is not None else None
-                o_span = t["mlflow_span_s"] - t["loop_s"] if t["mlflow_span_s"] is not None else None
-                t.update(overhead_time_total_s=o_total, overhead_span_s=o_span)
-                per_trial_total += [o_total] if o_total is not None else []
-                per_trial_span += [o_span] if o_span is not None else []
+                o_span = t["mlflow_span_s"] - t["loop_s"]
+                o_wait = o_span - t["waited_s"]
+                t.update(overhead_time_total_s=o_total, overhead_span_s=o_span, overhead_span_minus_wait_s=o_wait)
+                for k, v in (("time_total", o_total), ("span", o_span), ("span_wait", o_wait)):
+                    per_trial[k] += [v] if v is not None else []
+                overlapped |= t["runs_overlapped"]
                 cells = (rep + 1, t["trial_id"], t["values"].get("fq.decay"), t["ray_time_total_s"],
-                         t["mlflow_span_s"], t["loop_s"], t["steps_per_s"], o_total, o_span)
-                print(" | ".join(f"{_fmt(c):>12}" for c in cells))
-        sw = {
+                         t["mlflow_span_s"], t["loop_s"], t["steps_per_s"], t["pre_loop_s"], t["post_loop_s"],
+                         t["waited_s"], o_total, o_span, o_wait)
+                print(" | ".join(f"{_fmt(c):>13}" for c in cells))
+        sw: dict[str, Any] = {
             "process_wall_s": _median(sweeps, "wall_s"),
             "run_sweep_s": _median(sweeps, "run_s"),
             "sum_loop_s": _median(sweeps, "loop_s"),
             "ray_init_s": _median(sweeps, "ray_init_s"),
+            "trials_overlapped": overlapped,
         }
         sw["run_sweep_minus_loops_s"] = sw["run_sweep_s"] - sw["sum_loop_s"]
         sw["process_wall_minus_loops_s"] = sw["process_wall_s"] - sw["sum_loop_s"]
-        sw["per_trial_run_sweep_overhead_s"] = sw["run_sweep_minus_loops_s"] / a.trials
-        sw["per_trial_time_total_minus_loop_s"] = statistics.median(per_trial_total) if per_trial_total else None
-        sw["per_trial_span_minus_loop_s"] = statistics.median(per_trial_span) if per_trial_span else None
-        sw["single_run_training_overhead_s"] = derived["in_process_overhead_s"]["ray ×1"]
-        print(f"sweep process wall {sw['process_wall_s']:.2f} s; run_sweep {sw['run_sweep_s']:.2f} s; "
-              f"Σ loop {sw['sum_loop_s']:.2f} s")
-        print(f"run_sweep − Σ loop: {sw['run_sweep_minus_loops_s']:.2f} s = {sw['per_trial_run_sweep_overhead_s']:.2f} s "
-              f"per trial; process wall − Σ loop: {sw['process_wall_minus_loops_s']:.2f} s")
-        print(f"per trial (median): time_total − loop {_fmt(sw['per_trial_time_total_minus_loop_s'])} s; "
-              f"MLflow span − loop {_fmt(sw['per_trial_span_minus_loop_s'])} s; a single run_training − loop "
-              f"(ray ×1 row): {sw['single_run_training_overhead_s']:.2f} s")
+        sw["per_trial_run_sweep_minus_loops_s"] = sw["run_sweep_minus_loops_s"] / a.trials
+        for k, v in per_trial.items():
+            sw[f"per_trial_median_{k}_overhead_s"] = statistics.median(v) if v else None
+        sw["single_run_training_minus_loop_s"] = derived["in_process_overhead_s"]["ray ×1"]
+        sw["plain_train_minus_loop_s"] = derived["in_process_overhead_s"]["plain"]
+        print(f"sweep: process wall {sw['process_wall_s']:.2f} s (ray.init {sw['ray_init_s']:.2f} s), run_sweep "
+              f"{sw['run_sweep_s']:.2f} s, Σ loop {sw['sum_loop_s']:.2f} s")
+        print(f"run_sweep − Σ loop: {sw['run_sweep_minus_loops_s']:.2f} s = "
+              f"{sw['per_trial_run_sweep_minus_loops_s']:.2f} s per trial; process wall − Σ loop: "
+              f"{sw['process_wall_minus_loops_s']:.2f} s")
+        print(f"per trial (median): time_total − loop {_fmt(sw['per_trial_median_time_total_overhead_s'])} s; "
+              f"span − loop {_fmt(sw['per_trial_median_span_overhead_s'])} s; span − loop − waited "
+              f"{_fmt(sw['per_trial_median_span_wait_overhead_s'])} s")
+        print(f"for comparison, in one process: run_training − loop (ray ×1 row) "
+              f"{sw['single_run_training_minus_loop_s']:.2f} s; train() − loop (plain row: data, models, final "
+              f"FID/KID) {sw['plain_train_minus_loop_s']:.2f} s")
+        if overlapped:
+            print("note: trials ran at the same time although tune.max_concurrent_trials=1 (Ray Tune ignores it with "
+                  "the BasicVariantGenerator that sqgan.train.tune.build_searcher passes: see the child log); a trial "
+                  "that waited for the other's workers has that wait in its time_total/span ('waited s': the time "
+                  "another trial's loop ran within this trial's run), so run_sweep − Σ loop is the fair total")
         out["sweep"] = sw
     if created:
         print(f"WARNING: {created} appeared in {ROOT} during the run")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -180,18 +181,19 @@ class WorkerConfig:
     run_id: str
     threads: int
     resume: str | None = None  # checkpoint to start from (a restart after a failure uses Ray's latest instead)
-    skip_logged: bool = False  # the MLflow run already holds points (a retried trial): never log a step twice
     fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT): "RANK:STEP:FLAG_FILE", that rank exits once
 
 
 def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
     """The fault switch of the restart tests: rank RANK exits at step STEP unless FLAG_FILE exists (created first,
-    so the restarted worker group runs through)."""
+    so the restarted worker group runs through). It waits 5 s first: Ray Train polls its workers every 2 s, and a
+    checkpoint reported less than one poll before a crash is lost (the group restarts from the one before)."""
     if not fault:
         return
     want_rank, want_step, flag = fault.split(":", 2)
     if rank == int(want_rank) and step == int(want_step) and not Path(flag).exists():
         Path(flag).write_text(f"rank {rank} exited at step {step}\n")
+        time.sleep(5.0)
         os._exit(1)
 
 
@@ -219,9 +221,13 @@ def train_worker(config: dict[str, Any]) -> None:
         with restored.as_directory() as d:
             resume = str(shutil.copy2(Path(d) / CHECKPOINT_FILE, local_tmp / CHECKPOINT_FILE))
 
-    # A resumed run replays the steps after its checkpoint: points MLflow already holds are not logged twice.
-    logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=cfg.skip_logged or resume is not None) \
-        if rank == 0 else None
+    # A resumed, restarted or retried run replays steps (those after its checkpoint, or all when it had none): the
+    # points its MLflow run already holds are not logged twice.
+    logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=True) if rank == 0 else None
+    if restored is not None and logger is not None:
+        from sqgan.train.loop import load_checkpoint
+
+        logger.set_tags({"sqgan.restarted_from_step": int(load_checkpoint(resume)["step"])})  # after a failure
 
     def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
         _maybe_fail(cfg.fault, rank, step)
@@ -256,7 +262,6 @@ def build_trainer(
     storage_path: str,
     name: str,
     resume: Path | None = None,
-    skip_logged: bool = False,
     callbacks: list[Any] | None = None,
 ) -> Any:
     """The TorchTrainer of one training (train.workers ranks of `train_worker`), shared by `sqgan train` and each
@@ -268,7 +273,7 @@ def build_trainer(
     threads = params.ray.cpus_per_worker
     worker = WorkerConfig(params=params.model_dump(mode="json"), data_dir=str(data_dir), out_dir=str(out_dir),
                           tracking_uri=tracking_uri, run_id=run_id, threads=threads,
-                          resume=str(resume) if resume else None, skip_logged=skip_logged,
+                          resume=str(resume) if resume else None,
                           fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
     return TorchTrainer(
         train_worker,

@@ -216,7 +216,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     params = Params.model_validate(spec.base).override(config, source=f"trial {trial_id}")
     out_dir = Path(spec.sweep_dir) / "trials" / trial_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_id, continued, done = trial_run(params, spec, trial_id, config, out_dir)
+    run_id, done = trial_run(params, spec, trial_id, config, out_dir)
     if done is not None:  # finished before the driver died, but Ray's sweep state had not caught up: not re-run
         final_key = metric_key(params, spec.metric)
         tune.report({**done, "step": params.train.steps,
@@ -224,7 +224,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         return
     trainer = build_trainer(
         params, Path(spec.data_dir), out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
-        storage_path=spec.storage, name=f"{spec.name}-{trial_id}", skip_logged=continued,
+        storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
         callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric))],
     )
     try:
@@ -243,8 +243,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
 
 def trial_run(
     params: Params, spec: SweepSpec, trial_id: str, values: dict[str, Any], out_dir: Path
-) -> tuple[str, bool, dict[str, float] | None]:
-    """(run id, continued, final metrics if it already completed): the trial's nested run — the one it already has
+) -> tuple[str, dict[str, float] | None]:
+    """(run id, its final metrics if it already completed): the trial's nested run — the one it already has
     when resumed or retried, else a new one with the resolved params, the trial's values and the Ray trial id."""
     from sqgan.tracking import _client, _record, start_run
 
@@ -255,18 +255,18 @@ def trial_run(
     if found:
         run = found[0]
         if run.info.status == "FINISHED" and run.data.tags.get("sqgan.trial_status") == "completed":
-            return run.info.run_id, True, dict(run.data.metrics)
+            return run.info.run_id, dict(run.data.metrics)
         client.update_run(run.info.run_id, status="RUNNING")
         n = int(run.data.tags.get("sqgan.trial_starts", "1")) + 1
         client.set_tag(run.info.run_id, "sqgan.trial_starts", str(n))
-        return run.info.run_id, True, None
+        return run.info.run_id, None
     tags = {"sqgan.stage": "trial", TRIAL_TAG: trial_id, "ray.trial_id": trial_id, "sqgan.trial_starts": "1",
             "sqgan.trial_values": json.dumps(values, sort_keys=True)}
     if params.mlflow.run_name is None:
         tags["mlflow.runName"] = f"trial-{trial_id}"
     _, run_id = start_run(params, spec.data_dir, spec.project_dir, tags=tags, parent_run_id=spec.parent_run_id)
     _record(out_dir, spec.tracking_uri, run_id)
-    return run_id, False, None
+    return run_id, None
 
 
 # ------------------------------------------------------------------------------------- sweep
