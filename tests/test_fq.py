@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,44 @@ def test_two_gloo_ranks_hold_identical_dictionary_equal_to_concatenated_batch(tm
     assert torch.allclose(r0["fixed"], single.codebook, atol=1e-5)
     assert torch.allclose(r0["count"], single.ema_count, atol=1e-6)
     assert not torch.allclose(single.codebook, _quantizer(_start_codebook(), 0.8).codebook)  # it did move
+
+
+def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
+    """One gloo rank: EMA steps on this rank's own features, then the cross-rank dictionary check, then again
+    after rank 1's dictionary is nudged."""
+    import torch.distributed as dist
+
+    from sqgan.train.loop import Runtime, check_dictionaries_agree
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.ModuleDict({"q": FeatureQuantizer(dim=8, codebook_size=4, decay=0.8)})
+        g = torch.Generator().manual_seed(100 + rank)  # each rank sees different features
+        for _ in range(3):
+            net["q"](torch.randn(2, 8, 3, 3, generator=g))
+        rt = Runtime(rank=rank, world_size=2)
+        check_dictionaries_agree(net, rt, 3)  # the all-reduced EMA keeps them equal
+        if rank == 1:
+            net["q"].codebook[0, 0] += 1e-6
+        try:
+            check_dictionaries_agree(net, rt, 4)
+            result = "no error"
+        except RuntimeError as e:
+            result = str(e)
+        Path(out_dir, f"rank{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_one_dictionary_and_a_diverged_rank_fails_loudly(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert msg.startswith("FQ dictionaries diverged across DDP ranks at step 4"), msg
+        assert "rank 0: " in msg and "rank 1: " in msg

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,7 +279,7 @@ def run_sweep(
     force: bool = False,
 ) -> Sweep:
     """Check everything, open the parent run, run the trials under Ray Tune, write and log the report."""
-    from sqgan.io import check_output, mark_output, write_json_atomic
+    from sqgan.io import check_output, mark_output, stage_of, write_json_atomic
     from sqgan.train.ray_train import available_resources, init_ray
 
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
@@ -287,11 +288,13 @@ def run_sweep(
     check_output(out_dir, "sweep", (data_dir,), force)
     if (out_dir / SWEEP_FILE).exists() and not force:
         raise RuntimeError(f"--out {out_dir} holds an earlier sweep; continue it with `sqgan tune --resume {out_dir}`, "
-                           f"or choose another --out")
+                           f"choose another --out, or add --force to replace it (its runs stay in MLflow)")
     use_gpu, storage, tracking_uri = _preflight(base, data_dir, project_dir)
     available = available_resources(base)[0]
     concurrency = sweep_concurrency(params, base, available)
 
+    if force and stage_of(out_dir) == "sweep":  # an earlier sweep's folder: replaced whole, no stale trials left
+        shutil.rmtree(out_dir)
     init_ray(params)
     parent_run_id = open_sweep_run(params, base, data_dir, project_dir)
     name = f"sweep-{parent_run_id[:12]}"
