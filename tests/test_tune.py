@@ -116,6 +116,7 @@ def test_reported_metrics_name_the_interim_evaluation_only_when_it_runs():
     with_interim = reported_metrics(default_params(["train.steps=100", "metrics.eval_every=20"]))
     assert {"interim/kid_randcnn_mean", "kid_randcnn_mean", "fq/layer2/perplexity"} <= with_interim
     assert "interim/kid_randcnn_mean" not in reported_metrics(default_params(["metrics.eval_every=0"]))
+    assert "interim/fid_randcnn" not in reported_metrics(default_params(["train.steps=100", "metrics.eval_every=100"]))
     assert "fq/layer1/utilisation" not in reported_metrics(default_params(["fq.enabled=false"]))
 
 

@@ -1,6 +1,6 @@
 """`sqgan` command line: a thin shell over the stage table (sqgan.stages).
 
-The config, data and train commands read `--params FILE` (default ./params.yaml, which must exist;
+The config, data, train and tune commands read `--params FILE` (default ./params.yaml, which must exist;
 `--no-params-file` for the built-in defaults) and any number of `--set key.path=value`. Bad params exit
 with status 2 naming the key; a failing stage exits with status 1 and a one-line message. No stage writes
 over its input or over a folder it did not write (`--force` to replace one).
@@ -235,7 +235,8 @@ def tune_cmd(
     resume: Annotated[Path | None, typer.Option(help="continue the interrupted sweep in this folder")] = None,
     report: Annotated[str | None, typer.Option(help="re-render the report of this sweep parent run id from MLflow "
                                                     "alone, into --out (default: <tune.out_dir>-report-<id>)")] = None,
-    force: Annotated[bool, typer.Option("--force", help="write into an existing --out that no sweep wrote")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace the earlier sweep in --out (its runs stay in "
+                                                        "MLflow), or write into a folder no sweep wrote")] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     no_params_file: NoParamsOpt = False,
