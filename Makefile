@@ -39,6 +39,7 @@ ui: setup
 bench: setup
 	$(BIN)/python benchmarks/fq_overhead.py
 	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/ray_overhead.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

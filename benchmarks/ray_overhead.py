@@ -184,6 +184,8 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
                            "timeline": _timeline(client, r.info.run_id)})
         bad = [t for t in trials if t["status"] != "FINISHED" or t["timeline"]["loop_start"] is None]
         if bad or len(trials) != spec["trials"]:
+            for f in sorted(Path(info["experiment_path"]).glob("*/error.txt")):
+                print(f"--- {f}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-30:]), flush=True)
             raise RuntimeError(f"sweep: expected {spec['trials']} FINISHED trials, got "
                                f"{[(t['trial_id'], t['status']) for t in trials]}; see the log above")
         for t in trials:
@@ -238,6 +240,8 @@ def _run_child(a: argparse.Namespace, tmp: Path, label: str, kind: str, workers:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TRAIN_V2_ENABLED="1", HF_HUB_OFFLINE="1",
                RAY_TMPDIR=str(tmp / "ray"), OMP_NUM_THREADS=str(a.threads), GIT_OPTIONAL_LOCKS="0",
                PYTHONUNBUFFERED="1")
+    if kind == "tune" and a.worker_start_timeout:
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(a.worker_start_timeout)
     for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         env.pop(k, None)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(d / "spec.json"),
@@ -288,7 +292,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=2, help="trials of the Tune sweep (0: no sweep)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of all rows (order alternates); medians shown")
     ap.add_argument("--data", type=Path, default=None, help="curated dataset (default: data/demo, else built in tmp)")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per child process")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per child process")
+    ap.add_argument("--worker-start-timeout", type=float, default=3600.0,
+                    help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S of the sweep's trials (0: Ray's default, 60 s): the "
+                         "trials start together (see the sweep note), and a trial whose workers wait longer fails")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, runs, MLflow DBs)")
     ap.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
@@ -319,6 +326,7 @@ def main() -> None:
 
     before = {name: (ROOT / name).exists() for name in REPO_OUTPUTS}
     tmp = Path(tempfile.mkdtemp(prefix="rayov-"))  # short: Ray's socket paths live under it
+    done = False
     load_before = _load()
     print(f"temp folder {tmp}; {load_before}")
     try:
@@ -345,9 +353,10 @@ def main() -> None:
                 safe = label.replace(" ", "_").replace("×", "x").replace("+", "_")
                 results[label].append(_run_child(a, tmp, f"r{rep}-{safe}", kind, workers, data))
         load_after = _load()
+        done = True
     finally:
-        if a.keep:
-            print(f"kept {tmp}")
+        if a.keep or not done:
+            print(f"kept {tmp}" + ("" if done else " (a row failed: its log.txt is there)"))
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     created = [name for name, existed in before.items() if not existed and (ROOT / name).exists()]

@@ -96,6 +96,18 @@ def test_search_space_nests_like_params_and_maps_to_ray_distributions():
     assert p.flat()["tune.space"] == p.tune.space  # one MLflow param / one `config show` line per free-form key
 
 
+def test_trials_at_once_are_capped_by_the_cpus_and_enforced_by_every_searcher():
+    from sqgan.train.tune import build_searcher, sweep_concurrency, trial_base
+
+    p = default_params(["tune.max_concurrent_trials=4", "tune.cpus_per_worker=2"])
+    assert sweep_concurrency(p, trial_base(p), {"CPU": 5.0}) == 2  # 2-CPU trials on 5 CPUs
+    assert sweep_concurrency(p, trial_base(p), {"CPU": 1.0}) == 1  # never 0 (check_resources refuses first)
+    assert sweep_concurrency(p, trial_base(p), {"CPU": 64.0}) == 4
+    # Ray ignores TuneConfig.max_concurrent_trials for the basic generator: the limit must be inside it.
+    assert build_searcher(p, "kid", 2).max_concurrent == 2
+    assert build_searcher(default_params(["tune.searcher=random"]), "kid", 3).max_concurrent == 3
+
+
 def test_a_multi_node_ray_refuses_a_local_storage_folder_but_takes_shared_storage(monkeypatch, tmp_path):
     from sqgan.train import ray_train
     from sqgan.train.ray_train import resolve_storage

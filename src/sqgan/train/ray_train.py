@@ -54,7 +54,8 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
 
 
 def init_ray(params: Params) -> None:
-    """Connect to `ray.address` or start a local Ray (auth off, no dashboard) unless one is running."""
+    """Connect to `ray.address` or start a local Ray (auth off; its dashboard on 127.0.0.1, which Train V2's
+    placement-group cleaner queries) unless one is running."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

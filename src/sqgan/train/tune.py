@@ -157,15 +157,17 @@ def ray_space(params: Params) -> dict[str, Any]:
     return space
 
 
-def build_searcher(params: Params, metric: str) -> Any:
+def build_searcher(params: Params, metric: str, concurrency: int) -> Any:
     t = params.tune
-    if t.searcher == "optuna":
+    if t.searcher == "optuna":  # a Searcher: TuneConfig.max_concurrent_trials limits it
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(metric=metric, mode=t.mode, seed=t.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=t.seed)
+    # Ray ignores TuneConfig.max_concurrent_trials for this generator: it takes the limit itself, or every trial
+    # starts at once and those whose workers cannot start in 60 s fail.
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
 
 
 def build_scheduler(params: Params, base: Params, metric: str) -> Any:
@@ -387,8 +389,9 @@ def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> A
         trainable,
         param_space=ray_space(params),
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=concurrency,
-            search_alg=build_searcher(params, t.metric), scheduler=build_scheduler(params, base, t.metric),
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples,
+            max_concurrent_trials=concurrency if t.searcher == "optuna" else None,  # grid/random: in the generator
+            search_alg=build_searcher(params, t.metric, concurrency), scheduler=build_scheduler(params, base, t.metric),
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=spec.storage, failure_config=tune.FailureConfig(max_failures=t.max_failures),
