@@ -108,6 +108,20 @@ def test_trials_at_once_are_capped_by_the_cpus_and_enforced_by_every_searcher():
     assert build_searcher(default_params(["tune.searcher=random"]), "kid", 3).max_concurrent == 3
 
 
+def test_the_optuna_searcher_draws_trials_from_the_search_space():
+    from sqgan.train.tune import build_searcher, ray_space
+
+    p = default_params(["tune.searcher=optuna", "tune.space.fq.alpha={loguniform: [0.1, 10]}"])
+    searcher = build_searcher(p, "kid", 2)
+    assert searcher.set_search_properties("kid", "min", ray_space(p))
+    drawn = [searcher.suggest(f"t{i}") for i in range(6)]
+    for config in drawn:
+        assert config["fq.codebook_size"] in (16, 64) and config["fq.decay"] in (0.8, 0.9)
+        assert 0.1 <= config["fq.alpha"] <= 10
+        p.override(config)  # every draw is valid params
+    assert len({c["fq.alpha"] for c in drawn}) == 6
+
+
 def test_a_multi_node_ray_refuses_a_local_storage_folder_but_takes_shared_storage(monkeypatch, tmp_path):
     from sqgan.train import ray_train
     from sqgan.train.ray_train import resolve_storage
