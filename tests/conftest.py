@@ -38,10 +38,18 @@ def demo_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for every Ray test (each TorchTrainer.fit costs ~25 s and ~2.5 GB here)."""
+    """One local Ray for every Ray test (each TorchTrainer.fit costs ~25 s and ~2.5 GB here). With its dashboard (on a
+    free port, so a second Ray started by a test gets the default one): Ray Train V2's placement-group cleaner asks
+    it whether a controller is alive; without it, the workers' CPUs of a trial that ASHA stopped are never freed and
+    later trials time out waiting for workers."""
+    import socket
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=False)
     yield ray
     ray.shutdown()
 

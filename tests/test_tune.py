@@ -162,6 +162,10 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
 
     params = default_params(sweep_overrides(tmp_path))
     sweep = run_sweep(params, demo_dir, tmp_path / "sweep", project_dir=ROOT)
+    deadline = time.time() + 30  # trials ASHA stopped give their workers' CPUs back (no leaked placement groups)
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert ray_session.available_resources().get("CPU", 0) == 2
     client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
     parent = client.get_run(sweep.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -175,6 +179,8 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
         [("16", "0.7"), ("16", "0.9"), ("32", "0.7"), ("32", "0.9")]
     trial_dirs = sorted(p.name for p in (tmp_path / "sweep" / "trials").iterdir())
     assert sorted(r.data.tags["ray.trial_id"] for r in runs) == trial_dirs
+    statuses = sorted(r.data.tags["sqgan.trial_status"] for r in runs)
+    assert set(statuses) <= {"completed", "stopped by asha"}, [r.data.tags.get("sqgan.trial_error") for r in runs]
     completed = [r for r in runs if r.data.tags["sqgan.trial_status"] == "completed"]
     assert completed, "ASHA keeps at least the best trial to the end"
     for r in runs:
