@@ -451,6 +451,8 @@ def allowed_values(info) -> str:
     if get_origin(ann) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(ann))
     args = [a for a in get_args(ann) if a is not type(None)]
+    if len(args) == 1 and get_origin(args[0]) is Literal:  # Optional[Literal[…]]
+        return "one of " + ", ".join(repr(a) for a in get_args(args[0])) + " or null"
     if get_origin(ann) is list and args and get_origin(args[0]) is Literal:
         return "a list of " + ", ".join(repr(a) for a in get_args(args[0]))
     lo = hi = None
