@@ -33,6 +33,14 @@ def validated(config: dict[str, Any]) -> dict[str, Any]:
     return prepared
 
 
+def container_checkout() -> str:
+    """Where ray_cluster.yaml mounts the repository inside the Ray containers (the one file_mounts target whose
+    source is the checkout); every other config must use the same place."""
+    targets = [dst for dst, src in load_cluster_config()["file_mounts"].items() if src in (".", "./")]
+    assert len(targets) == 1, f"ray_cluster.yaml should mount the checkout once, got {targets}"
+    return targets[0]
+
+
 def load_manifest(name: str) -> dict[str, Any]:
     docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / name).read_text()) if d is not None]
     assert len(docs) == 1, f"k8s/{name} should hold exactly one object"
@@ -95,10 +103,10 @@ def test_setup_commands_install_pinned_torch_then_sqgan_with_constraints() -> No
         assert "-c constraints.txt" in cmd, f"unconstrained install: {cmd}"
     torch_install = next(c for c in installs if pinned("torch") + " " in c + " ")
     assert pinned("torchvision") in torch_install and pinned("torch") == "torch==2.14.1"
-    sqgan_install = next(c for c in installs if "-e /home/ray/sqgan" in c)
+    repo = container_checkout()
+    sqgan_install = next(c for c in installs if f"-e {repo}" in c)
     assert installs.index(torch_install) < installs.index(sqgan_install), "torch must come first, pinned"
-    assert any("cd /home/ray/sqgan" in c and "sqgan data demo --out data/demo" in c for c in setup)
-    assert config["file_mounts"].get("/home/ray/sqgan") in (".", "./")
+    assert any(f"cd {repo}" in c and "sqgan data demo --out data/demo" in c for c in setup)
 
 
 def test_ray_cluster_has_a_gpu_worker_type_and_a_cpu_head() -> None:
@@ -225,6 +233,7 @@ def test_a_k8s_worker_group_requests_a_gpu(name: str, spec: dict[str, Any]) -> N
 
 @pytest.mark.parametrize(("name", "spec"), cluster_specs(), ids=["raycluster.yaml", "rayjob.yaml"])
 def test_k8s_pods_install_sqgan_with_the_pins(name: str, spec: dict[str, Any]) -> None:
+    repo = container_checkout()
     for group, pod in cluster_pod_specs(spec):
         inits = pod.get("initContainers", [])
         assert inits, f"{name} {group}: nothing installs sqgan"
@@ -232,10 +241,10 @@ def test_k8s_pods_install_sqgan_with_the_pins(name: str, spec: dict[str, Any]) -
         installs = pip_installs([script])
         assert installs and all("-c constraints.txt" in c for c in installs), f"{name} {group}"
         assert any(pinned("torch") + " " in c + " " and pinned("torchvision") in c for c in installs), group
-        assert any("-e /home/ray/sqgan" in c for c in installs), f"{name} {group}"
+        assert any(f"-e {repo}" in c for c in installs), f"{name} {group}"
         assert "sqgan data demo --out data/demo" in script, f"{name} {group}"
         mounted = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
-        assert "/home/ray/sqgan" in mounted, f"{name} {group}: the ray container does not see the checkout"
+        assert repo in mounted, f"{name} {group}: the ray container does not see the checkout"
 
 
 def test_rayjob_entrypoint_runs_sqgan_tune_with_storage_and_mlflow_from_the_head_env() -> None:
@@ -247,10 +256,11 @@ def test_rayjob_entrypoint_runs_sqgan_tune_with_storage_and_mlflow_from_the_head
     tokens = list(shlex.shlex(entrypoint, posix=True, punctuation_chars=True))
     assert tokens[:2] == ["bash", "-c"] and len(tokens) == 3, tokens
     script = tokens[2]
-    assert "cd /home/ray/sqgan &&" in script
+    repo = container_checkout()
+    assert f"cd {repo} &&" in script
     tune = script[script.index("sqgan tune"):]
     for arg in ("--set ray.address=auto", "--set ray.storage_path=$SQGAN_STORAGE_PATH",
-                "--set mlflow.tracking_uri=$MLFLOW_TRACKING_URI", "--out /home/ray/sqgan/runs/sweep"):
+                "--set mlflow.tracking_uri=$MLFLOW_TRACKING_URI", f"--out {repo}/runs/sweep"):
         assert arg in tune, arg
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["RAY_TRAIN_V2_ENABLED"] == "1"

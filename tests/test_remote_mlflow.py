@@ -93,7 +93,7 @@ def test_unreachable_tracking_server_fails_in_seconds_before_ray_starts(demo_dir
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=uri.replace(".", r"\.")):
         run_training(params, demo_dir, tmp_path / "run", project_dir=ROOT)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # not a speed target: MLflow's own retries would take minutes
     assert ray.is_initialized() == ray_was_running  # preflight failed before init_ray
     assert not (tmp_path / "run" / "tracking.json").exists()
 
@@ -112,7 +112,7 @@ def test_sqgan_train_with_an_unreachable_tracking_server_exits_1_naming_the_uri(
                                       "--set", f"ray.storage_path={tmp_path / 'ray'}"])
     assert result.exit_code == 1, result.output
     assert uri in result.output and "Traceback" not in result.output
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # not a speed target: MLflow's own retries would take minutes
     assert ray.is_initialized() == ray_was_running
 
 

@@ -58,12 +58,10 @@ def test_a_bad_search_space_exits_2_naming_the_key_before_any_trial_starts(demo_
     for s in [*sweep_overrides(tmp_path, **{"tune.fixed": "{train: {steps: 60}, metrics: {eval_every: 20}}"}),
               *sets]:
         args += ["--set", s]
-    t0 = time.perf_counter()
     r = runner.invoke(app, args)
     assert r.exit_code == 2, r.output
     assert words in r.output, r.output
-    assert time.perf_counter() - t0 < 10
-    assert not (tmp_path / "sweep").exists() and not (tmp_path / "ray").exists()
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "ray").exists()  # nothing started
 
 
 def test_params_override_applies_dotted_values_and_names_a_bad_key():

@@ -80,11 +80,16 @@ class InceptionFeatures(nn.Module):
         return self.net(x).reshape(x.shape[0], -1)
 
 
+def feature_net_name(inception_weights: str | None) -> str:
+    """The short name of the feature network, which goes into every metric name (fid_<name>, kid_<name>_mean)."""
+    return "inception" if inception_weights else "randcnn"
+
+
 def build_feature_net(inception_weights: str | None, randcnn_seed: int = 0) -> tuple[nn.Module, str]:
-    """The feature network and its short name, which goes into every metric name."""
+    """The feature network and its short name."""
     if inception_weights:
-        return InceptionFeatures(inception_weights), "inception"
-    return RandomCNNFeatures(seed=randcnn_seed), "randcnn"
+        return InceptionFeatures(inception_weights), feature_net_name(inception_weights)
+    return RandomCNNFeatures(seed=randcnn_seed), feature_net_name(inception_weights)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

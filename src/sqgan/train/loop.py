@@ -454,7 +454,9 @@ def reported_metrics(params: Params) -> set[str]:
     if params.fq.enabled:
         for i in params.fq.layers:
             names |= {f"fq/layer{i}/utilisation", f"fq/layer{i}/perplexity"}
-    net = "inception" if params.metrics.inception_weights else "randcnn"  # as metrics.fid.build_feature_net names it
+    from sqgan.metrics.fid import feature_net_name
+
+    net = feature_net_name(params.metrics.inception_weights)
     quality = {f"fid_{net}", f"kid_{net}_mean", f"kid_{net}_std"}
     names |= quality
     if params.metrics.eval_every and params.metrics.eval_every < params.train.steps:

@@ -328,7 +328,6 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
     from sqgan.data.manifest import read_manifest
     from sqgan.io import check_output, free_sibling
-    from sqgan.tracking import check_tracking, resolve_tracking_uri
 
     read_manifest(data_dir)
     check_output(out_dir, "train", (data_dir,), force)
@@ -341,7 +340,17 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
         from sqgan.train.loop import check_resume, load_checkpoint
 
         check_resume(load_checkpoint(resume), params, resume)
-    storage = resolve_storage(params, project_dir)
-    check_tracking(resolve_tracking_uri(params, project_dir))
-    use_gpu = check_resources(params, *available_resources(params))
+    use_gpu, storage, _ = check_environment(params, project_dir)
     return use_gpu, storage
+
+
+def check_environment(params: Params, project_dir: str | Path) -> tuple[bool, str, str]:
+    """What a training needs around it, for `sqgan train` and each sweep alike: the storage, the tracking server
+    and the CPUs/GPUs. Returns (use_gpu, storage path, tracking URI)."""
+    from sqgan.tracking import check_tracking, resolve_tracking_uri
+
+    storage = resolve_storage(params, project_dir)
+    tracking_uri = resolve_tracking_uri(params, project_dir)
+    check_tracking(tracking_uri)
+    use_gpu = check_resources(params, *available_resources(params))
+    return use_gpu, storage, tracking_uri

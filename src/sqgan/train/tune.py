@@ -15,7 +15,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,17 @@ def probe_values(name: str, args: list[Any]) -> list[Any]:
 
 def metric_key(params: Params, metric: str) -> str:
     """The logged name behind `tune.metric` in a run's final metrics: kid → kid_<net>_mean, fid → fid_<net>."""
-    net = "inception" if params.metrics.inception_weights else "randcnn"
+    from sqgan.metrics.fid import feature_net_name
+
+    net = feature_net_name(params.metrics.inception_weights)
     return {"kid": f"kid_{net}_mean", "fid": f"fid_{net}"}.get(metric, metric)
+
+
+def asha_grace(params: Params, base: Params) -> int:
+    """ASHA's grace period: tune.grace_period, else the trials' first interim evaluation (or first log step for a
+    metric that is not evaluated)."""
+    evaluated = metric_key(base, params.tune.metric).startswith(("fid_", "kid_"))
+    return params.tune.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
 
 
 def check_sweep(params: Params) -> Params:
@@ -120,7 +129,7 @@ def check_sweep(params: Params) -> Params:
             raise ConfigError(f"tune.scheduler=asha prunes on {t.metric}, but the trials evaluate it only at the end "
                               f"(metrics.eval_every={base.metrics.eval_every}, train.steps={base.train.steps}); set "
                               f"--set tune.fixed.metrics.eval_every=N with N < train.steps, or tune.scheduler=fifo")
-        grace = t.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
+        grace = asha_grace(params, base)
         if grace >= base.train.steps:
             raise ConfigError(f"tune.grace_period={grace} is not below the trials' train.steps={base.train.steps}, so "
                               f"ASHA could never stop a trial; lower it or use tune.scheduler=fifo")
@@ -170,7 +179,7 @@ def build_searcher(params: Params, metric: str, concurrency: int) -> Any:
     return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
 
 
-def build_scheduler(params: Params, base: Params, metric: str) -> Any:
+def build_scheduler(params: Params, base: Params) -> Any:
     t = params.tune
     if t.scheduler == "fifo":
         from ray.tune.schedulers import FIFOScheduler
@@ -178,8 +187,7 @@ def build_scheduler(params: Params, base: Params, metric: str) -> Any:
         return FIFOScheduler()
     from ray.tune.schedulers import ASHAScheduler
 
-    evaluated = metric_key(base, metric).startswith(("fid_", "kid_"))
-    grace = t.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
+    grace = asha_grace(params, base)
     # stop_last_trials=False: a trial that reaches train.steps ends by itself (its run marked completed), not killed
     return ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=grace,
                          reduction_factor=t.reduction_factor, stop_last_trials=False)
@@ -303,14 +311,12 @@ def run_sweep(
     out_dir.mkdir(parents=True, exist_ok=True)
     mark_output(out_dir, "sweep")
     (out_dir / "params.yaml").write_text(_dump_params(params))
-    write_json_atomic(out_dir / SWEEP_FILE, {
-        "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "storage": storage, "name": name,
-        "experiment_path": _join(storage, name), "data_dir": str(data_dir), "project_dir": str(project_dir),
-        "use_gpu": use_gpu, "max_concurrent_trials": concurrency,
-    })
     spec = SweepSpec(base=base.model_dump(mode="json"), data_dir=str(data_dir), sweep_dir=str(out_dir),
                      project_dir=str(project_dir), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                      storage=storage, name=name, use_gpu=use_gpu, metric=params.tune.metric)
+    spec_fields = {k: v for k, v in asdict(spec).items() if k != "base"}  # base: params.yaml beside it
+    write_json_atomic(out_dir / SWEEP_FILE, {**spec_fields, "experiment_path": _join(storage, name),
+                                             "max_concurrent_trials": concurrency})
     tuner = _tuner(params, base, spec, concurrency)
     return _fit_and_report(tuner, params, spec, out_dir)
 
@@ -354,44 +360,42 @@ def resume_sweep(sweep_dir: str | Path) -> Sweep:
                            f"died before the first trial started?); start it again with `sqgan tune --out NEW_DIR`")
     init_ray(params)
     _client(info["tracking_uri"]).update_run(info["parent_run_id"], status="RUNNING")
-    spec = SweepSpec(base=base.model_dump(mode="json"), data_dir=info["data_dir"], sweep_dir=str(sweep_dir),
-                     project_dir=info["project_dir"], tracking_uri=info["tracking_uri"],
-                     parent_run_id=info["parent_run_id"], storage=info["storage"], name=info["name"],
-                     use_gpu=info["use_gpu"], metric=params.tune.metric)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
-    tuner = tune.Tuner.restore(info["experiment_path"], trainable=trainable, resume_unfinished=True,
+    spec = SweepSpec(base=base.model_dump(mode="json"),
+                     **{f.name: info[f.name] for f in fields(SweepSpec) if f.name != "base"})
+    tuner = tune.Tuner.restore(info["experiment_path"], trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=True)
     return _fit_and_report(tuner, params, spec, sweep_dir)
 
 
 def _preflight(base: Params, data_dir: Path, project_dir: Path) -> tuple[bool, str, str]:
-    """A trial's checks (dataset, resources, storage, tracking server) before Ray starts: (use_gpu, storage, uri)."""
+    """A trial's checks before Ray starts, as `sqgan train`'s: the dataset, then storage, tracking server and
+    resources. Returns (use_gpu, storage, tracking URI)."""
     from sqgan.data.manifest import read_manifest
-    from sqgan.tracking import check_tracking, resolve_tracking_uri
-    from sqgan.train.ray_train import available_resources, check_resources, resolve_storage
+    from sqgan.train.ray_train import check_environment
 
     read_manifest(data_dir)
-    storage = resolve_storage(base, project_dir)
-    tracking_uri = resolve_tracking_uri(base, project_dir)
-    check_tracking(tracking_uri)
-    use_gpu = check_resources(base, *available_resources(base))
-    return use_gpu, storage, tracking_uri
+    return check_environment(base, project_dir)
+
+
+def _trainable(spec: SweepSpec) -> Any:
+    """The trial function as Tune runs it, for a new sweep and a restored one alike."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Ray's sweep state at most ~1 s behind (default ≥ 10)
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
 
 
 def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> Any:
     from ray import tune
 
     t = params.tune
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Ray's sweep state at most ~1 s behind (default ≥ 10)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
     return tune.Tuner(
-        trainable,
+        _trainable(spec),
         param_space=ray_space(params),
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples,
             max_concurrent_trials=concurrency if t.searcher == "optuna" else None,  # grid/random: in the generator
-            search_alg=build_searcher(params, t.metric, concurrency), scheduler=build_scheduler(params, base, t.metric),
+            search_alg=build_searcher(params, t.metric, concurrency), scheduler=build_scheduler(params, base),
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=spec.storage, failure_config=tune.FailureConfig(max_failures=t.max_failures),
