@@ -37,7 +37,8 @@ ui: setup
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench: setup
-	$(BIN)/python benchmarks/fq_overhead.py
+	$(BIN)/python benchmarks/quant_overhead.py
+	$(BIN)/python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --batch 16 --only plain --only fq+sq --set model.channel_base=4096 --set model.channel_max=128
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/ray_overhead.py
 

@@ -49,7 +49,7 @@ def test_override_parses_yaml_values_and_wins_over_file(tmp_path):
     [
         ("fq.codebook_size=12", ["fq.codebook_size", "power of two", "12"]),
         ("fq.layers=[3]", ["fq.layers", "0..2", "[3]"]),
-        ("model.resolution=48", ["model.resolution", "32, 64", "48"]),
+        ("model.resolution=48", ["model.resolution", "power of two", "48"]),
         ("fq.decay", ["key.path=value"]),
         ("fq.decay.x=1", ["'fq.decay' is a value"]),
     ],

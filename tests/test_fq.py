@@ -118,12 +118,13 @@ def test_batch_init_starts_dictionary_on_the_features():
 
 
 def test_feed_mode_passes_quantized_features_and_regularize_passes_h():
-    from sqgan.models.dcgan import Discriminator
+    from sqgan.models.base import Discriminator
+    from sqgan.models.dcgan import DCGANTrunk
 
     x = torch.randn(4, 3, 32, 32)
     for mode, changes in (("feed", True), ("regularize", False)):
         torch.manual_seed(5)
-        d = Discriminator(32, 8, fq_layers=[1], codebook_size=4, mode=mode, init="random").eval()
+        d = Discriminator(DCGANTrunk(32, 8), fq_layers=[1], codebook_size=4, mode=mode, init="random").eval()
         before, before_h = d(x).logits, d(x, feed=False).logits
         with torch.no_grad():
             d.quantizers["1"].codebook.mul_(3.0)
@@ -219,5 +220,18 @@ def test_ddp_ranks_keep_one_dictionary_and_a_diverged_rank_fails_loudly(tmp_path
     mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         msg = (tmp_path / f"rank{rank}.txt").read_text()
-        assert msg.startswith("FQ dictionaries diverged across DDP ranks at step 4"), msg
+        assert msg.startswith("FQ dictionaries / SQ codebook diverged across DDP ranks at step 4"), msg
         assert "rank 0: " in msg and "rank 1: " in msg
+
+
+def test_forward_without_update_leaves_the_dictionary_and_still_counts():
+    torch.manual_seed(6)
+    q = FeatureQuantizer(3, 4, decay=0.5, init="random")
+    h = torch.randn(2, 3, 4, 4)
+    q(h)  # initialise + one update
+    before = [b.clone() for b in (q.codebook, q.ema_count, q.ema_sum)]
+    out = q(h * 2.0, update=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q.codebook, q.ema_count, q.ema_sum), strict=True))
+    assert out.counts.sum().item() == 2 * 4 * 4
+    q(h * 2.0)  # with update it moves
+    assert not torch.equal(before[0], q.codebook)

@@ -17,7 +17,8 @@ from sqgan.stages import STAGES
 
 SRC = ROOT / "src"
 DVC_TO_STAGE = {"demo_data": "demo"}  # DVC stage name → table name where they differ
-ENTRY = {"train": ("sqgan.train.ray_train",), "sweep": ("sqgan.train.tune",)}  # stages outside the data table
+ENTRY = {"train": ("sqgan.train.ray_train",), "sweep": ("sqgan.train.tune",),  # stages outside the data table
+         "prior": ("sqgan.train.prior",)}
 
 
 def _module_file(name: str) -> Path | None:

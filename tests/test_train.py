@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_overrides
 
@@ -30,8 +31,14 @@ def test_twenty_steps_have_finite_losses_and_log_fq_usage(demo_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000010.pt", "step_000020.pt"]
 
 
-def test_resume_at_step_10_is_bit_identical_to_uninterrupted_run(demo_dir, tmp_path):
-    p = _params()
+STYLEGAN2_ADA = {"model.arch": "stylegan2", "model.channel_base": 256, "model.channel_max": 16,
+                 "model.mapping_layers": 2, "ada.enabled": "true", "ada.p_init": 0.3, "ada.interval": 2,
+                 "train.r1_every": 4, "train.pl_weight": 2.0, "train.pl_every": 3, "sq.qcr_every": 2}
+
+
+@pytest.mark.parametrize("extra", [{}, STYLEGAN2_ADA], ids=["dcgan-fq-sq", "stylegan2-fq-sq-ada-r1-pl"])
+def test_resume_at_step_10_is_bit_identical_to_uninterrupted_run(demo_dir, tmp_path, extra):
+    p = _params(**extra)
     full = train(p, demo_dir, tmp_path / "full")
     resumed = train(p, demo_dir, tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / "step_000010.pt")
     a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
@@ -41,23 +48,26 @@ def test_resume_at_step_10_is_bit_identical_to_uninterrupted_run(demo_dir, tmp_p
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
     assert torch.equal(a["D"]["quantizers.1.ema_count"], b["D"]["quantizers.1.ema_count"])
     assert a["opt_d"]["state"][0]["exp_avg"].equal(b["opt_d"]["state"][0]["exp_avg"])
-    # and it did train: step 10 and step 20 differ
+    assert a["ada"] == b["ada"] and torch.equal(a["pl_mean"], b["pl_mean"])
+    # and it did train: step 10 and step 20 differ, the SQ codebook too (and ADA's p moved)
     mid = load_checkpoint(tmp_path / "full" / "checkpoints" / "step_000010.pt")
-    assert not torch.equal(mid["G"]["fc.weight"], a["G"]["fc.weight"])
+    assert not torch.equal(mid["G"]["quantizer.codebook"], a["G"]["quantizer.codebook"])
+    if extra:
+        assert not torch.equal(mid["pl_mean"], a["pl_mean"])
+        assert mid["ada"] != a["ada"]
 
 
 def test_checkpoint_holds_everything_for_resume_and_loads_weights_only(demo_dir, tmp_path):
     train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "r")
     path = tmp_path / "r" / "checkpoints" / "step_000010.pt"
     state = torch.load(path, weights_only=True)
-    assert {"G", "D", "G_ema", "opt_g", "opt_d", "step", "rng", "params"} <= set(state)
+    assert {"G", "D", "G_ema", "opt_g", "opt_d", "step", "rng", "params", "ada", "pl_mean"} <= set(state)
     assert {"quantizers.1.codebook", "quantizers.1.ema_count", "quantizers.1.ema_sum"} <= set(state["D"])
+    assert state["G"]["quantizer.codebook"].shape == (16, 4)
     assert state["params"]["fq"]["codebook_size"] == 16
 
 
 def test_resume_refuses_a_different_architecture(demo_dir, tmp_path):
-    import pytest
-
     train(_params(**{"train.steps": 10}), demo_dir, tmp_path / "r")
     with pytest.raises(ValueError, match="fq.codebook_size: 16 → 32"):
         train(_params(**{"fq.codebook_size": 32}), demo_dir, tmp_path / "r2",
@@ -86,12 +96,12 @@ def test_alpha_warms_up_linearly():
 
 
 def test_nonsaturating_loss_without_fq_or_augment_trains(demo_dir, tmp_path, monkeypatch):
-    import sqgan.train.loop as loop
+    import sqgan.losses.gan as gan
 
     kinds = []
-    real_d, real_g = loop.adversarial_d_loss, loop.adversarial_g_loss
-    monkeypatch.setattr(loop, "adversarial_d_loss", lambda r, f, kind: kinds.append(("d", kind)) or real_d(r, f, kind))
-    monkeypatch.setattr(loop, "adversarial_g_loss", lambda f, kind: kinds.append(("g", kind)) or real_g(f, kind))
+    real_d, real_g = gan.d_loss, gan.g_loss
+    monkeypatch.setattr(gan, "d_loss", lambda r, f, kind: kinds.append(("d", kind)) or real_d(r, f, kind))
+    monkeypatch.setattr(gan, "g_loss", lambda f, kind: kinds.append(("g", kind)) or real_g(f, kind))
     p = _params(**{"train.loss": "nonsaturating", "fq.enabled": "false", "train.diffaugment": "[]",
                    "train.steps": 6, "train.log_every": 3})
     result = train(p, demo_dir, tmp_path / "ns")
@@ -144,3 +154,22 @@ def test_resume_at_exactly_train_steps_runs_no_step_and_finishes(demo_dir, tmp_p
     assert result.step == 10 and logged == [10]  # only the final evaluation, at step 10
     assert "fid_randcnn" in result.metrics
     assert "loss/d" in result.metrics and "fq/layer1/utilisation" in result.metrics  # the last window's, kept
+
+
+def test_train_loss_auto_is_the_backbones_own():
+    from sqgan.models.factory import adversarial_loss, r1_gamma
+
+    assert adversarial_loss(_params()) == "hinge"
+    assert adversarial_loss(_params(**{"model.arch": "sngan"})) == "hinge"
+    sg2 = _params(**{"model.arch": "stylegan2", "model.resolution": 64})
+    assert adversarial_loss(sg2) == "nonsaturating"
+    assert r1_gamma(sg2) == pytest.approx(0.0002 * 64**2 / 16)  # stylegan2-ada's auto γ at batch 16
+    assert r1_gamma(_params()) == 0.0
+    assert adversarial_loss(_params(**{"model.arch": "stylegan2", "train.loss": "hinge"})) == "hinge"
+
+
+def test_a_format_1_checkpoint_is_refused_with_what_to_do(tmp_path):
+    old = tmp_path / "step_000010.pt"
+    torch.save({"format": 1, "step": 10}, old)
+    with pytest.raises(ValueError, match="format 1, from before the model factory.*start a new run"):
+        load_checkpoint(old)

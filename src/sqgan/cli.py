@@ -228,6 +228,27 @@ def train_cmd(
     summary(out_dir)
 
 
+@app.command("prior")
+def prior_cmd(
+    data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
+    out: Annotated[Path | None, typer.Option(help="prior file to write (default: prior.out)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """Pre-train SQ's codebook on CLIP features of the training images (L_sq + L_uf + Sinkhorn OT); point
+    sq.prior at the file it writes. Needs CLIP weights: prior.clip_pretrained (a local file, or a tag with the hub)."""
+    from sqgan.train.prior import run_prior
+
+    p = resolve(params, set_, no_params_file)
+    data_dir = data or Path(p.data.root) / p.data.dataset
+    with stage_errors():
+        meta = run_prior(p, data_dir, out)
+    where = out or Path(p.prior.out)
+    typer.echo(f"codebook prior → {where}: L_OT {meta['l_ot_first']:.4f} → {meta['l_ot_final']:.4f} over "
+               f"{meta['steps']} steps on {meta['images']} images; train from it with --set sq.prior={where}")
+
+
 @app.command("tune")
 def tune_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,

@@ -8,7 +8,6 @@ what is allowed (with the closest key for a typo). The CLI turns it into exit st
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -95,17 +94,41 @@ class DataParams(Section):
 
 
 # ---------------------------------------------------------------------------------------- model
+ARCH_RESOLUTIONS = {"dcgan": (32, 64), "sngan": (32, 64), "stylegan2": (32, 64, 128, 256, 512, 1024)}
+
+
 class ModelParams(Section):
-    arch: Literal["dcgan"] = Field("dcgan", description="generator/discriminator family")
-    resolution: Literal[32, 64] = Field(32, description="image side in px; images are resized to it")
+    arch: Literal["dcgan", "sngan", "stylegan2"] = Field(
+        "dcgan", description="backbone: dcgan (32/64px), sngan (ResNet + spectral norm, 32/64px), stylegan2 (32-1024px)"
+    )
+    resolution: int = Field(32, ge=32, le=1024, description="image side in px (a power of two the arch supports); "
+                                                           "images are resized to it")
     z_dim: int = Field(128, ge=1, le=4096, description="latent z dimension")
-    g_channels: int = Field(64, ge=4, le=1024, description="generator width (channels of its last block)")
-    d_channels: int = Field(64, ge=4, le=1024, description="discriminator width (channels of its first block)")
+    w_dim: int = Field(128, ge=1, le=4096, description="style w dimension: the mapping network's output (StyleGAN2; "
+                                                        "DCGAN/SNGAN when SQ is on)")
+    mapping_layers: int | None = Field(None, ge=1, le=16, description="mapping network depth; unset = 8 for "
+                                                                      "stylegan2, 2 for the MLP DCGAN/SNGAN get")
+    g_channels: int = Field(64, ge=4, le=1024, description="DCGAN/SNGAN generator width (channels of its last block)")
+    d_channels: int = Field(64, ge=4, le=1024, description="DCGAN/SNGAN discriminator width (its first block)")
+    channel_base: int = Field(16384, ge=16, le=1 << 20, description="StyleGAN2: channels at resolution r = "
+                                                                    "min(channel_base / r, channel_max)")
+    channel_max: int = Field(512, ge=4, le=4096, description="StyleGAN2: most channels of any layer")
+    style_mixing: float = Field(0.9, ge=0.0, le=1.0, description="StyleGAN2: share of G-step batches whose styles "
+                                                                  "switch to a second z at a random layer")
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two between 32 and 1024, got {v}")
+        return v
 
     @property
     def d_blocks(self) -> int:
-        """Number of stride-2 blocks in the DCGAN discriminator (resolution → 4)."""
-        return int(math.log2(self.resolution)) - 2
+        """Number of blocks of the discriminator trunk (what fq.layers may name)."""
+        from sqgan.models.factory import d_blocks
+
+        return d_blocks(self.arch, self.resolution)
 
 
 # ------------------------------------------------------------------------------------------- fq
@@ -127,6 +150,9 @@ class FQParams(Section):
     layers: list[int] = Field(
         default_factory=lambda: [1, 2], min_length=1, description="D blocks (0-based) whose output is quantized"
     )
+    update_in_g_step: bool = Field(
+        True, description="D's dictionaries also take an EMA step on the fakes of the G step (FQ-GAN's official code "
+                          "does); false = they learn from the D step's reals and fakes only")
 
     @field_validator("codebook_size")
     @classmethod
@@ -141,6 +167,49 @@ class FQParams(Section):
         if len(set(v)) != len(v) or any(i < 0 for i in v):
             raise ValueError(f"must be distinct non-negative block indices, got {v}")
         return sorted(v)
+
+
+# ------------------------------------------------------------------------------------------- sq
+class SQParams(Section):
+    enabled: bool = Field(True, description="quantize G's styles w against a codebook on the sphere (SQ-GAN)")
+    code_dim: int = Field(4, ge=1, le=4096, description="dimension of each sub-vector and code; must divide w "
+                                                         "(s = w_dim / code_dim sub-vectors; the paper found 4 best)")
+    codebook_size: int = Field(256, ge=2, le=65536, description="K codes of the shared codebook (sweep axis)")
+    commitment: float = Field(0.25, ge=0.0, le=100.0, description="β of the commitment term of L_sq")
+    lambda_sq: float = Field(0.01, ge=0.0, le=1000.0, description="λ_sq: G minimises L_adv + λ_sq(L_sq + L_uf)")
+    lambda_qcr: float = Field(0.01, ge=0.0, le=1000.0, description="λ_qcr: D minimises L_adv + λ_qcr·L_qcr (0 = off)")
+    uniformity_t: float = Field(2.0, gt=0.0, le=100.0, description="t of L_uf = log E exp(−t‖c̄_i − c̄_j‖²)")
+    qcr_sigma: float = Field(0.1, ge=0.0, le=10.0, description="σ of the QCR noise: w' = f_W(z + ε), ε ~ N(0, σ²)")
+    qcr_every: int = Field(1, ge=1, le=1000, description="steps between QCR terms (lazy, weight × qcr_every, as "
+                                                          "StyleGAN2's lazy R1); 1 = every step as the paper")
+    prior: str | None = Field(None, description="codebook prior file from `sqgan prior` to start the codebook from; "
+                                                "unset = random codes on the sphere")
+
+
+# ---------------------------------------------------------------------------------------- prior
+class PriorParams(Section):
+    clip_model: str = Field("ViT-B-32", min_length=1, description="open_clip architecture of the CLIP prior")
+    clip_pretrained: str | None = Field(
+        None, description="CLIP weights: a local file or an open_clip tag (e.g. laion2b_s34b_b79k, needs the hub); "
+                          "`sqgan prior` fails fast when unset or unreachable")
+    steps: int = Field(500, ge=1, description="pre-training steps of the codebook and the MLP (L_sq + L_uf + L_OT)")
+    batch_size: int = Field(64, ge=2, description="mapped w's (and image features) per step")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the codebook and the MLP")
+    epsilon: float = Field(0.05, gt=0.0, le=10.0, description="ε of the entropic OT (Sinkhorn) distance")
+    sinkhorn_iters: int = Field(50, ge=1, le=10000, description="Sinkhorn iterations (log domain)")
+    lambda_ot: float = Field(1.0, ge=0.0, le=1000.0, description="weight of L_OT beside L_sq + L_uf")
+    out: str = Field("runs/prior/prior.pt", min_length=1, description="where `sqgan prior` writes the prior "
+                                                                      "(point sq.prior at it)")
+
+
+# ------------------------------------------------------------------------------------------ ada
+class AdaParams(Section):
+    enabled: bool = Field(False, description="adaptive discriminator augmentation (Karras et al. 2020) before D, "
+                                             "beside train.diffaugment")
+    target: float = Field(0.6, gt=0.0, lt=1.0, description="r_t target: p rises while E[sign D(real)] is above it")
+    interval: int = Field(4, ge=1, le=10000, description="steps between adjustments of p")
+    speed_kimg: float = Field(500.0, gt=0.0, description="thousands of images over which p can move from 0 to 1")
+    p_init: float = Field(0.0, ge=0.0, le=1.0, description="starting augmentation probability p")
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -161,7 +230,15 @@ class TrainParams(Section):
     lr_d: float = Field(4e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
-    loss: Literal["hinge", "nonsaturating"] = Field("hinge", description="adversarial loss")
+    loss: Literal["auto", "hinge", "nonsaturating"] = Field(
+        "auto", description="adversarial loss; auto = the backbone's (stylegan2: nonsaturating; dcgan, sngan: hinge)")
+    r1_gamma: float | None = Field(None, ge=0.0, le=1e4, description="R1 weight γ (lazy, every r1_every steps); "
+                                                                     "unset = 0.0002·R²/batch for stylegan2, 0 else")
+    r1_every: int = Field(16, ge=1, le=10000, description="steps between R1 terms (lazy regularisation)")
+    pl_weight: float = Field(0.0, ge=0.0, le=1e4, description="StyleGAN2 path-length regularisation weight "
+                                                              "(2 in the paper; 0 = off)")
+    pl_every: int = Field(4, ge=1, le=10000, description="steps between path-length terms (lazy)")
+    amp: bool = Field(False, description="bf16 autocast of G and D on GPU (ignored on CPU)")
     g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="G_ema decay (ramped: min(decay, (1+t)/(10+t)))")
     diffaugment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=lambda: ["color", "translation", "cutout"],
@@ -195,6 +272,9 @@ class MetricsParams(Section):
         250, ge=0, description="steps between interim FID/KID (logged as interim/…, reported to Ray); 0 = final only"
     )
     eval_num_fake: int = Field(200, ge=2, description="generated images of each interim evaluation (final: num_fake)")
+    diversity_every: int = Field(
+        100, ge=0, description="steps between d/feature_similarity (mean pairwise cosine of D's penultimate features "
+                               "over a fixed real batch); 0 = off")
 
 
 # --------------------------------------------------------------------------------------- mlflow
@@ -282,7 +362,8 @@ def _number(a: Any) -> Any:
 class TuneParams(Section):
     space: dict[str, Any] = Field(
         default_factory=lambda: {"fq": {"codebook_size": {"grid": [16, 64]}, "decay": {"grid": [0.8, 0.9]},
-                                        "alpha": {"grid": [1.0]}}},
+                                        "alpha": {"grid": [1.0]}},
+                                 "sq": {"codebook_size": {"grid": [64, 256]}}},
         description="search space, nested like params: key → {grid|choice: [values]}, {uniform|loguniform: "
                     "[low, high]}, {randint: [low, high]} or {qrandint: [low, high, q]}; null drops an axis",
     )
@@ -336,6 +417,9 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams, description="datasets")
     model: ModelParams = Field(default_factory=ModelParams, description="G and D")
     fq: FQParams = Field(default_factory=FQParams, description="feature quantization in D")
+    sq: SQParams = Field(default_factory=SQParams, description="style quantization in G")
+    prior: PriorParams = Field(default_factory=PriorParams, description="CLIP codebook prior (`sqgan prior`)")
+    ada: AdaParams = Field(default_factory=AdaParams, description="adaptive discriminator augmentation")
     train: TrainParams = Field(default_factory=TrainParams, description="training loop")
     metrics: MetricsParams = Field(default_factory=MetricsParams, description="FID/KID")
     mlflow: MlflowParams = Field(default_factory=MlflowParams, description="tracking")
@@ -343,14 +427,24 @@ class Params(Section):
     tune: TuneParams = Field(default_factory=TuneParams, description="Ray Tune sweeps (`sqgan tune`)")
 
     @model_validator(mode="after")
-    def _fq_layers_exist(self) -> Params:
-        n = self.model.d_blocks
+    def _fits_the_arch(self) -> Params:
+        m = self.model
+        allowed = ARCH_RESOLUTIONS[m.arch]
+        if m.resolution not in allowed:
+            raise ValueError(f"model.resolution: {m.arch} supports {', '.join(map(str, allowed))} px, got "
+                             f"{m.resolution}; pick one of those or another model.arch")
+        n = m.d_blocks
         bad = [i for i in self.fq.layers if i >= n]
         if bad:
             raise ValueError(
-                f"fq.layers: the {self.model.resolution}px DCGAN discriminator has blocks 0..{n - 1}, "
+                f"fq.layers: the {m.resolution}px {m.arch} discriminator has blocks 0..{n - 1}, "
                 f"got {bad}; pick indices below {n}"
             )
+        w = m.w_dim if (m.arch == "stylegan2" or self.sq.enabled) else m.z_dim
+        if self.sq.enabled and w % self.sq.code_dim:
+            which = "model.w_dim" if w == m.w_dim else "model.z_dim"
+            raise ValueError(f"sq.code_dim: {self.sq.code_dim} does not divide {which}={w}; pick a divisor "
+                             f"(e.g. 4) so w splits into whole sub-vectors")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -608,7 +702,8 @@ def describe(params: Params) -> str:
                 lines.append(f"{pad}{name}:  # {info.description}")
                 walk(value, indent + 1)
             else:
-                dumped = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                dumped = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+                dumped = dumped.strip().removesuffix("...").strip()
                 allowed = allowed_values(info)
                 lines.append(f"{pad}{name}: {dumped}  # {info.description} [{allowed}]")
 

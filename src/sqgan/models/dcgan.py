@@ -1,19 +1,16 @@
-"""DCGAN generator and discriminator (Radford et al., 2016) at 32² or 64², with FQ in D.
+"""DCGAN synthesis network and discriminator trunk (Radford et al., 2016) at 32² or 64² (contract: models/base.py).
 
-G: z → 4×4 → (ConvTranspose 4/2/1, BN, ReLU)* → conv → tanh.
-D: (Conv 4/2/1, LeakyReLU 0.2)* down to 4×4 → linear. A `FeatureQuantizer` may follow any block
-(FQ-GAN quantizes several of D's layers); block i has `d_channels · 2^i` channels.
+G: latent → 4×4 → (ConvTranspose 4/2/1, BN, ReLU)* → conv → tanh.
+D: (Conv 4/2/1, LeakyReLU 0.2)* down to 4×4 → linear; block i has `d_channels · 2^i` channels. The factory wraps
+the trunk in `models.base.Discriminator` (FQ after any block) and then applies `dcgan_init_` to the whole of it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
-from sqgan.quant.fq import FeatureQuantizer, QuantizerOutput
 
 
 def _blocks_for(resolution: int) -> int:
@@ -34,13 +31,17 @@ def dcgan_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class Generator(nn.Module):
-    def __init__(self, z_dim: int = 128, resolution: int = 32, channels: int = 64) -> None:
+class DCGANSynthesis(nn.Module):
+    """The DCGAN generator as a synthesis network: one style (num_ws = 1), the latent itself."""
+
+    num_ws = 1
+
+    def __init__(self, latent_dim: int = 128, resolution: int = 32, channels: int = 64) -> None:
         super().__init__()
         n = _blocks_for(resolution)
-        self.z_dim, self.resolution = z_dim, resolution
+        self.latent_dim, self.resolution = latent_dim, resolution
         top = channels * 2 ** (n - 1)
-        self.fc = nn.Linear(z_dim, top * 4 * 4)
+        self.fc = nn.Linear(latent_dim, top * 4 * 4)
         self.bn0 = nn.BatchNorm2d(top)
         layers: list[nn.Module] = []
         ch = top
@@ -52,37 +53,23 @@ class Generator(nn.Module):
         self.to_rgb = nn.Conv2d(ch, 3, 3, 1, 1)
         dcgan_init_(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, ws: torch.Tensor, generator: torch.Generator | None = None,
+                noise_mode: str = "random") -> torch.Tensor:
+        z = ws[:, 0]
         x = self.fc(z).view(z.shape[0], -1, 4, 4)
         x = torch.relu(self.bn0(x))
         return torch.tanh(self.to_rgb(self.blocks(x)))
 
 
-@dataclass
-class DiscriminatorOutput:
-    logits: torch.Tensor  # [B]
-    fq_loss: torch.Tensor  # Σ over quantized layers of the commitment loss (0 when FQ is off)
-    fq: dict[int, QuantizerOutput] = field(default_factory=dict)  # per quantized block
+class DCGANTrunk(nn.Module):
+    """Strided convolutions down to 4×4; the head is one linear layer on the flattened 4×4 map (the features)."""
 
-
-class Discriminator(nn.Module):
-    def __init__(
-        self,
-        resolution: int = 32,
-        channels: int = 64,
-        fq_layers: list[int] | None = None,
-        codebook_size: int = 64,
-        decay: float = 0.9,
-        commitment: float = 0.25,
-        eps: float = 1e-5,
-        mode: str = "feed",
-        init: str = "batch",
-    ) -> None:
+    def __init__(self, resolution: int = 32, channels: int = 64) -> None:
         super().__init__()
         n = _blocks_for(resolution)
         self.resolution = resolution
         self.blocks = nn.ModuleList()
-        self.widths = []
+        self.widths: list[int] = []
         ch_in = 3
         for i in range(n):
             out = channels * 2**i
@@ -90,29 +77,7 @@ class Discriminator(nn.Module):
             self.widths.append(out)
             ch_in = out
         self.fc = nn.Linear(ch_in * 4 * 4, 1)
-        fq_layers = list(fq_layers or [])
-        bad = [i for i in fq_layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"fq layers {bad} do not exist: the {resolution}px discriminator has blocks 0..{n - 1}")
-        self.quantizers = nn.ModuleDict(
-            {
-                str(i): FeatureQuantizer(self.widths[i], codebook_size, decay, commitment, eps, mode, init)
-                for i in fq_layers
-            }
-        )
-        dcgan_init_(self)
 
-    def forward(self, x: torch.Tensor, feed: bool = True) -> DiscriminatorOutput:
-        """`feed=False` passes h on even in feed mode (the warm-up that feeds h before h′)."""
-        fq: dict[int, QuantizerOutput] = {}
-        loss = x.new_zeros(())
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            q = self.quantizers[str(i)] if str(i) in self.quantizers else None
-            if q is not None:
-                out = q(x)
-                fq[i] = out
-                loss = loss + out.loss
-                if q.feeds and feed:
-                    x = out.quantized
-        return DiscriminatorOutput(self.fc(x.flatten(1)).squeeze(1), loss, fq)
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = x.flatten(1)
+        return self.fc(features).squeeze(1), features

@@ -1,5 +1,7 @@
-"""Codebook quantizers: FQ (discriminator features)."""
+"""Codebook quantizers: FQ (discriminator features), SQ (generator styles), the CLIP prior's Sinkhorn OT."""
 
 from sqgan.quant.fq import FeatureQuantizer, QuantizerOutput
+from sqgan.quant.sinkhorn import sinkhorn
+from sqgan.quant.sq import StyleQuantizer
 
-__all__ = ["FeatureQuantizer", "QuantizerOutput"]
+__all__ = ["FeatureQuantizer", "QuantizerOutput", "StyleQuantizer", "sinkhorn"]

@@ -40,8 +40,12 @@ class QuantizerOutput:
     quantized: torch.Tensor  # straight-through h′ = h + sg(e − h), same shape as the input
     loss: torch.Tensor  # commitment β‖sg(e) − h‖² (mean over elements)
     indices: torch.Tensor  # [B, H, W] chosen entry per position
-    perplexity: torch.Tensor  # exp(H(p)) of the batch's assignment histogram p
     counts: torch.Tensor  # [K] assignments per entry in this batch (all ranks summed in training)
+
+    @property
+    def perplexity(self) -> torch.Tensor:
+        """exp(H(p)) of the batch's assignment histogram p (computed on demand: the loop counts over a window)."""
+        return perplexity(self.counts)
 
 
 def _distributed() -> bool:
@@ -102,6 +106,7 @@ class FeatureQuantizer(nn.Module):
     def initialise(self, flat: torch.Tensor) -> None:
         """Set the starting dictionary once (from `flat` when init="batch"); rank 0's copy wins under DDP."""
         if bool(self.initialised):
+            self._ready_cache = True
             return
         if self.init == "batch":
             n = flat.shape[0]
@@ -119,21 +124,22 @@ class FeatureQuantizer(nn.Module):
             for buf in (self.codebook, self.ema_count, self.ema_sum):
                 dist.broadcast(buf, src=0)
         self.initialised.fill_(True)
+        self._ready_cache = True
 
     @torch.no_grad()
     def assign(self, flat: torch.Tensor) -> torch.Tensor:
-        """Nearest entry (L2) for each row of `flat` [N, C]."""
+        """Nearest entry (L2) for each row of `flat` [N, C]: argmin ‖e‖² − 2 h·e in one GEMM (‖h‖² is the same
+        for every entry of a row, so it is left out)."""
         e = self.codebook.to(flat.dtype)
-        dist2 = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None, :]
-        return dist2.argmin(dim=1)
+        return torch.addmm(e.pow(2).sum(1)[None, :], flat, e.t(), alpha=-2.0).argmin(dim=1)
 
     @torch.no_grad()
     def ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """One EMA step of the dictionary from vectors `flat` [N, C] assigned to `indices` [N]; returns n_k."""
-        onehot = torch.zeros(flat.shape[0], self.codebook_size, device=flat.device, dtype=torch.float32)
-        onehot.scatter_(1, indices[:, None], 1.0)
-        counts = onehot.sum(0)  # n_k
-        sums = onehot.t() @ flat.float()  # Σ_i h_{i,k}
+        counts = torch.zeros(self.codebook_size, device=flat.device).index_add_(
+            0, indices, torch.ones_like(indices, dtype=torch.float32))  # n_k (scatter-add: no one-hot, no sync)
+        sums = torch.zeros(self.codebook_size, flat.shape[1], device=flat.device).index_add_(
+            0, indices, flat.float())  # Σ_i h_{i,k}
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -145,34 +151,79 @@ class FeatureQuantizer(nn.Module):
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
         return counts
 
-    def forward(self, h: torch.Tensor) -> QuantizerOutput:
+    def forward(self, h: torch.Tensor, update: bool = True) -> QuantizerOutput:
+        """Quantize h; in training mode with `update`, take one EMA step of the dictionary (a forward with
+        update=False, e.g. D in the G step when fq.update_in_g_step is off, leaves it as it is)."""
         if h.dim() != 4 or h.shape[1] != self.dim:
             raise ValueError(f"FeatureQuantizer expects [B, {self.dim}, H, W], got {list(h.shape)}")
         b, c, hh, ww = h.shape
         flat = h.permute(0, 2, 3, 1).reshape(-1, c)
-        if self.training:
+        if self.training and not self._ready:
             self.initialise(flat.detach())
         indices = self.assign(flat.detach())
         # h′ uses the dictionary the vectors were assigned to (before this batch's EMA step), as the official code.
-        e = self.codebook[indices].to(h.dtype).view(b, hh, ww, c).permute(0, 3, 1, 2)
-        if self.training:
+        e = self.codebook.index_select(0, indices).to(h.dtype)
+        delta = (e - flat.detach()).view(b, hh, ww, c).permute(0, 3, 1, 2)  # e − h in h's shape (one subtraction)
+        if self.training and update:
             counts = self.ema_update(flat.detach(), indices)
         else:
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()
-        loss = self.commitment * (h - e.detach()).pow(2).mean()
-        quantized = h + (e - h).detach()  # straight-through: forward e, gradient identity
-        return QuantizerOutput(quantized, loss, indices.view(b, hh, ww), perplexity(counts), counts)
+            counts = torch.zeros(self.codebook_size, device=h.device).index_add_(
+                0, indices, torch.ones_like(indices, dtype=torch.float32))
+        quantized, loss = _StraightThroughCommitment.apply(h, delta, self.commitment)
+        return QuantizerOutput(quantized, loss, indices.view(b, hh, ww), counts)
+
+    @property
+    def _ready(self) -> bool:
+        """Whether the dictionary has been initialised; read from the buffer once, then cached (no host sync per
+        step; a state_dict load resets the cache)."""
+        if not getattr(self, "_ready_cache", False):
+            self._ready_cache = bool(self.initialised)
+        return self._ready_cache
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module's signature
+        self._ready_cache = False
+        super()._load_from_state_dict(*args, **kwargs)
 
 
-def dictionary_digest(module: nn.Module) -> str:
-    """sha256 over every FeatureQuantizer's dictionary and EMA statistics in `module` (in module order): equal on
-    every DDP rank as long as the all-reduced EMA keeps them in step."""
+class _StraightThroughCommitment(torch.autograd.Function):
+    """(h′, L_Q) = (h + sg(e − h), β‖sg(e) − h‖²_mean) from h and δ = sg(e − h) in one pass: forward one add and
+    one squared mean, backward ∂h′/∂h = I plus ∂L_Q/∂h = −2β δ / n (what autograd would build from five ops)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, delta: torch.Tensor, beta: float):  # noqa: ANN205 - autograd.Function
+        ctx.save_for_backward(delta)
+        ctx.beta = beta
+        flat = delta.permute(0, 2, 3, 1).reshape(-1) if delta.dim() == 4 else delta.reshape(-1)  # a view: no copy
+        return h + delta, (beta / flat.numel()) * torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor | None, grad_loss: torch.Tensor | None):  # noqa: ANN205
+        (delta,) = ctx.saved_tensors
+        if grad_loss is None:
+            return grad_q, None, None
+        scale = grad_loss * (-2.0 * ctx.beta / delta.numel())  # a 0-d tensor: no host sync
+        grad = torch.addcmul(grad_q, delta, scale) if grad_q is not None else delta * scale
+        return grad, None, None
+
+
+def dictionary_digest(*modules: nn.Module) -> str:
+    """sha256 over every codebook in `modules` (in module order): each FeatureQuantizer's dictionary and EMA
+    statistics, each StyleQuantizer's codebook. Equal on every DDP rank as long as the all-reduced EMA (FQ) and the
+    all-reduced gradients (SQ) keep them in step."""
     import hashlib
 
+    from sqgan.quant.sq import StyleQuantizer
+
     h = hashlib.sha256()
-    for name, sub in module.named_modules():
-        if isinstance(sub, FeatureQuantizer):
-            h.update(name.encode())
-            for buf in (sub.codebook, sub.ema_count, sub.ema_sum):
+    for i, module in enumerate(modules):
+        for name, sub in module.named_modules():
+            if isinstance(sub, FeatureQuantizer):
+                bufs = (sub.codebook, sub.ema_count, sub.ema_sum)
+            elif isinstance(sub, StyleQuantizer):
+                bufs = (sub.codebook,)
+            else:
+                continue
+            h.update(f"{i}.{name}".encode())
+            for buf in bufs:
                 h.update(buf.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

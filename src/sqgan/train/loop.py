@@ -1,11 +1,13 @@
 """The training loop, plain torch: read it top to bottom.
 
-`train(params, data_dir, out_dir)` runs steps [start, train.steps). Each step is
-  1. D main:  D sees DiffAugment(real) and DiffAugment(G(z)) in one batch; L_D = L_adv + α_t · Σ L_Q
-  2. G main:  L_G = L_adv(D(DiffAugment(G(z′))))
-  3. G_ema ← lerp(G_ema, G, 1 − g_ema_decay)
-Everything random in a step (batch indices, z, augmentation) comes from a generator seeded by
-(train.seed, step, rank), so a run resumed from a checkpoint continues bit-identically.
+`train(params, data_dir, out_dir)` runs steps [start, train.steps). `setup` builds (or resumes) the state, each
+`train_step` runs the phases of `losses.gan.GANLoss` in stylegan2-ada's order, each followed by its optimiser step:
+  1. D main (+ α_t · Σ L_FQ), then D's lazy regularisers when due: R1, QCR (SQ)
+  2. G main (+ λ_sq (L_sq + L_uf)), then G's lazy path-length term when due
+  3. G_ema ← lerp(G_ema, G, 1 − β_t); ADA's p adjusted from D's signs on reals
+`Window` averages the statistics between logs (on the device: no host sync per step) and `finish` checkpoints,
+renders the grid and evaluates. Everything random in a step (batch indices, z, noise, augmentation) comes from a
+generator seeded by (train.seed, step, rank), so a run resumed from a checkpoint continues bit-identically.
 
 The loop knows nothing of Ray or MLflow: a shell passes `Runtime` (rank, world size, device) and
 `Hooks` (where metrics, artifacts and checkpoints go). Every `train.log_every` steps (and at each interim
@@ -34,12 +36,14 @@ from sqgan.config import Params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
 from sqgan.io import atomic_path, mark_output, write_json_atomic
-from sqgan.losses.adversarial import d_loss as adversarial_d_loss
-from sqgan.losses.adversarial import g_loss as adversarial_g_loss
+from sqgan.losses.gan import GANLoss, Phase, alpha_at
 from sqgan.metrics.codebook import perplexity, utilisation
-from sqgan.models.dcgan import Discriminator, Generator
+from sqgan.metrics.diversity import mean_pairwise_cosine
+from sqgan.models.factory import build_discriminator, build_generator
 
-CHECKPOINT_FORMAT = 1
+__all__ = ["alpha_at", "build_discriminator", "build_generator", "train"]
+
+CHECKPOINT_FORMAT = 2  # 2: G = mapping/quantizer/synthesis, D = trunk + quantizers, ADA and path-length state
 GRID_SIZE = 64  # fixed-z samples in each grid (8 × 8)
 
 
@@ -78,34 +82,7 @@ class TrainResult:
     checkpoint: Path | None
 
 
-# --------------------------------------------------------------------------------- building
-def build_generator(params: Params) -> Generator:
-    m = params.model
-    return Generator(z_dim=m.z_dim, resolution=m.resolution, channels=m.g_channels)
-
-
-def build_discriminator(params: Params) -> Discriminator:
-    m, fq = params.model, params.fq
-    return Discriminator(
-        resolution=m.resolution,
-        channels=m.d_channels,
-        fq_layers=fq.layers if fq.enabled else [],
-        codebook_size=fq.codebook_size,
-        decay=fq.decay,
-        commitment=fq.commitment,
-        eps=fq.eps,
-        mode=fq.mode,
-        init=fq.init,
-    )
-
-
-def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
-    """α linearly from 0 to its value over `warmup_steps` (FQ-GAN anneals the FQ weight)."""
-    if warmup_steps <= 0:
-        return alpha
-    return alpha * min(1.0, step / warmup_steps)
-
-
+# --------------------------------------------------------------------------------- schedules
 def ema_beta(step: int, decay: float) -> float:
     """G_ema decay at `step`: min(decay, (1 + step) / (10 + step)), averaging over ~10% of the steps so far
     early on (as the ramp-up of StyleGAN2-ADA's ema_rampup)."""
@@ -179,12 +156,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types here; its advice (weights_only=False) is unsafe
         raise ValueError(f"checkpoint {path} is not a readable sqgan checkpoint ({type(e).__name__}); {pick}") from None
+    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: an sqgan checkpoint of format {state['format']}, from before the model factory "
+                         f"(format {CHECKPOINT_FORMAT}); its networks cannot be loaded into this version: start a new "
+                         f"run, or resume it with the sqgan version that wrote it")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an sqgan checkpoint (format {CHECKPOINT_FORMAT}); {pick}")
     return state
 
 
-ARCH_KEYS = ("model.", "fq.enabled", "fq.codebook_size", "fq.layers")
+ARCH_KEYS = ("model.", "fq.enabled", "fq.codebook_size", "fq.layers", "sq.enabled", "sq.code_dim",
+             "sq.codebook_size")
+ARCH_EXEMPT = ("model.style_mixing",)  # model.* keys that are not architecture
 
 
 def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
@@ -193,7 +176,7 @@ def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
     from sqgan.config import flatten
 
     old, new = flatten(state["params"]), params.flat()
-    diff = [k for k in new if k.startswith(ARCH_KEYS) and old.get(k) != new[k]]
+    diff = [k for k in new if k.startswith(ARCH_KEYS) and k not in ARCH_EXEMPT and old.get(k) != new[k]]
     if diff:
         pairs = ", ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff)
         raise ValueError(f"cannot resume from {path}: architecture params differ ({pairs}); resume with the "
@@ -213,7 +196,7 @@ def _unwrap(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def sample_grid(g_ema: nn.Module, z: torch.Tensor, path: Path) -> Path:
     g_ema.eval()
-    images = g_ema(z).cpu()
+    images = g_ema(z, noise_mode="const").images.cpu()
     grid = make_grid(images, nrow=int(math.sqrt(len(z))), normalize=True, value_range=(-1, 1))
     with atomic_path(path) as tmp:
         save_image(grid, tmp, format="png")
@@ -228,7 +211,7 @@ def generate_uint8(g_ema: nn.Module, n: int, z_dim: int, batch: int, seed: int, 
     gen = torch.Generator(device=device).manual_seed(seed)
     for start in range(0, n, batch):
         z = torch.randn(min(batch, n - start), z_dim, generator=gen, device=device)
-        yield to_uint8(g_ema(z)).cpu()
+        yield to_uint8(g_ema(z, noise_mode="const").images).cpu()
 
 
 INTERIM = "interim/"  # prefix of the metrics of an interim evaluation (metrics.eval_num_fake images, not num_fake)
@@ -252,6 +235,192 @@ def evaluate(params: Params, g_ema: nn.Module, dataset: ManifestDataset, device:
 
 
 # ------------------------------------------------------------------------------------- train
+@dataclass
+class TrainState:
+    """Everything a step changes, and so everything a checkpoint holds."""
+
+    G: nn.Module  # DDP-wrapped under world_size > 1
+    D: nn.Module
+    G_ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    loss: GANLoss
+    ada: Any  # sqgan.data.ada.AdaController | None
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the last logged window (kept across a resume)
+
+
+class Augmenter:
+    """What D sees: ADA (when ada.enabled, at the controller's p) then DiffAugment, all drawn from the step's
+    generator."""
+
+    def __init__(self, params: Params, ada: Any) -> None:
+        self.policies, self.ada = list(params.train.diffaugment), ada
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.ada is not None and self.ada.p > 0:
+            from sqgan.data.ada import ada_augment
+
+            x = ada_augment(x, self.ada.p, gen)
+        return diff_augment(x, self.policies, gen) if self.policies else x
+
+
+def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> TrainState:
+    """Build G, D, G_ema, the optimisers, the loss and ADA; load the checkpoint `resume` when given; wrap in DDP."""
+    tp, device = params.train, rt.device
+    torch.manual_seed(tp.seed)  # same initial weights on every rank
+    G, D = build_generator(params).to(device), build_discriminator(params).to(device)
+    if params.sq.enabled and params.sq.prior and resume is None:
+        from sqgan.quant.prior import load_prior, restore_codebook
+
+        restore_codebook(G.quantizer, load_prior(params.sq.prior))
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=tp.lr_g, betas=(tp.beta1, tp.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=tp.lr_d, betas=(tp.beta1, tp.beta2))
+    ada = None
+    if params.ada.enabled:
+        from sqgan.data.ada import AdaController
+
+        a = params.ada
+        ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size,
+                            speed_img=a.speed_kimg * 1000, p=a.p_init)
+    state = TrainState(G, D, G_ema, opt_g, opt_d, None, ada)  # type: ignore[arg-type]
+    pl_mean = None
+    if resume is not None:
+        ckpt = load_checkpoint(resume)
+        state.step = check_resume(ckpt, params, Path(resume))
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+        G_ema.load_state_dict(ckpt["G_ema"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        if ada is not None and ckpt.get("ada") is not None:
+            ada.load_state_dict(ckpt["ada"])
+        pl_mean = ckpt.get("pl_mean")
+        _set_rng_state(ckpt["rng"])
+        state.metrics = dict(ckpt.get("metrics", {}))  # kept when no step is left to run
+    if rt.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        state.G = nn.parallel.DistributedDataParallel(G, device_ids=ids)
+        state.D = nn.parallel.DistributedDataParallel(D, device_ids=ids)
+    state.loss = GANLoss(params, state.G, state.D, Augmenter(params, ada), device, G.num_ws)
+    if pl_mean is not None:
+        state.loss.pl_mean = pl_mean.to(device)
+    return state
+
+
+def checkpoint_state(state: TrainState, params: Params) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": state.step,
+        "G": _unwrap(state.G).state_dict(),
+        "D": _unwrap(state.D).state_dict(),
+        "G_ema": state.G_ema.state_dict(),
+        "opt_g": state.opt_g.state_dict(),
+        "opt_d": state.opt_d.state_dict(),
+        "ada": state.ada.state_dict() if state.ada is not None else None,
+        "pl_mean": state.loss.pl_mean.detach().cpu(),
+        "rng": _rng_state(),
+        "params": params.model_dump(mode="json"),
+        "metrics": {k: v for k, v in state.metrics.items() if not k.startswith("time/")},  # same bytes each run
+    }
+
+
+def _apply(phase: Phase | None, opt: torch.optim.Optimizer) -> Phase | None:
+    if phase is not None:
+        opt.zero_grad(set_to_none=True)
+        phase.loss.backward()
+        opt.step()
+    return phase
+
+
+def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: Runtime) -> list[Phase]:
+    """One optimisation step at `state.step` (then advanced): the phases that ran, for the window."""
+    tp, device, step = params.train, rt.device, state.step
+    state.G.train()
+    state.D.train()
+    gen = step_generator(tp.seed, step, rt.rank, device)
+    idx = batch_indices(step, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
+    real = dataset.batch(idx).to(device)
+    loss = state.loss
+
+    d_main = _apply(loss.d_main(real, gen, step), state.opt_d)
+    d_regs = [_apply(loss.d_r1(real, gen, step), state.opt_d), _apply(loss.d_qcr(real, gen, step), state.opt_d)]
+    g_main = _apply(loss.g_main(gen, step), state.opt_g)
+    g_reg = _apply(loss.g_pl(gen, step), state.opt_g)
+
+    # G_ema, its decay ramped up over the first steps so a short run's G_ema is not its init
+    beta = ema_beta(step, tp.g_ema_decay)
+    G = _unwrap(state.G)
+    with torch.no_grad():
+        for p_ema, p in zip(state.G_ema.parameters(), G.parameters(), strict=True):
+            p_ema.lerp_(p, 1.0 - beta)
+        for b_ema, b in zip(state.G_ema.buffers(), G.buffers(), strict=True):
+            b_ema.copy_(b)
+    if state.ada is not None:
+        state.ada.accumulate(d_main.real_logits)  # type: ignore[union-attr]
+        state.ada.update()
+    state.step = step + 1
+    return [ph for ph in (d_main, *d_regs, g_main, g_reg) if ph is not None]
+
+
+class Window:
+    """Means of the step statistics and codebook counts since the last log, kept on the device (one host sync
+    per log, not per step). D main's FQ assignments and G main's SQ assignments are counted."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, phases: list[Phase]) -> None:
+        for ph in phases:
+            for k, v in ph.stats.items():
+                self.sums[k] = self.sums[k] + v.float() if k in self.sums else v.float().clone()
+                self.n[k] = self.n.get(k, 0) + 1
+            for name, q in ph.quant.items():
+                c = q.counts.detach()
+                self.counts[name] = self.counts[name] + c if name in self.counts else c.clone()
+        self.steps += 1
+
+    def finite(self) -> bool:
+        return bool(torch.stack([v for v in self.sums.values()]).isfinite().all()) if self.sums else True
+
+    def flush(self, rt: Runtime) -> dict[str, float]:
+        """The window's metrics (SQ counts summed over ranks; FQ's are already, by the all-reduced EMA)."""
+        if rt.world_size > 1 and "sq" in self.counts:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.counts["sq"])
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] / self.n[k] for k in keys]).cpu().tolist() if keys else []
+        metrics = dict(zip(keys, values, strict=True))
+        for name, c in sorted(self.counts.items()):
+            metrics[f"{name}/utilisation"] = float(utilisation(c))
+            metrics[f"{name}/perplexity"] = float(perplexity(c))
+        metrics["time/steps_per_s"] = self.steps / max(time.perf_counter() - self.t0, 1e-9)
+        self.__init__()
+        return metrics
+
+
+DIVERSITY_BATCH = 64  # fixed real images for d/feature_similarity
+
+
+@torch.no_grad()
+def feature_similarity(D: nn.Module, reals: torch.Tensor) -> float:
+    """Mean pairwise cosine similarity of D's penultimate features over `reals` (seed 000 A.4: lower = D tells
+    the images apart more). D in eval mode, dictionaries untouched."""
+    D = _unwrap(D)
+    was = D.training
+    D.eval()
+    try:
+        return float(mean_pairwise_cosine(D(reals, update=False).features.float()))
+    finally:
+        D.train(was)
+
+
 def train(
     params: Params,
     data_dir: str | Path,
@@ -271,155 +440,77 @@ def train(
         mark_output(out_dir, "train")
 
     dataset = ManifestDataset(data_dir, params.model.resolution, split="train")
-    torch.manual_seed(tp.seed)  # same initial weights on every rank
-    G, D = build_generator(params).to(device), build_discriminator(params).to(device)
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
-    opt_g = torch.optim.Adam(G.parameters(), lr=tp.lr_g, betas=(tp.beta1, tp.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=tp.lr_d, betas=(tp.beta1, tp.beta2))
-
-    start = 0
-    last_metrics: dict[str, float] = {}
-    if resume is not None:
-        state = load_checkpoint(resume)
-        start = check_resume(state, params, Path(resume))
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        G_ema.load_state_dict(state["G_ema"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        _set_rng_state(state["rng"])
-        last_metrics = dict(state.get("metrics", {}))  # kept when no step is left to run
-
-    if rt.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        G = nn.parallel.DistributedDataParallel(G, device_ids=ids)
-        D = nn.parallel.DistributedDataParallel(D, device_ids=ids)
-
+    state = setup(params, rt, resume)
     fixed_z = torch.randn(GRID_SIZE, params.model.z_dim, generator=torch.Generator().manual_seed(tp.seed + 1))
     fixed_z = fixed_z.to(device)
-    quantized_layers = sorted(int(k) for k in _unwrap(D).quantizers)
-    window: dict[str, float] = {}
-    window_counts: dict[int, torch.Tensor] = {}
-    window_n = 0
-    ckpt_path: Path | None = None
+    fixed_reals = dataset.images[:DIVERSITY_BATCH].to(device).float() / 127.5 - 1.0
+    window = Window()
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint() -> Path | None:
+        check_dictionaries_agree(state.D, rt, state.step, state.G)
         if not rt.is_main:
             return None
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "G": _unwrap(G).state_dict(),
-            "D": _unwrap(D).state_dict(),
-            "G_ema": G_ema.state_dict(),
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(),
-            "rng": _rng_state(),
-            "params": params.model_dump(mode="json"),
-            "metrics": {k: v for k, v in last_metrics.items() if not k.startswith("time/")},  # same bytes each run
-        }
-        return save_checkpoint(ckpt_dir / f"step_{step:06d}.pt", state)
+        return save_checkpoint(ckpt_dir / f"step_{state.step:06d}.pt", checkpoint_state(state, params))
 
-    progress = tqdm(total=tp.steps, initial=start, desc="train", unit="step", disable=not rt.is_main,
+    progress = tqdm(total=tp.steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
                     mininterval=5.0)
-    t0 = time.perf_counter()
-    for step in range(start, tp.steps):
-        G.train()
-        D.train()
-        gen = step_generator(tp.seed, step, rt.rank, device)
-        idx = batch_indices(step, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
-        real = dataset.batch(idx).to(device)
-        alpha = alpha_at(step, params.fq.alpha, params.fq.alpha_warmup_steps)
-        feed = step >= params.fq.feed_warmup_steps
-
-        # 1. D main: real and fake in one forward, so the FQ dictionary sees both (as the official code)
-        z = torch.randn(tp.batch_size, params.model.z_dim, generator=gen, device=device)
-        with torch.no_grad():
-            fake = G(z)
-        d_in = diff_augment(torch.cat([real, fake]), tp.diffaugment, gen)
-        d_out = D(d_in, feed=feed)
-        real_logits, fake_logits = d_out.logits.split(tp.batch_size)
-        loss_adv_d = adversarial_d_loss(real_logits, fake_logits, tp.loss)
-        loss_d = loss_adv_d + alpha * d_out.fq_loss
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-
-        # 2. G main
-        z = torch.randn(tp.batch_size, params.model.z_dim, generator=gen, device=device)
-        g_out = D(diff_augment(G(z), tp.diffaugment, gen), feed=feed)
-        loss_g = adversarial_g_loss(g_out.logits, tp.loss)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-
-        # 3. G_ema, its decay ramped up over the first steps so a short run's G_ema is not its init
-        beta = ema_beta(step, tp.g_ema_decay)
-        with torch.no_grad():
-            for p_ema, p in zip(G_ema.parameters(), _unwrap(G).parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - beta)
-            for b_ema, b in zip(G_ema.buffers(), _unwrap(G).buffers(), strict=True):
-                b_ema.copy_(b)
-
-        # bookkeeping: window means of losses, FQ usage over the window (D-step assignments, all ranks)
-        values = {"loss/d": loss_d.item(), "loss/d_adv": loss_adv_d.item(), "loss/g": loss_g.item(),
-                  "loss/fq": d_out.fq_loss.item(), "d/real_logit": real_logits.mean().item(),
-                  "d/fake_logit": fake_logits.mean().item()}
-        for k, v in values.items():
-            window[k] = window.get(k, 0.0) + v
-        for i, q in d_out.fq.items():
-            window_counts[i] = window_counts.get(i, 0) + q.counts.detach().cpu()
-        window_n += 1
-        done = step + 1
+    while state.step < tp.steps:
+        window.add(train_step(state, params, dataset, rt))
+        done = state.step
         progress.update(1)
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite loss at step {done}: {values}; lower the learning rates")
 
         report: dict[str, float] | None = None
         if done % tp.log_every == 0 or done == tp.steps:
-            metrics = {k: v / window_n for k, v in window.items()}
-            metrics["fq/alpha"] = alpha
-            for i in quantized_layers:
-                counts = window_counts[i]
-                metrics[f"fq/layer{i}/utilisation"] = float(utilisation(counts))
-                metrics[f"fq/layer{i}/perplexity"] = float(perplexity(counts))
-            metrics["time/steps_per_s"] = window_n / max(time.perf_counter() - t0, 1e-9)
-            last_metrics = metrics
+            metrics = window.flush(rt)
+            if not all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss/", "d/"))):
+                raise FloatingPointError(f"non-finite loss by step {done}: {metrics}; lower the learning rates")
+            metrics["fq/alpha"] = alpha_at(done - 1, params.fq.alpha, params.fq.alpha_warmup_steps)
+            if state.ada is not None:
+                metrics.update({"ada/p": float(state.ada.p), "ada/rt": float(state.ada.rt)})
+            every = params.metrics.diversity_every
+            if every and (done % every == 0 or done == tp.steps):
+                metrics["d/feature_similarity"] = feature_similarity(state.D, fixed_reals)
+            state.metrics = metrics
             if rt.is_main:
                 hooks.log_metrics(metrics, done)
                 progress.set_postfix(d=f"{metrics['loss/d']:.3f}", g=f"{metrics['loss/g']:.3f}")
-            window, window_counts, window_n, t0 = {}, {}, 0, time.perf_counter()
-            report = dict(last_metrics)
+            report = dict(metrics)
 
         if rt.is_main and (done % tp.sample_every == 0 or done == tp.steps):
-            grid = sample_grid(G_ema, fixed_z, sample_dir / f"step_{done:06d}.png")
+            grid = sample_grid(state.G_ema, fixed_z, sample_dir / f"step_{done:06d}.png")
             hooks.log_artifact(grid, "samples")
 
         eval_every = params.metrics.eval_every
         if eval_every and done % eval_every == 0 and done != tp.steps:  # the end has the full evaluation
-            report = dict(last_metrics) if report is None else report
+            report = dict(state.metrics) if report is None else report
             if rt.is_main:  # fewer images than the final evaluation, so named interim/… (a fixed seed, like it)
-                interim, _ = evaluate(params, G_ema, dataset, device, num_fake=params.metrics.eval_num_fake)
+                interim, _ = evaluate(params, state.G_ema, dataset, device, num_fake=params.metrics.eval_num_fake)
                 interim = {INTERIM + k: v for k, v in interim.items()}
                 hooks.log_metrics(interim, done)
                 report.update(interim)
 
         path: Path | None = None
         if done % tp.checkpoint_every == 0 and done != tp.steps:
-            check_dictionaries_agree(D, rt, done)
-            ckpt_path = path = checkpoint(done)
-            report = dict(last_metrics) if report is None else report
+            if not window.finite():
+                raise FloatingPointError(f"non-finite loss by step {done}; lower the learning rates")
+            path = checkpoint()
+            report = dict(state.metrics) if report is None else report
         if report is not None and done != tp.steps:
             hooks.report(report, done, path)
     progress.close()
+    return finish(params, state, dataset, out_dir, fixed_z, rt, hooks, checkpoint)
 
-    final = dict(last_metrics)
-    check_dictionaries_agree(D, rt, tp.steps)
+
+def finish(params: Params, state: TrainState, dataset: ManifestDataset, out_dir: Path, fixed_z: torch.Tensor,
+           rt: Runtime, hooks: Hooks, checkpoint: Callable[[], Path | None]) -> TrainResult:
+    """The last checkpoint, the grid, the full evaluation and metrics.json (rank 0), and the final report."""
+    tp = params.train
+    final = dict(state.metrics)
+    ckpt_path = checkpoint()
     if rt.is_main:
-        ckpt_path = checkpoint(tp.steps)
-        grid = sample_grid(G_ema, fixed_z, out_dir / "grid.png")
+        grid = sample_grid(state.G_ema, fixed_z, out_dir / "grid.png")
         hooks.log_artifact(grid, "samples")
-        quality, provenance = evaluate(params, G_ema, dataset, device)
+        quality, provenance = evaluate(params, state.G_ema, dataset, rt.device)
         final.update(quality)
         hooks.log_metrics(quality, tp.steps)
         summary = {k: v for k, v in final.items() if not k.startswith("time/")}  # keep the file reproducible
@@ -430,30 +521,45 @@ def train(
     return TrainResult(step=tp.steps, metrics=final, checkpoint=ckpt_path)
 
 
-def check_dictionaries_agree(D: nn.Module, rt: Runtime, step: int) -> None:
-    """Under DDP, fail loudly unless every rank holds the same FQ dictionaries (compared by hash)."""
+def check_dictionaries_agree(D: nn.Module, rt: Runtime, step: int, G: nn.Module | None = None) -> None:
+    """Under DDP, fail loudly unless every rank holds the same FQ dictionaries and SQ codebook (compared by hash)."""
     if rt.world_size <= 1:
         return
     import torch.distributed as dist
 
     from sqgan.quant.fq import dictionary_digest
 
-    mine = dictionary_digest(_unwrap(D))
+    mine = dictionary_digest(_unwrap(D), *([_unwrap(G)] if G is not None else []))
     digests: list[Any] = [None] * rt.world_size
     dist.all_gather_object(digests, mine)
     if len(set(digests)) != 1:
         listing = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
-        raise RuntimeError(f"FQ dictionaries diverged across DDP ranks at step {step} ({listing}); the EMA statistics "
-                           f"must be all-reduced before each update (sqgan.quant.fq.FeatureQuantizer.ema_update)")
+        raise RuntimeError(f"FQ dictionaries / SQ codebook diverged across DDP ranks at step {step} ({listing}); the "
+                           f"EMA statistics must be all-reduced before each update "
+                           f"(sqgan.quant.fq.FeatureQuantizer.ema_update), SQ's gradients by DDP")
 
 
 def reported_metrics(params: Params) -> set[str]:
     """Every metric name a run with `params` logs (what a sweep may rank trials on)."""
-    names = {"loss/d", "loss/d_adv", "loss/g", "loss/fq", "d/real_logit", "d/fake_logit", "fq/alpha",
+    from sqgan.models.factory import r1_gamma
+
+    names = {"loss/d", "loss/d_adv", "loss/g", "loss/g_adv", "loss/fq", "d/real_logit", "d/fake_logit", "fq/alpha",
              "time/steps_per_s"}
     if params.fq.enabled:
         for i in params.fq.layers:
             names |= {f"fq/layer{i}/utilisation", f"fq/layer{i}/perplexity"}
+    if params.sq.enabled:
+        names |= {"loss/sq", "sq/utilisation", "sq/perplexity"}
+        if params.sq.lambda_qcr > 0:
+            names.add("loss/qcr")
+    if r1_gamma(params) > 0:
+        names.add("loss/r1")
+    if params.train.pl_weight > 0 and params.model.arch == "stylegan2":
+        names |= {"loss/pl", "g/pl_mean"}
+    if params.ada.enabled:
+        names |= {"ada/p", "ada/rt"}
+    if params.metrics.diversity_every:
+        names.add("d/feature_similarity")
     from sqgan.metrics.fid import feature_net_name
 
     net = feature_net_name(params.metrics.inception_weights)

@@ -340,8 +340,22 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
         from sqgan.train.loop import check_resume, load_checkpoint
 
         check_resume(load_checkpoint(resume), params, resume)
+    check_prior_file(params)
     use_gpu, storage, _ = check_environment(params, project_dir)
     return use_gpu, storage
+
+
+def check_prior_file(params: Params) -> None:
+    """sq.prior, when set, is a prior file whose codebook fits sq.codebook_size × sq.code_dim."""
+    if not (params.sq.enabled and params.sq.prior):
+        return
+    from sqgan.quant.prior import load_prior
+
+    shape = tuple(load_prior(params.sq.prior)["codebook"].shape)
+    if shape != (params.sq.codebook_size, params.sq.code_dim):
+        raise ValueError(f"sq.prior {params.sq.prior} holds a {shape[0]} × {shape[1]} codebook but sq.codebook_size × "
+                         f"sq.code_dim is {params.sq.codebook_size} × {params.sq.code_dim}; run `sqgan prior` with "
+                         f"these params, or set sq.prior: null")
 
 
 def check_environment(params: Params, project_dir: str | Path) -> tuple[bool, str, str]:

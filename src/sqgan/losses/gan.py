@@ -1,0 +1,147 @@
+"""The losses of one training step as phases the loop calls in order (as stylegan2-ada's `loss.py`):
+
+    d_main   D: L_adv(D(A(x)), D(A(G(z)))) + α_t · Σ L_FQ        (A = ADA and/or DiffAugment)
+    d_r1     D: γ/2 · r1_every · E‖∇_x D(A(x))‖²                   every train.r1_every steps when γ > 0
+    d_qcr    D: λ_qcr · qcr_every · ‖D(G(w^q)) − D(G(w'^q))‖²      every sq.qcr_every steps when SQ and λ_qcr > 0
+    g_main   G: L_adv(D(A(G(z)))) + λ_sq (L_sq + L_uf)
+    g_pl     G: pl_weight · pl_every · path-length penalty         every train.pl_every steps when pl_weight > 0
+
+Each phase that is due returns a `Phase` (the loss to backpropagate, its statistics as detached tensors, and the
+quantizer outputs to count); the loop does backward and the optimiser step, so every phase is one forward and one
+backward through DDP. Lazy terms are weighted by their interval, as StyleGAN2's lazy regularisation. Every random
+draw comes from the step's generator, so a step is a function of (seed, step, rank).
+
+QCR compares D's scores of the two un-augmented fakes (the paper's formula), with the same noise inputs (const) so
+only the style differs; its D forward leaves the FQ dictionaries as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sqgan.config import Params
+from sqgan.losses.adversarial import d_loss, g_loss
+from sqgan.losses.regularizers import path_length_penalty, qcr_penalty, r1_penalty
+from sqgan.quant.fq import QuantizerOutput
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class Phase:
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    quant: dict[str, QuantizerOutput] = field(default_factory=dict)
+    real_logits: torch.Tensor | None = None  # d_main: for ADA's r_t
+
+
+def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
+    """α linearly from 0 to its value over `warmup_steps` (FQ-GAN anneals the FQ weight)."""
+    if warmup_steps <= 0:
+        return alpha
+    return alpha * min(1.0, step / warmup_steps)
+
+
+class GANLoss:
+    """The phases of a step for G and D (possibly DDP-wrapped) under `params`."""
+
+    def __init__(self, params: Params, G: nn.Module, D: nn.Module, augment: Augment, device: torch.device,
+                 num_ws: int) -> None:
+        from sqgan.models.factory import adversarial_loss, r1_gamma
+
+        self.p, self.G, self.D, self.augment, self.device = params, G, D, augment, device
+        self.kind = adversarial_loss(params)
+        self.r1_gamma = r1_gamma(params)
+        self.num_ws = num_ws
+        self.mixing = params.model.style_mixing if num_ws > 1 else 0.0
+        self.sq_on = params.sq.enabled
+        self.pl_mean = torch.zeros((), device=device)
+        amp = params.train.amp and device.type == "cuda"
+        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _z(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, self.p.model.z_dim, generator=gen, device=self.device)
+
+    def _generate(self, n: int, gen: torch.Generator):
+        """G(z) with style mixing (StyleGAN2: with prob. style_mixing the ws after a random layer come from a 2nd z)."""
+        z = self._z(n, gen)
+        kw: dict = {"generator": gen}
+        if self.mixing > 0:
+            mix_z = self._z(n, gen)
+            cutoff = torch.randint(1, self.num_ws, (n,), generator=gen, device=self.device)
+            use = torch.rand(n, generator=gen, device=self.device) < self.mixing
+            kw.update(mix_z=mix_z, mix_cutoff=torch.where(use, cutoff, torch.full_like(cutoff, self.num_ws)))
+        return self.G(z, **kw)
+
+    # ------------------------------------------------------------------------------------- phases
+    def d_main(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase:
+        p = self.p
+        b = real.shape[0]
+        with self._autocast():
+            with torch.no_grad():
+                fake = self._generate(b, gen).images
+            out = self.D(self.augment(torch.cat([real, fake.to(real.dtype)]), gen),
+                         feed=step >= p.fq.feed_warmup_steps)
+            real_logits, fake_logits = out.logits.float().split(b)
+            adv = d_loss(real_logits, fake_logits, self.kind)
+        alpha = alpha_at(step, p.fq.alpha, p.fq.alpha_warmup_steps)
+        loss = adv + alpha * out.loss
+        stats = {"loss/d": loss, "loss/d_adv": adv, "loss/fq": out.loss, "d/real_logit": real_logits.mean(),
+                 "d/fake_logit": fake_logits.mean()}
+        return Phase(loss, {k: v.detach() for k, v in stats.items()}, out.quant, real_logits.detach())
+
+    def d_r1(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase | None:
+        every = self.p.train.r1_every
+        if self.r1_gamma <= 0 or step % every:
+            return None
+        x = real.detach().requires_grad_(True)
+        with self._autocast():
+            logits = self.D(self.augment(x, gen), feed=step >= self.p.fq.feed_warmup_steps, update=False).logits
+        penalty = r1_penalty(logits.float(), x)
+        loss = penalty * (self.r1_gamma / 2) * every
+        return Phase(loss, {"loss/r1": penalty.detach()})
+
+    def d_qcr(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase | None:
+        sq = self.p.sq
+        if not self.sq_on or sq.lambda_qcr <= 0 or step % sq.qcr_every:
+            return None
+        b = real.shape[0]
+        z = self._z(b, gen)
+        eps = torch.randn(z.shape, generator=gen, device=self.device) * sq.qcr_sigma
+        with self._autocast():
+            with torch.no_grad():  # one G call for both, so batch statistics (DCGAN's BN) are shared
+                pair = self.G(torch.cat([z, z + eps]), noise_mode="const").images
+            logits = self.D(pair.to(real.dtype), feed=step >= self.p.fq.feed_warmup_steps, update=False).logits
+        a, b_ = logits.float().split(b)
+        penalty = qcr_penalty(a, b_)
+        return Phase(penalty * sq.lambda_qcr * sq.qcr_every, {"loss/qcr": penalty.detach()})
+
+    def g_main(self, gen: torch.Generator, step: int) -> Phase:
+        p = self.p
+        b = p.train.batch_size
+        with self._autocast():
+            out = self._generate(b, gen)
+            d_out = self.D(self.augment(out.images, gen), feed=step >= p.fq.feed_warmup_steps,
+                           update=p.fq.update_in_g_step)
+            adv = g_loss(d_out.logits.float(), self.kind)
+        loss = adv + p.sq.lambda_sq * out.loss if self.sq_on else adv
+        stats = {"loss/g": loss, "loss/g_adv": adv}
+        if self.sq_on:
+            stats["loss/sq"] = out.loss
+        return Phase(loss, {k: v.detach() for k, v in stats.items()}, out.quant)
+
+    def g_pl(self, gen: torch.Generator, step: int) -> Phase | None:
+        t = self.p.train
+        if t.pl_weight <= 0 or self.num_ws <= 1 or step % t.pl_every:
+            return None
+        n = max(1, t.batch_size // 2)  # StyleGAN2's pl_batch_shrink = 2
+        with self._autocast():
+            out = self.G(self._z(n, gen), generator=gen)
+        penalty, self.pl_mean = path_length_penalty(out.images.float(), out.ws, self.pl_mean, gen)
+        return Phase(penalty * t.pl_weight * t.pl_every, {"loss/pl": penalty.detach(), "g/pl_mean": self.pl_mean})
