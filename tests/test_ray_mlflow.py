@@ -146,3 +146,29 @@ def test_two_ddp_workers_survive_a_killed_rank_and_track_a_one_worker_run_on_the
 # Measured on this machine: the 2-worker and 1-worker loss/d window means (≈ 2.0) differ by at most 0.0055 over the
 # first 12 steps (without DiffAugment; z and BatchNorm statistics still differ by rank); 0.02 leaves ~4× room.
 LOSS_TOLERANCE = 0.02
+
+
+def test_stylegan2_with_sq_trains_under_ray_and_logs_sq_usage_to_mlflow(ray_session, demo_dir, tmp_path):
+    """What `sqgan train --set model.arch=stylegan2 --set sq.enabled=true` runs, at a tiny size."""
+    from mlflow.tracking import MlflowClient
+
+    from sqgan.train.ray_train import run_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = default_params(tiny_overrides(**{
+        "mlflow.tracking_uri": uri, "mlflow.artifact_root": str(tmp_path / "artifacts"),
+        "mlflow.experiment": "sg2", "ray.storage_path": str(tmp_path / "ray"),
+        "model.arch": "stylegan2", "sq.enabled": "true", "model.channel_base": 256, "model.channel_max": 16,
+        "model.mapping_layers": 2, "train.steps": 6, "train.log_every": 3, "train.checkpoint_every": 6,
+        "train.sample_every": 6, "train.r1_every": 2, "metrics.diversity_every": 3,
+    }))
+    run = run_training(params, demo_dir, tmp_path / "run", project_dir=ROOT)
+    client = MlflowClient(tracking_uri=uri)
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.data.params["model.arch"] == "stylegan2"
+    usage = client.get_metric_history(run.run_id, "sq/utilisation")
+    assert [m.step for m in usage] == [3, 6] and all(0 < m.value <= 1 for m in usage)
+    assert 1 <= r.data.metrics["sq/perplexity"] <= 16  # sq.codebook_size 16
+    for key in ("loss/sq", "loss/qcr", "loss/r1", "d/feature_similarity", "fq/layer1/utilisation", "fid_randcnn"):
+        assert key in r.data.metrics, key
+    assert -1 <= r.data.metrics["d/feature_similarity"] <= 1

@@ -25,5 +25,6 @@ def test_readme_commands_exist_in_cli_and_makefile():
         assert f"make {target}" in text, target
         assert re.search(rf"^{target}:", make, flags=re.M), target
     runner = CliRunner()
-    for cmd in (["config", "show"], ["config", "validate"], ["data", "demo"], ["train"], ["tune"], ["summary"]):
+    for cmd in (["config", "show"], ["config", "validate"], ["data", "demo"], ["train"], ["tune"], ["prior"],
+                ["summary"]):
         assert runner.invoke(app, [*cmd, "--help"]).exit_code == 0, cmd
