@@ -101,3 +101,16 @@ def test_codebook_usage_statistics():
     assert perplexity(torch.tensor([5.0, 5.0, 5.0, 5.0])).item() == pytest.approx(4.0)
     assert perplexity(torch.tensor([9.0, 0.0, 0.0])).item() == pytest.approx(1.0)
     assert utilisation(torch.tensor([3.0, 0.0, 1.0, 0.0])).item() == pytest.approx(0.5)
+
+
+def test_mean_pairwise_cosine_equals_a_loop_over_pairs():
+    import torch.nn.functional as F
+
+    from sqgan.metrics.diversity import mean_pairwise_cosine
+
+    assert mean_pairwise_cosine(torch.eye(4)).item() == pytest.approx(0.0, abs=1e-7)  # orthogonal
+    assert mean_pairwise_cosine(torch.ones(3, 5) * 2).item() == pytest.approx(1.0)  # all the same direction
+    x = torch.randn(7, 3, 2, 2, generator=torch.Generator().manual_seed(0))  # flattened per row
+    flat = x.flatten(1)
+    pairs = [F.cosine_similarity(flat[i], flat[j], dim=0).item() for i in range(7) for j in range(7) if i != j]
+    assert mean_pairwise_cosine(x).item() == pytest.approx(sum(pairs) / len(pairs), rel=1e-5)
