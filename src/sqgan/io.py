@@ -50,6 +50,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def read_torch_file(path: str | Path, what: str, fix: str) -> Any:
+    """torch.load(path, weights_only=True) for a file sqgan wrote (`what`: "checkpoint", "codebook prior"); a folder,
+    a missing, empty or unreadable file is a one-line error naming it and `fix` (never torch's weights_only=False
+    advice, which would be unsafe to follow)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; {fix}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found; {fix}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes: an interrupted copy?); {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types here
+        raise ValueError(f"{what} {path} is not a readable sqgan {what} ({type(e).__name__}); {fix}") from None
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

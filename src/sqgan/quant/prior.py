@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sqgan.io import atomic_path
+from sqgan.io import atomic_path, read_torch_file
 from sqgan.quant.fq import QuantizerOutput
 from sqgan.quant.sinkhorn import sinkhorn
 from sqgan.quant.sq import StyleQuantizer
@@ -445,14 +445,7 @@ def load_prior(path: str | Path) -> dict[str, Any]:
     unreadable or foreign one ValueError; both name the path and the fix."""
     path = Path(path)
     fix = "run `sqgan prior` to pre-train the codebook (or set sq.prior: null to train without the prior)"
-    if not path.is_file():
-        raise FileNotFoundError(f"no codebook prior at {path}; {fix}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"the codebook prior file {path} is empty; {fix}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or one holding arbitrary objects
-        raise ValueError(f"{path} is not a codebook prior file ({type(e).__name__}); {fix}") from None
+    payload = read_torch_file(path, "codebook prior", fix)
     if not isinstance(payload, dict) or "format" not in payload:
         raise ValueError(f"{path} is not a codebook prior file (no 'format' entry); {fix}")
     if payload["format"] != PRIOR_FORMAT:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from sqgan.config import Params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
-from sqgan.io import atomic_path, mark_output, write_json_atomic
+from sqgan.io import atomic_path, mark_output, read_torch_file, write_json_atomic
 from sqgan.losses.gan import GANLoss, Phase, alpha_at
 from sqgan.metrics.codebook import perplexity, utilisation
 from sqgan.metrics.diversity import mean_pairwise_cosine
@@ -146,16 +146,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's state (weights_only=True); any file that is not one is a one-line ValueError."""
     path = Path(path)
     pick = "pass a step_NNNNNN.pt file from a run's checkpoints/ folder"
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder; {pick}")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; {pick}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes: an interrupted copy?); {pick}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types here; its advice (weights_only=False) is unsafe
-        raise ValueError(f"checkpoint {path} is not a readable sqgan checkpoint ({type(e).__name__}); {pick}") from None
+    state = read_torch_file(path, "checkpoint", pick)
     if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: an sqgan checkpoint of format {state['format']}, from before the model factory "
                          f"(format {CHECKPOINT_FORMAT}); its networks cannot be loaded into this version: start a new "
