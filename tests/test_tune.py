@@ -83,7 +83,8 @@ def test_search_space_nests_like_params_and_maps_to_ray_distributions():
                         "tune.space.train.batch_size={qrandint: [8, 32, 8]}", "tune.space.fq.commitment={randint: "
                         "[0, 2]}"])
     axes = p.tune.axes()
-    assert list(axes) == ["fq.codebook_size", "fq.decay", "fq.commitment", "train.lr_d", "train.batch_size"]
+    assert list(axes) == ["fq.codebook_size", "fq.decay", "fq.commitment", "sq.codebook_size", "train.lr_d",
+                          "train.batch_size"]
     space = ray_space(p)
     assert space["fq.decay"] == {"grid_search": [0.8, 0.9]}
     assert isinstance(space["train.lr_d"], Float) and space["train.lr_d"].lower == 1e-4

@@ -1,6 +1,6 @@
 """`sqgan` command line: a thin shell over the stage table (sqgan.stages).
 
-The config, data, train and tune commands read `--params FILE` (default ./params.yaml, which must exist;
+The config, data, prior, train and tune commands read `--params FILE` (default ./params.yaml, which must exist;
 `--no-params-file` for the built-in defaults) and any number of `--set key.path=value`. Bad params exit
 with status 2 naming the key; a failing stage exits with status 1 and a one-line message. No stage writes
 over its input or over a folder it did not write (`--force` to replace one).
@@ -308,11 +308,11 @@ def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("
         raise typer.Exit(1)
     m = json.loads(metrics_file.read_text())
     quality = {k: v for k, v in m.items() if k.startswith(("fid_", "kid_"))}
-    fq = {k: v for k, v in m.items() if k.startswith("fq/layer")}
+    usage = {k: v for k, v in m.items() if k.startswith(("sq/", "fq/layer", "d/feature_similarity"))}
     typer.echo(f"run folder:   {run_dir}  (step {m.get('step')})")
     typer.echo(f"sample grid:  {run_dir / 'grid.png'}")
     typer.echo(f"checkpoints:  {run_dir / 'checkpoints'}")
-    for k, v in {**quality, **fq}.items():
+    for k, v in {**quality, **usage}.items():
         typer.echo(f"  {k:28s} {v:.4f}")
     prov = m.get("provenance", {})
     if prov:
