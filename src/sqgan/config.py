@@ -94,6 +94,13 @@ class DataParams(Section):
 
 
 # ---------------------------------------------------------------------------------------- model
+def power_of_two(v: int, what: str) -> int:
+    """A validator's check: `v` must be a power of two (the message adds `what`, e.g. its range)."""
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two {what}, got {v}")
+    return v
+
+
 ARCH_RESOLUTIONS = {"dcgan": (32, 64), "sngan": (32, 64), "stylegan2": (32, 64, 128, 256, 512, 1024)}
 
 
@@ -119,9 +126,7 @@ class ModelParams(Section):
     @field_validator("resolution")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two between 32 and 1024, got {v}")
-        return v
+        return power_of_two(v, "between 32 and 1024")
 
     @property
     def d_blocks(self) -> int:
@@ -157,9 +162,7 @@ class FQParams(Section):
     @field_validator("codebook_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two (K = 2^P), got {v}")
-        return v
+        return power_of_two(v, "(K = 2^P)")
 
     @field_validator("layers")
     @classmethod
@@ -440,10 +443,8 @@ class Params(Section):
                 f"fq.layers: the {m.resolution}px {m.arch} discriminator has blocks 0..{n - 1}, "
                 f"got {bad}; pick indices below {n}"
             )
-        w = m.w_dim if (m.arch == "stylegan2" or self.sq.enabled) else m.z_dim
-        if self.sq.enabled and w % self.sq.code_dim:
-            which = "model.w_dim" if w == m.w_dim else "model.z_dim"
-            raise ValueError(f"sq.code_dim: {self.sq.code_dim} does not divide {which}={w}; pick a divisor "
+        if self.sq.enabled and m.w_dim % self.sq.code_dim:  # with SQ on every arch has a mapping network z → w
+            raise ValueError(f"sq.code_dim: {self.sq.code_dim} does not divide model.w_dim={m.w_dim}; pick a divisor "
                              f"(e.g. 4) so w splits into whole sub-vectors")
         return self
 
