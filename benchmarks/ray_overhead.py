@@ -210,7 +210,7 @@ def _overrides(a: argparse.Namespace, d: Path, workers: int, kind: str) -> list[
         "train.steps": s, "train.batch_size": a.batch, "model.resolution": a.resolution, "fq.enabled": "true",
         "train.log_every": a.log_every, "train.sample_every": s, "train.checkpoint_every": s,
         "metrics.eval_every": 0, "metrics.num_fake": a.num_fake, "metrics.batch_size": a.num_fake,
-        "metrics.kid_subset_size": min(32, a.num_fake), "metrics.kid_subsets": 10,
+        "metrics.kid_max_subset_size": min(32, a.num_fake), "metrics.kid_subsets": 10,
         "train.workers": workers, "train.use_gpu": "true" if a.device == "cuda" else "false",
         "train.out_dir": d / "out", "ray.cpus_per_worker": a.threads,
         "ray.num_cpus": max(os.cpu_count() or 1, a.threads * workers), "ray.storage_path": d / "ray_results",

@@ -70,7 +70,7 @@ def tiny_overrides(**extra: object) -> list[str]:
         "sq.codebook_size": 16,
         "metrics.num_fake": 40,
         "metrics.batch_size": 40,
-        "metrics.kid_subset_size": 20,
+        "metrics.kid_max_subset_size": 20,
         "metrics.kid_subsets": 5,
         "ray.cpus_per_worker": 1,
     }

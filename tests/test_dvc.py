@@ -29,7 +29,7 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(steps=4, batch_size=8, log_every=2, sample_every=2, checkpoint_every=2)
     params["model"].update(g_channels=8, d_channels=8)
-    params["metrics"].update(num_fake=20, kid_subset_size=10, kid_subsets=2)
+    params["metrics"].update(num_fake=20, kid_max_subset_size=10, kid_subsets=2)
     params["data"]["demo"].update(lfw_faces=10)
     params["ray"].update(cpus_per_worker=1, num_cpus=1)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -47,7 +47,7 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "Running stage 'demo_data'" in first.stdout and "Running stage 'train'" in first.stdout
     metrics = yaml.safe_load((proj / "runs/demo/metrics.json").read_text())
-    assert metrics["step"] == 4 and "fid_randcnn" in metrics
+    assert metrics["step"] == 4 and "fid20_train_randcnn" in metrics
     assert (proj / "runs/demo/grid.png").stat().st_size > 0
     assert len(list((proj / "data/demo/images").iterdir())) == 49 + 10
 

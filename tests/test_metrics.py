@@ -1,20 +1,35 @@
-"""FID/KID against independent computations (scipy, a brute-force loop), and honest metric names."""
+"""Quality metrics: parity with independent computations (scipy sqrtm for FID, brute-force loops for KID, IS and
+precision/recall), independence of the batch size, honest names, provenance, and the real-feature cache."""
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy import linalg
 
+from sqgan.config import Params
 from sqgan.metrics.codebook import perplexity, utilisation
-from sqgan.metrics.fid import RandomCNNFeatures, build_feature_net, fid_kid
+from sqgan.metrics.evaluate import Evaluator, RealFeatureCache, Reference, generate_uint8, keys_of
+from sqgan.metrics.features import INCEPTION_SHA256_PREFIX, RandomCNNFeatures, build_feature_net, feature_net_name
+from sqgan.metrics.fid import fid_from_features
+from sqgan.metrics.inception_score import inception_score
+from sqgan.metrics.kid import kid_from_features
+from sqgan.metrics.names import count_tag, metric_key, parse_metric_key
+from sqgan.metrics.precision_recall import precision_recall
 
 
-def _images(seed: int, n: int, shift: int = 0) -> torch.Tensor:
+def _images(seed: int, n: int, shift: int = 0, size: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    base = torch.randint(0, 200, (n, 3, 32, 32), generator=g)
+    base = torch.randint(0, 200, (n, 3, size, size), generator=g)
     return (base + shift).clamp(0, 255).to(torch.uint8)
+
+
+def _features(seed: int, n: int, d: int = 8, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
 
 
 def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,45 +41,141 @@ def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
 
 def _brute_kid(a: np.ndarray, b: np.ndarray) -> float:
     d = a.shape[1]
-    k = lambda x, y: (x @ y / d + 1) ** 3  # noqa: E731  (polynomial kernel of the KID paper)
-    m = len(a)
+    k = lambda x, y: (x @ y / d + 1) ** 3  # noqa: E731  (the KID paper's cubic kernel)
+    m, n = len(a), len(b)
     kxx = sum(k(a[i], a[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    kyy = sum(k(b[i], b[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    kxy = sum(k(a[i], b[j]) for i in range(m) for j in range(m)) / (m * m)
+    kyy = sum(k(b[i], b[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kxy = sum(k(a[i], b[j]) for i in range(m) for j in range(n)) / (m * n)
     return float(kxx + kyy - 2 * kxy)
 
 
-def test_fid_and_kid_match_scipy_and_brute_force_on_the_same_features():
-    net = RandomCNNFeatures(seed=0)
-    real, fake = _images(0, 120), _images(1, 120, shift=40)
-    metrics, prov = fid_kid([real[:70], real[70:]], [fake], net, "randcnn", kid_subset_size=120, kid_subsets=1)
-    fr, ff = net(real).double().numpy(), net(fake).double().numpy()
-    assert metrics["fid_randcnn"] == pytest.approx(_scipy_fid(fr, ff), rel=1e-3)
-    assert metrics["kid_randcnn_mean"] == pytest.approx(_brute_kid(fr, ff), rel=1e-3, abs=1e-6)
-    assert prov["n_real"] == 120 and "random CNN" in prov["feature_extractor"]
+# ----------------------------------------------------------------------------------------- parity
+def test_fid_equals_scipy_sqrtm_on_random_features():
+    real, fake = _features(0, 300), _features(1, 250, shift=0.4) * 1.3
+    assert fid_from_features(real, fake) == pytest.approx(_scipy_fid(real.numpy(), fake.numpy()), rel=1e-3)
+    assert fid_from_features(real, real) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_fid_does_not_depend_on_batching():
-    net = RandomCNNFeatures(seed=0)
-    real, fake = _images(2, 60), _images(3, 60, shift=20)
-    a, _ = fid_kid([real], [fake], net, "randcnn", kid_subsets=2)
-    b, _ = fid_kid(list(real.split(7)), list(fake.split(13)), net, "randcnn", kid_subsets=2)
-    assert a["fid_randcnn"] == pytest.approx(b["fid_randcnn"], rel=1e-5)
+def test_unbiased_kid_equals_a_brute_force_loop_when_one_subset_takes_every_vector():
+    real, fake = _features(2, 40, d=5), _features(3, 40, d=5, shift=0.3)
+    mean, std = kid_from_features(real, fake, subsets=1, max_subset_size=1000)
+    assert mean == pytest.approx(_brute_kid(real.numpy(), fake.numpy()), rel=1e-3)
+    assert std == 0.0
 
 
-def test_fid_is_near_zero_for_the_same_set_and_grows_with_shift():
-    net = RandomCNNFeatures(seed=0)
-    real = _images(4, 80)
-    same, _ = fid_kid([real], [real], net, "randcnn", kid_subsets=2)
-    far, _ = fid_kid([real], [_images(5, 80, shift=60)], net, "randcnn", kid_subsets=2)
-    assert same["fid_randcnn"] < 1e-3 < far["fid_randcnn"]
+def test_kid_subset_size_follows_stylegan2_ada():
+    from sqgan.metrics.kid import kid_subset_size
+
+    assert kid_subset_size(5000, 50000) == 1000
+    assert kid_subset_size(134, 500) == 134
 
 
-def test_without_inception_weights_the_metric_is_named_randcnn_never_plain_fid():
-    net, name = build_feature_net(None, 0)
-    assert name == "randcnn"
-    metrics, _ = fid_kid([_images(6, 10)], [_images(7, 10)], net, name, kid_subsets=1)
-    assert "fid" not in metrics and "fid_randcnn" in metrics
+def test_inception_score_equals_exp_mean_kl_by_hand():
+    logits = _features(4, 60, d=6) * 2
+    p = torch.softmax(logits, 1).numpy()
+    by_hand = math.exp(np.mean([np.sum(pi * (np.log(pi) - np.log(p.mean(0)))) for pi in p]))
+    mean, std = inception_score(logits, splits=1)
+    assert mean == pytest.approx(by_hand, rel=1e-6) and std == 0.0
+    assert inception_score(torch.zeros(20, 6), splits=2)[0] == pytest.approx(1.0)  # no class information: IS = 1
+
+
+def _brute_pr(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def radii(x):
+        return np.array([sorted(np.linalg.norm(x - xi, axis=1))[k] for xi in x])  # k-th neighbour (self = 0th)
+
+    rr, rf = radii(real), radii(fake)
+    precision = np.mean([any(np.linalg.norm(f - real[j]) <= rr[j] for j in range(len(real))) for f in fake])
+    recall = np.mean([any(np.linalg.norm(r - fake[j]) <= rf[j] for j in range(len(fake))) for r in real])
+    return float(precision), float(recall)
+
+
+def test_precision_recall_equal_a_loop_over_k_nn_balls():
+    real = _features(5, 50, d=3)
+    fake = torch.cat([_features(6, 25, d=3), _features(7, 25, d=3, shift=8.0)])  # half far from every real
+    p, r = precision_recall(real, fake, k=3)
+    bp, br = _brute_pr(real.numpy(), fake.numpy(), 3)
+    assert (p, r) == pytest.approx((bp, br))
+    assert 0.4 <= p <= 0.6  # the far half is outside the real manifold
+
+
+def _settings(**kw) -> object:
+    return Params().metrics.model_copy(update={"features": "randcnn", "kid_subsets": 3, **kw})
+
+
+class _Net(torch.nn.Module):
+    """A stand-in generator: z → a fixed image pattern + z-dependent shift (deterministic per z)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3 * 32 * 32)
+        torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, z, noise_mode="const"):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(images=torch.tanh(self.lin(z)).reshape(-1, 3, 32, 32))
+
+
+def _reference(n: int = 48) -> Reference:
+    return Reference(Path("ref"), "train", 32, _images(9, n), "0" * 64)
+
+
+def test_evaluation_does_not_depend_on_the_batch_size():
+    G = _Net()
+    a = Evaluator(_settings(batch_size=64), _reference())(G, 8, 60, ["fid", "kid", "is", "pr"])
+    b = Evaluator(_settings(batch_size=7), _reference())(G, 8, 60, ["fid", "kid", "is", "pr"])
+    assert a.metrics.keys() == b.metrics.keys()
+    for k in a.metrics:
+        assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-6, abs=1e-9), k
+    batches = [x for x in generate_uint8(G, 30, 8, 7, seed=0, device=torch.device("cpu"))]
+    assert [len(x) for x in batches] == [7, 7, 7, 7, 2]
+    assert torch.equal(torch.cat(batches), next(generate_uint8(G, 30, 8, 30, seed=0, device=torch.device("cpu"))))
+
+
+def test_evaluator_fid_equals_scipy_on_the_features_it_extracted():
+    G, ref = _Net(), _reference()
+    ev = Evaluator(_settings(), ref)(G, 8, 50, ["fid"])
+    net = RandomCNNFeatures()
+    fake = torch.cat([net(x)[0] for x in generate_uint8(G, 50, 8, 100, 0, torch.device("cpu"))]).double()
+    real = net(ref.images)[0].double()
+    assert ev.metrics["fid50_train_randcnn"] == pytest.approx(_scipy_fid(real.numpy(), fake.numpy()), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------ names, provenance
+def test_metric_names_hold_n_split_and_network():
+    assert metric_key("fid", 50000, "inception", "all") == "fid50k_all_inception"
+    assert metric_key("kid", 500, "randcnn", "train", "mean") == "kid500_train_randcnn_mean"
+    assert metric_key("is", 2500, "randcnn", stat="std") == "is2500_randcnn_std"
+    assert count_tag(10000) == "10k" and count_tag(1500) == "1500"
+    assert parse_metric_key("precision200_test_inception-1a2b3c4d").split == "test"
+    assert parse_metric_key("loss/d") is None and parse_metric_key("fid_randcnn") is None
+    with pytest.raises(ValueError, match="reference split"):
+        metric_key("is", 10, "randcnn", "train")
+    assert keys_of("pr", 100, "randcnn", "test") == ["precision100_test_randcnn", "recall100_test_randcnn"]
+
+
+def test_every_logged_value_carries_its_provenance():
+    ev = Evaluator(_settings(), _reference())(_Net(), 8, 40, ["fid", "kid", "is", "pr", "lpips"], lpips_pairs=6)
+    assert set(ev.metrics) == set(ev.provenance)
+    assert "lpips6_randalex" in ev.metrics and "fid40_train_randcnn" in ev.metrics
+    for key, prov in ev.provenance.items():
+        for field in ("implementation", "feature_network", "weights_sha256", "resizer", "resolution", "n_generated",
+                      "seeds"):
+            assert field in prov, (key, field)
+        assert prov["resolution"] == 32 and prov["n_generated"] == 40
+        if parse_metric_key(key).split is not None:
+            assert prov["reference_split"] == "train" and prov["n_real"] == 48
+    assert ev.provenance["kid40_train_randcnn_mean"]["kid_subsets"] == 3
+
+
+def test_without_inception_weights_auto_is_randcnn_and_inception_fails_fast_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no torch-fidelity cache
+    assert build_feature_net("auto", None).name == "randcnn"
+    assert feature_net_name("randcnn", None, 7) == "randcnn-s7" == RandomCNNFeatures(seed=7).name
+    with pytest.raises(FileNotFoundError, match="metrics.inception_weights"):
+        build_feature_net("inception", None)
+    with pytest.raises(FileNotFoundError, match="metrics.inception_weights"):
+        build_feature_net("inception", str(tmp_path / "missing.pth"))
 
 
 def _random_inception_state_dict(monkeypatch) -> dict:
@@ -79,24 +190,75 @@ def _random_inception_state_dict(monkeypatch) -> dict:
     return net.state_dict()
 
 
-def test_inception_path_loads_a_local_weights_file(tmp_path, monkeypatch):
-    path = tmp_path / "pt_inception.pth"
+def test_inception_loads_a_local_file_or_the_torch_fidelity_cache_and_names_foreign_weights(tmp_path, monkeypatch):
+    from sqgan.io import sha256_file
+    from sqgan.metrics.features import INCEPTION_FILE
+
     sd = _random_inception_state_dict(monkeypatch)
+    path = tmp_path / "pt_inception.pth"
     torch.save(sd, path)
-    net, name = build_feature_net(str(path), 0)
-    assert name == "inception"
-    loaded = net.net.state_dict()
+    net = build_feature_net("inception", str(path))
+    assert not sha256_file(path).startswith(INCEPTION_SHA256_PREFIX)
+    assert net.name == f"inception-{sha256_file(path)[:8]}" == feature_net_name("auto", str(path))
     key = next(k for k in sd if k.endswith("weight"))
-    assert torch.equal(loaded[key], sd[key])  # the weights came from the file
-    feats = net(_images(8, 2))
-    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
-    metrics, prov = fid_kid([_images(9, 4)], [_images(10, 4)], net, name, kid_subsets=1)
-    assert set(metrics) == {"fid_inception", "kid_inception_mean", "kid_inception_std"}
-    assert "inception-v3-compat" in prov["feature_extractor"]
-    with pytest.raises(FileNotFoundError, match="metrics.inception_weights"):
-        build_feature_net(str(tmp_path / "missing.pth"), 0)
+    assert torch.equal(net.net.state_dict()[key], sd[key])  # the weights came from the file
+    pool, logits = net(_images(8, 2))
+    assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(pool).all()
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    (hub / "checkpoints" / INCEPTION_FILE).write_bytes(path.read_bytes())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    assert build_feature_net("auto", None).name.startswith("inception-")  # found in the cache
 
 
+def test_lpips_is_zero_on_identical_images_and_loads_backbone_weights(tmp_path):
+    import torchvision
+
+    from sqgan.metrics.features import LPIPSNet
+
+    a, b = _images(10, 4), _images(11, 4)
+    rand = LPIPSNet("alex")
+    assert rand.name == "randalex"
+    assert torch.allclose(rand(a, a), torch.zeros(4), atol=1e-6) and (rand(a, b) > 0).all()
+    tv = torchvision.models.alexnet(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
+    real = LPIPSNet("alex", tmp_path / "alexnet.pth")
+    assert real.name == "alex"
+    assert torch.equal(real.net.net.slice1[0].weight, tv.features[0].weight)
+    with pytest.raises(FileNotFoundError, match="metrics.lpips_weights"):
+        LPIPSNet("alex", tmp_path / "missing.pth")
+
+
+# ----------------------------------------------------------------------------------------- cache
+def test_a_second_evaluation_extracts_no_real_features(tmp_path):
+    G = _Net()
+    cache = RealFeatureCache(tmp_path / "cache")
+    ev = Evaluator(_settings(batch_size=16), _reference(), cache=cache)
+    first = ev(G, 8, 32, ["fid", "kid"])
+    assert first.real_cache_hit is False and cache.extractions == 3  # 48 reals in batches of 16
+    again = ev(G, 8, 32, ["fid"])
+    assert again.real_cache_hit is True and cache.extractions == 3
+    fresh = RealFeatureCache(tmp_path / "cache")  # a new process: from disk
+    third = Evaluator(_settings(batch_size=16), _reference(), cache=fresh)(G, 8, 32, ["fid", "kid"])
+    assert third.real_cache_hit is True and fresh.extractions == 0
+    assert third.metrics == first.metrics
+    changed = Reference(Path("ref"), "train", 32, _images(9, 48), "1" * 64)  # another manifest
+    fourth = Evaluator(_settings(batch_size=16), changed, cache=fresh)(G, 8, 32, ["fid"])
+    assert fourth.real_cache_hit is False and fresh.extractions == 3
+    other_net = Evaluator(_settings(batch_size=16, randcnn_seed=1), _reference(), cache=fresh)(G, 8, 32, ["fid"])
+    assert other_net.real_cache_hit is False and "fid32_train_randcnn-s1" in other_net.metrics
+
+
+def test_is_and_lpips_need_no_reference():
+    def boom():
+        raise AssertionError("the reference was loaded")
+
+    ev = Evaluator(_settings(), boom)(_Net(), 8, 20, ["is", "lpips"], lpips_pairs=4)
+    assert ev.real_cache_hit is None and set(ev.metrics) == {"is20_randcnn_mean", "is20_randcnn_std",
+                                                             "lpips4_randalex"}
+
+
+# ----------------------------------------------------------------------------------------- codebook
 def test_codebook_usage_statistics():
     assert perplexity(torch.tensor([5.0, 5.0, 5.0, 5.0])).item() == pytest.approx(4.0)
     assert perplexity(torch.tensor([9.0, 0.0, 0.0])).item() == pytest.approx(1.0)

@@ -35,7 +35,7 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     assert len(r.data.params) == len(params.flat())
     history = client.get_metric_history(run.run_id, "loss/d")
     assert [m.step for m in history] == [4, 8, 12]
-    assert "fq/layer1/utilisation" in r.data.metrics and "fid_randcnn" in r.data.metrics
+    assert "fq/layer1/utilisation" in r.data.metrics and "fid40_train_randcnn" in r.data.metrics
     assert "fid" not in r.data.metrics
     tags = r.data.tags
     assert len(tags["git_sha"].removesuffix("-dirty")) == 40
@@ -47,7 +47,7 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     assert {"samples/step_000010.png", "samples/grid.png"} <= samples
     top = {f.path for f in client.list_artifacts(run.run_id)}
     assert {"params.yaml", "metrics.json", "checkpoints"} <= top
-    assert run.metrics["step"] == 12 and run.metrics["fid_randcnn"] == pytest.approx(r.data.metrics["fid_randcnn"])
+    assert run.metrics["step"] == 12 and run.metrics["fid40_train_randcnn"] == pytest.approx(r.data.metrics["fid40_train_randcnn"])
 
     assert r.data.tags["data.md5"] == dvc_dir_md5(demo_dir)
     assert r.data.tags["data.matches_dvc_lock"] == "not in dvc.lock"
@@ -129,7 +129,7 @@ def test_two_ddp_workers_survive_a_killed_rank_and_track_a_one_worker_run_on_the
     assert r.data.tags["sqgan.restarted_from_step"] == "4"  # from the last checkpoint, not from scratch
     two = client.get_metric_history(run.run_id, "loss/d")
     assert [m.step for m in two] == [2, 4, 6, 8, 10, 12]  # the replayed steps 5-6 are not logged twice
-    assert "fid_randcnn" in r.data.metrics and run.metrics["step"] == 12
+    assert "fid40_train_randcnn" in r.data.metrics and run.metrics["step"] == 12
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_000012.pt", weights_only=True)
     assert state["step"] == 12 and bool(state["D"]["quantizers.2.initialised"])
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
@@ -169,6 +169,6 @@ def test_stylegan2_with_sq_trains_under_ray_and_logs_sq_usage_to_mlflow(ray_sess
     usage = client.get_metric_history(run.run_id, "sq/utilisation")
     assert [m.step for m in usage] == [3, 6] and all(0 < m.value <= 1 for m in usage)
     assert 1 <= r.data.metrics["sq/perplexity"] <= 16  # sq.codebook_size 16
-    for key in ("loss/sq", "loss/qcr", "loss/r1", "d/feature_similarity", "fq/layer1/utilisation", "fid_randcnn"):
+    for key in ("loss/sq", "loss/qcr", "loss/r1", "d/feature_similarity", "fq/layer1/utilisation", "fid40_train_randcnn"):
         assert key in r.data.metrics, key
     assert -1 <= r.data.metrics["d/feature_similarity"] <= 1

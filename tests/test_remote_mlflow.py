@@ -146,7 +146,7 @@ def test_ray_training_logs_params_metrics_and_artifacts_to_a_remote_tracking_ser
     assert client.get_experiment(r.info.experiment_id).name == "remote-test"
     assert r.data.params["fq.decay"] == "0.7" and r.data.params["train.steps"] == "12"
     assert [m.step for m in client.get_metric_history(run.run_id, "loss/d")] == [4, 8, 12]
-    assert "fid_randcnn" in r.data.metrics
+    assert "fid40_train_randcnn" in r.data.metrics
 
     top = {f.path for f in client.list_artifacts(run.run_id)}
     assert {"samples", "metrics.json", "params.yaml", "checkpoints"} <= top

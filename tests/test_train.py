@@ -26,7 +26,7 @@ def test_twenty_steps_have_finite_losses_and_log_fq_usage(demo_dir, tmp_path):
         for layer in (1, 2):
             assert 0 < m[f"fq/layer{layer}/utilisation"] <= 1
             assert 1 <= m[f"fq/layer{layer}/perplexity"] <= 16
-    assert "fid_randcnn" in result.metrics and result.metrics["fid_randcnn"] > 0
+    assert "fid40_train_randcnn" in result.metrics and result.metrics["fid40_train_randcnn"] > 0
     assert {"step_000010.png", "step_000020.png", "grid.png", "metrics.json", "step_000020.pt"} <= set(artifacts)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000010.pt", "step_000020.pt"]
 
@@ -152,7 +152,7 @@ def test_resume_at_exactly_train_steps_runs_no_step_and_finishes(demo_dir, tmp_p
                    resume=tmp_path / "r" / "checkpoints" / "step_000010.pt",
                    hooks=Hooks(log_metrics=lambda m, s: logged.append(s)))
     assert result.step == 10 and logged == [10]  # only the final evaluation, at step 10
-    assert "fid_randcnn" in result.metrics
+    assert "fid40_train_randcnn" in result.metrics
     assert "loss/d" in result.metrics and "fq/layer1/utilisation" in result.metrics  # the last window's, kept
 
 

@@ -32,7 +32,7 @@ def sweep_overrides(tmp_path: Path, **extra: object) -> list[str]:
         "tune.fixed": "{}",
         "tune.space": "{fq: {codebook_size: {grid: [16, 32]}, decay: {grid: [0.7, 0.9]}}}",
         "train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, "train.sample_every": 4,
-        "metrics.eval_every": 4, "metrics.eval_num_fake": 40, "tune.max_concurrent_trials": 2,
+        "metrics.eval_every": 4, "metrics.eval_num_fake": 20, "tune.max_concurrent_trials": 2,
     }
     base.update(extra)
     return tiny_overrides(**base)
@@ -139,9 +139,9 @@ def test_reported_metrics_name_the_interim_evaluation_only_when_it_runs():
     from sqgan.train.loop import reported_metrics
 
     with_interim = reported_metrics(default_params(["train.steps=100", "metrics.eval_every=20"]))
-    assert {"interim/kid_randcnn_mean", "kid_randcnn_mean", "fq/layer2/perplexity"} <= with_interim
-    assert "interim/kid_randcnn_mean" not in reported_metrics(default_params(["metrics.eval_every=0"]))
-    assert "interim/fid_randcnn" not in reported_metrics(default_params(["train.steps=100", "metrics.eval_every=100"]))
+    assert {"kid200_train_randcnn_mean", "kid500_train_randcnn_mean", "fq/layer2/perplexity"} <= with_interim
+    assert "kid200_train_randcnn_mean" not in reported_metrics(default_params(["metrics.eval_every=0"]))
+    assert "fid200_train_randcnn" not in reported_metrics(default_params(["train.steps=100", "metrics.eval_every=100"]))
     assert "fq/layer1/utilisation" not in reported_metrics(default_params(["fq.enabled=false"]))
 
 
@@ -185,9 +185,9 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
     for r in runs:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss/d")]
         assert steps == list(range(2, int(r.data.tags["sqgan.stopped_at_step"]) + 1, 2))  # each step once
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "interim/kid_randcnn_mean")][:1] == [4]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "kid20_train_randcnn_mean")][:1] == [4]
     for r in completed:
-        assert r.info.status == "FINISHED" and "kid_randcnn_mean" in r.data.metrics
+        assert r.info.status == "FINISHED" and "kid40_train_randcnn_mean" in r.data.metrics
         arts = {f.path for f in client.list_artifacts(r.info.run_id, "samples")} | \
             {f.path for f in client.list_artifacts(r.info.run_id, "checkpoints")}
         assert {"samples/grid.png", "checkpoints/step_000008.pt"} <= arts
@@ -203,7 +203,7 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
     by_run = {r.info.run_id: r for r in runs}
     for row in rows:
         run = by_run[row["run_id"]]
-        key = "kid_randcnn_mean" if row["from"] == "final" else "interim/kid_randcnn_mean"
+        key = "kid40_train_randcnn_mean" if row["from"] == "final" else "kid20_train_randcnn_mean"
         assert float(row["kid"]) == pytest.approx(run.data.metrics[key])
         assert row["step"] == run.data.tags["sqgan.stopped_at_step"] and row["status"] == \
             run.data.tags["sqgan.trial_status"]

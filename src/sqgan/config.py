@@ -263,21 +263,50 @@ class TrainParams(Section):
 
 # -------------------------------------------------------------------------------------- metrics
 class MetricsParams(Section):
-    num_fake: int = Field(500, ge=2, description="generated images for FID/KID (from G_ema)")
-    batch_size: int = Field(100, ge=1, description="batch size of feature extraction")
-    inception_weights: str | None = Field(
-        None, description="local Inception weights (torch-fidelity .pth); unset = fixed-seed random CNN (fid_randcnn)"
-    )
-    randcnn_seed: int = Field(0, ge=0, description="seed of the random-CNN feature network")
-    kid_subset_size: int = Field(100, ge=2, description="KID subset size (capped at the smaller image count)")
-    kid_subsets: int = Field(50, ge=1, description="KID subsets averaged")
+    names: list[Literal["fid", "kid", "is", "pr", "lpips"]] = Field(
+        ["fid", "kid"], min_length=1, description="quality metrics of training's interim and final evaluations")
+    num_fake: int = Field(500, ge=2, description="generated images (G_ema) of training's final evaluation")
     eval_every: int = Field(
-        250, ge=0, description="steps between interim FID/KID (logged as interim/…, reported to Ray); 0 = final only"
-    )
+        250, ge=0, description="steps between interim evaluations (eval_num_fake images, reported to Ray); 0 = final "
+                               "only")
     eval_num_fake: int = Field(200, ge=2, description="generated images of each interim evaluation (final: num_fake)")
+    reference_split: str = Field(
+        "train", min_length=1, description="split of the curated dataset metrics compare with (its manifest's split "
+                                           "column); all = every image")
+    seed: int = Field(0, ge=0, description="seed of the evaluated z, KID's subsets and IS's shuffle")
+    batch_size: int = Field(100, ge=1, description="images per batch of generation and feature extraction")
+    features: Literal["auto", "inception", "randcnn"] = Field(
+        "auto", description="feature network: inception (needs its weights file), randcnn (fixed-seed random CNN: "
+                            "…_randcnn names), auto = inception when a weights file exists, else randcnn")
+    inception_weights: str | None = Field(
+        None, description="local torch-fidelity Inception .pth; unset = torch-fidelity's cache in the torch hub folder")
+    randcnn_seed: int = Field(0, ge=0, description="seed of the random-CNN feature network (≠ 0 renames: randcnn-sN)")
+    kid_subsets: int = Field(100, ge=1, description="KID subsets averaged (stylegan2-ada: 100)")
+    kid_max_subset_size: int = Field(1000, ge=2, description="KID subset size cap: min(N_real, N_gen, this), as "
+                                                             "stylegan2-ada")
+    is_splits: int = Field(10, ge=1, description="Inception Score splits")
+    pr_k: int = Field(3, ge=1, description="k of precision/recall's k-NN manifolds (Kynkäänniemi et al.: 3)")
+    lpips_backbone: Literal["alex", "vgg"] = Field("alex", description="LPIPS backbone")
+    lpips_weights: str | None = Field(
+        None, description="torchvision state dict of the LPIPS backbone (ImageNet); unset = random backbone (rand…)")
+    cache_dir: str = Field(".cache/metrics", min_length=1, description="real-image features cached by manifest hash "
+                                                                       "and feature network (sqgan eval)")
     diversity_every: int = Field(
-        100, ge=0, description="steps between d/feature_similarity (mean pairwise cosine of D's penultimate features "
-                               "over a fixed real batch); 0 = off")
+        100, ge=0, description="steps between the diversity diagnostics: d/feature_similarity (mean pairwise cosine "
+                               "of D's penultimate features over the reals) and g/clip_similarity; 0 = off")
+    diversity_images: int = Field(256, ge=2, description="images (reals for D, generated for CLIP) the diagnostics "
+                                                         "average over")
+    clip_similarity: bool = Field(
+        False, description="log g/clip_similarity: mean pairwise cosine of CLIP features of generated images "
+                           "(CLIP from prior.clip_model / prior.clip_pretrained)")
+
+
+class EvalParams(Section):
+    metrics: list[Literal["fid", "kid", "is", "pr", "lpips"]] = Field(
+        ["fid", "kid", "is", "pr", "lpips"], min_length=1, description="metrics of `sqgan eval`")
+    num_fake: int = Field(5000, ge=2, description="generated images of `sqgan eval`")
+    lpips_pairs: int = Field(1000, ge=1, description="pairs of generated images LPIPS diversity averages over "
+                                                     "(at most num_fake / 2)")
 
 
 # --------------------------------------------------------------------------------------- mlflow
@@ -424,7 +453,8 @@ class Params(Section):
     prior: PriorParams = Field(default_factory=PriorParams, description="CLIP codebook prior (`sqgan prior`)")
     ada: AdaParams = Field(default_factory=AdaParams, description="adaptive discriminator augmentation")
     train: TrainParams = Field(default_factory=TrainParams, description="training loop")
-    metrics: MetricsParams = Field(default_factory=MetricsParams, description="FID/KID")
+    metrics: MetricsParams = Field(default_factory=MetricsParams, description="quality metrics and diagnostics")
+    eval: EvalParams = Field(default_factory=EvalParams, description="`sqgan eval`")
     mlflow: MlflowParams = Field(default_factory=MlflowParams, description="tracking")
     ray: RayParams = Field(default_factory=RayParams, description="Ray Train")
     tune: TuneParams = Field(default_factory=TuneParams, description="Ray Tune sweeps (`sqgan tune`)")

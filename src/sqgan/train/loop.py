@@ -72,6 +72,7 @@ class Hooks:
 
     log_metrics: Callable[[dict[str, float], int], None] = _noop
     log_artifact: Callable[[Path, str], None] = _noop
+    set_tags: Callable[[dict[str, Any]], None] = _noop
     report: Callable[[dict[str, float], int, Path | None], None] = _noop
 
 
@@ -194,35 +195,29 @@ def sample_grid(g_ema: nn.Module, z: torch.Tensor, path: Path) -> Path:
     return path
 
 
-@torch.no_grad()
-def generate_uint8(g_ema: nn.Module, n: int, z_dim: int, batch: int, seed: int, device: torch.device):
-    from sqgan.metrics.fid import to_uint8
-
-    g_ema.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for start in range(0, n, batch):
-        z = torch.randn(min(batch, n - start), z_dim, generator=gen, device=device)
-        yield to_uint8(g_ema(z, noise_mode="const").images).cpu()
-
-
-INTERIM = "interim/"  # prefix of the metrics of an interim evaluation (metrics.eval_num_fake images, not num_fake)
-
-
-def evaluate(params: Params, g_ema: nn.Module, dataset: ManifestDataset, device: torch.device,
-             num_fake: int | None = None):
-    """FID/KID of G_ema against the training images, with the feature network named in the metric."""
-    from sqgan.metrics.fid import build_feature_net, fid_kid
+def make_evaluator(params: Params, data_dir: str | Path, dataset: ManifestDataset, device: torch.device):
+    """The run's evaluator: its reference split (the training images themselves when that is `train`) and its
+    feature network are built on first use, and the real features are extracted once per run."""
+    from sqgan.metrics.evaluate import Evaluator, Reference
 
     mp = params.metrics
-    net, name = build_feature_net(mp.inception_weights, mp.randcnn_seed)
-    net = net.to(device)
-    reals = (dataset.images[i : i + mp.batch_size].to(device) for i in range(0, len(dataset), mp.batch_size))
-    fakes = generate_uint8(g_ema, num_fake or mp.num_fake, params.model.z_dim, mp.batch_size, params.train.seed + 2,
-                           device)
-    metrics, provenance = fid_kid(reals, fakes, net, name, mp.kid_subset_size, mp.kid_subsets, params.train.seed)
-    provenance.update({"reference": f"{dataset.root.name} train split", "generator": "G_ema",
-                       "resize": f"generated at {params.model.resolution}px; reals resized to it (Lanczos)"})
-    return metrics, provenance
+    images = dataset.images if mp.reference_split == "train" else None
+    return Evaluator(mp, lambda: Reference.load(data_dir, mp.reference_split, params.model.resolution, images),
+                     device)
+
+
+def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, hooks: Hooks, step: int):
+    """Training's evaluation (interim: eval_num_fake images, final: num_fake): metrics.names on G_ema, each value
+    logged with its provenance as the tag `sqgan.metric.<name>`."""
+    import json
+
+    ev = evaluator(g_ema, params.model.z_dim, num_fake, params.metrics.names, lpips_pairs=num_fake // 2)
+    hooks.log_metrics(ev.metrics, step)
+    hooks.set_tags({f"{PROVENANCE_TAG}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
+    return ev
+
+
+PROVENANCE_TAG = "sqgan.metric."  # + metric name: the JSON provenance of that metric's values
 
 
 # ------------------------------------------------------------------------------------- train
@@ -396,20 +391,55 @@ class Window:
         return metrics
 
 
-DIVERSITY_BATCH = 64  # fixed real images for d/feature_similarity
-
-
 @torch.no_grad()
-def feature_similarity(D: nn.Module, reals: torch.Tensor) -> float:
-    """Mean pairwise cosine similarity of D's penultimate features over `reals` (seed 000 A.4: lower = D tells
-    the images apart more). D in eval mode, dictionaries untouched."""
+def feature_similarity(D: nn.Module, reals: torch.Tensor, batch: int) -> float:
+    """Mean pairwise cosine similarity of D's penultimate features over `reals` (uint8; seed 000 A.4: lower = D
+    tells the images apart more). D in eval mode, dictionaries untouched."""
     D = _unwrap(D)
     was = D.training
     D.eval()
+    device = next(D.parameters()).device
     try:
-        return float(mean_pairwise_cosine(D(reals, update=False).features.float()))
+        feats = [D(reals[i : i + batch].to(device).float() / 127.5 - 1.0, update=False).features.float().flatten(1)
+                 for i in range(0, len(reals), batch)]
+        return float(mean_pairwise_cosine(torch.cat(feats)))
     finally:
         D.train(was)
+
+
+class Diversity:
+    """The diversity diagnostics every metrics.diversity_every steps: `d/feature_similarity` over the first
+    metrics.diversity_images real images (every rank), and with metrics.clip_similarity `g/clip_similarity`, the
+    mean pairwise cosine of CLIP features of as many G_ema images from fixed z (rank 0)."""
+
+    def __init__(self, params: Params, dataset: ManifestDataset, rt: Runtime) -> None:
+        mp = params.metrics
+        self.reals = dataset.images[: mp.diversity_images]
+        self.batch, self.rt = mp.batch_size, rt
+        self.clip = None
+        if mp.clip_similarity and mp.diversity_every and rt.is_main:
+            from sqgan.data.features import ClipFeatures
+            from sqgan.quant.prior import load_clip
+
+            model, preprocess = load_clip(params.prior.clip_model, params.prior.clip_pretrained)
+            self.clip = ClipFeatures(model, preprocess, "generated")
+            gen = torch.Generator().manual_seed(params.train.seed + 3)
+            self.z = torch.randn(mp.diversity_images, params.model.z_dim, generator=gen).to(rt.device)
+
+    def __call__(self, state: TrainState) -> dict[str, float]:
+        out = {"d/feature_similarity": feature_similarity(state.D, self.reals, self.batch)}
+        if self.clip is not None:
+            from PIL import Image
+
+            from sqgan.metrics.evaluate import to_uint8
+
+            state.G_ema.eval()
+            with torch.no_grad():
+                images = torch.cat([to_uint8(state.G_ema(self.z[i : i + self.batch], noise_mode="const").images).cpu()
+                                    for i in range(0, len(self.z), self.batch)])
+            pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
+            out["g/clip_similarity"] = float(mean_pairwise_cosine(torch.from_numpy(self.clip(pil))))
+        return out
 
 
 def train(
@@ -434,7 +464,8 @@ def train(
     state = setup(params, rt, resume)
     fixed_z = torch.randn(GRID_SIZE, params.model.z_dim, generator=torch.Generator().manual_seed(tp.seed + 1))
     fixed_z = fixed_z.to(device)
-    fixed_reals = dataset.images[:DIVERSITY_BATCH].to(device).float() / 127.5 - 1.0
+    diversity = Diversity(params, dataset, rt)
+    evaluator = make_evaluator(params, data_dir, dataset, device) if rt.is_main else None
     window = Window()
 
     def checkpoint() -> Path | None:
@@ -460,7 +491,7 @@ def train(
                 metrics.update({"ada/p": float(state.ada.p), "ada/rt": float(state.ada.rt)})
             every = params.metrics.diversity_every
             if every and (done % every == 0 or done == tp.steps):
-                metrics["d/feature_similarity"] = feature_similarity(state.D, fixed_reals)
+                metrics.update(diversity(state))
             state.metrics = metrics
             if rt.is_main:
                 hooks.log_metrics(metrics, done)
@@ -474,11 +505,9 @@ def train(
         eval_every = params.metrics.eval_every
         if eval_every and done % eval_every == 0 and done != tp.steps:  # the end has the full evaluation
             report = dict(state.metrics) if report is None else report
-            if rt.is_main:  # fewer images than the final evaluation, so named interim/… (a fixed seed, like it)
-                interim, _ = evaluate(params, state.G_ema, dataset, device, num_fake=params.metrics.eval_num_fake)
-                interim = {INTERIM + k: v for k, v in interim.items()}
-                hooks.log_metrics(interim, done)
-                report.update(interim)
+            if rt.is_main:  # eval_num_fake images: their own names (fid200_…), a fixed seed like the final one
+                report.update(evaluate(params, evaluator, state.G_ema, params.metrics.eval_num_fake, hooks,
+                                       done).metrics)
 
         path: Path | None = None
         if done % tp.checkpoint_every == 0 and done != tp.steps:
@@ -489,10 +518,10 @@ def train(
         if report is not None and done != tp.steps:
             hooks.report(report, done, path)
     progress.close()
-    return finish(params, state, dataset, out_dir, fixed_z, rt, hooks, checkpoint)
+    return finish(params, state, evaluator, out_dir, fixed_z, rt, hooks, checkpoint)
 
 
-def finish(params: Params, state: TrainState, dataset: ManifestDataset, out_dir: Path, fixed_z: torch.Tensor,
+def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fixed_z: torch.Tensor,
            rt: Runtime, hooks: Hooks, checkpoint: Callable[[], Path | None]) -> TrainResult:
     """The last checkpoint, the grid, the full evaluation and metrics.json (rank 0), and the final report."""
     tp = params.train
@@ -501,11 +530,10 @@ def finish(params: Params, state: TrainState, dataset: ManifestDataset, out_dir:
     if rt.is_main:
         grid = sample_grid(state.G_ema, fixed_z, out_dir / "grid.png")
         hooks.log_artifact(grid, "samples")
-        quality, provenance = evaluate(params, state.G_ema, dataset, rt.device)
-        final.update(quality)
-        hooks.log_metrics(quality, tp.steps)
+        ev = evaluate(params, evaluator, state.G_ema, params.metrics.num_fake, hooks, tp.steps)
+        final.update(ev.metrics)
         summary = {k: v for k, v in final.items() if not k.startswith("time/")}  # keep the file reproducible
-        write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **summary, "provenance": provenance})
+        write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **summary, "provenance": ev.provenance})
         hooks.log_artifact(out_dir / "metrics.json", "")
         hooks.log_artifact(ckpt_path, "checkpoints")
     hooks.report(final, tp.steps, ckpt_path if rt.is_main else None)
@@ -551,11 +579,31 @@ def reported_metrics(params: Params) -> set[str]:
         names |= {"ada/p", "ada/rt"}
     if params.metrics.diversity_every:
         names.add("d/feature_similarity")
-    from sqgan.metrics.fid import feature_net_name
-
-    net = feature_net_name(params.metrics.inception_weights)
-    quality = {f"fid_{net}", f"kid_{net}_mean", f"kid_{net}_std"}
-    names |= quality
-    if params.metrics.eval_every and params.metrics.eval_every < params.train.steps:
-        names |= {INTERIM + q for q in quality}
+    if params.metrics.diversity_every and params.metrics.clip_similarity:
+        names.add("g/clip_similarity")
+    mp = params.metrics
+    names |= set(quality_keys(params, mp.num_fake))
+    if mp.eval_every and mp.eval_every < params.train.steps:
+        names |= set(quality_keys(params, mp.eval_num_fake))
     return names
+
+
+def quality_keys(params: Params, num_fake: int) -> list[str]:
+    """The names training's evaluation of `num_fake` images logs (fid500_train_randcnn, …)."""
+    from sqgan.metrics.evaluate import keys_of
+    from sqgan.metrics.features import feature_net_name
+
+    mp = params.metrics
+    net = feature_net_name(mp.features, mp.inception_weights, mp.randcnn_seed)
+    lpips_net = mp.lpips_backbone if mp.lpips_weights else f"rand{mp.lpips_backbone}"
+    return [k for name in mp.names for k in keys_of(name, num_fake, net, mp.reference_split, lpips_net, num_fake // 2)]
+
+
+def interim_key(params: Params, key: str) -> str:
+    """The interim evaluation's name of the final evaluation's metric `key` (the same on eval_num_fake images)."""
+    from sqgan.metrics.names import count_tag, parse_metric_key
+
+    parts = parse_metric_key(key)
+    if parts is None:
+        return key
+    return key.replace(f"{parts.metric}{parts.n}_", f"{parts.metric}{count_tag(params.metrics.eval_num_fake)}_", 1)

@@ -243,6 +243,7 @@ def train_worker(config: dict[str, Any]) -> None:
     hooks = Hooks(
         log_metrics=logger.log_metrics if logger else Hooks.log_metrics,
         log_artifact=logger.log_artifact if logger else Hooks.log_artifact,
+        set_tags=logger.set_tags if logger else Hooks.set_tags,
         report=report,
     )
     try:

@@ -84,24 +84,35 @@ def probe_values(name: str, args: list[Any]) -> list[Any]:
 
 
 def metric_key(params: Params, metric: str) -> str:
-    """The logged name behind `tune.metric` in a run's final metrics: kid → kid_<net>_mean, fid → fid_<net>."""
-    from sqgan.metrics.fid import feature_net_name
+    """The logged name behind `tune.metric` in a run's final metrics: kid → kid500_train_<net>_mean, fid →
+    fid500_train_<net> (metrics.num_fake images against metrics.reference_split)."""
+    from sqgan.metrics.names import parse_metric_key
+    from sqgan.train.loop import quality_keys
 
-    net = feature_net_name(params.metrics.inception_weights)
-    return {"kid": f"kid_{net}_mean", "fid": f"fid_{net}"}.get(metric, metric)
+    if metric not in METRIC_ALIASES:
+        return metric
+    keys = quality_keys(params.override({"metrics.names": [metric]}), params.metrics.num_fake)
+    return next(k for k in keys if parse_metric_key(k).stat in (None, "mean"))
+
+
+def is_evaluated(key: str) -> bool:
+    """Whether `key` comes from the quality evaluation (interim and final), not from every log step."""
+    from sqgan.metrics.names import is_quality_metric
+
+    return is_quality_metric(key)
 
 
 def asha_grace(params: Params, base: Params) -> int:
     """ASHA's grace period: tune.grace_period, else the trials' first interim evaluation (or first log step for a
     metric that is not evaluated)."""
-    evaluated = metric_key(base, params.tune.metric).startswith(("fid_", "kid_"))
+    evaluated = is_evaluated(metric_key(base, params.tune.metric))
     return params.tune.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
 
 
 def check_sweep(params: Params) -> Params:
     """Every check of the search space that needs no Ray; returns the trials' base params. ConfigError names the key."""
     from sqgan.config import _unknown_key_message
-    from sqgan.train.loop import INTERIM, reported_metrics
+    from sqgan.train.loop import interim_key, reported_metrics
 
     base = trial_base(params)
     t = params.tune
@@ -124,8 +135,7 @@ def check_sweep(params: Params) -> Params:
         known = ", ".join(sorted(reported))
         raise ConfigError(f"tune.metric {t.metric!r} is not a metric the run reports; use kid, fid or one of: {known}")
     if t.scheduler == "asha":
-        evaluated = key.startswith(("fid_", "kid_"))
-        if evaluated and INTERIM + key not in reported:
+        if is_evaluated(key) and interim_key(base, key) not in reported:
             raise ConfigError(f"tune.scheduler=asha prunes on {t.metric}, but the trials evaluate it only at the end "
                               f"(metrics.eval_every={base.metrics.eval_every}, train.steps={base.train.steps}); set "
                               f"--set tune.fixed.metrics.eval_every=N with N < train.steps, or tune.scheduler=fifo")
@@ -194,19 +204,17 @@ def build_scheduler(params: Params, base: Params) -> Any:
 
 
 # ------------------------------------------------------------------------------------- trial
-def _report_callback(metric: str, final_key: str) -> Any:
+def _report_callback(metric: str, final_key: str, interim: str) -> Any:
     """A Train callback (built inside the trial) that hands each report with the ranked metric to Tune, the
     alias (kid, fid) filled from the final evaluation or else the interim one. Reports without it are not passed
     on: ASHA and the searchers need the metric in every result."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sqgan.train.loop import INTERIM
-
     class ReportToTune(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             m = dict(metrics[0])
             if metric in METRIC_ALIASES:
-                value = m.get(final_key, m.get(INTERIM + final_key))
+                value = m.get(final_key, m.get(interim))
                 if value is not None:
                     m[metric] = value
             if metric in m:
@@ -221,6 +229,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     from ray import tune
 
     from sqgan.tracking import end_run
+    from sqgan.train import loop
     from sqgan.train.ray_train import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
@@ -236,7 +245,8 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     trainer = build_trainer(
         params, Path(spec.data_dir), out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
         storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
-        callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric))],
+        callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric),
+                                    loop.interim_key(params, metric_key(params, spec.metric)))],
     )
     try:
         result = trainer.fit()
@@ -324,10 +334,12 @@ def run_sweep(
 def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path) -> str:
     """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags."""
     from sqgan.tracking import start_run
+    from sqgan.train.loop import interim_key
 
     t = params.tune
     tags = {"sqgan.stage": "sweep", "sqgan.tune.axes": json.dumps(list(t.axes())), "sqgan.tune.metric": t.metric,
-            "sqgan.tune.metric_key": metric_key(base, t.metric), "sqgan.tune.mode": t.mode,
+            "sqgan.tune.metric_key": metric_key(base, t.metric),
+            "sqgan.tune.interim_key": interim_key(base, metric_key(base, t.metric)), "sqgan.tune.mode": t.mode,
             "sqgan.tune.searcher": t.searcher, "sqgan.tune.scheduler": t.scheduler,
             "sqgan.tune.steps": str(base.train.steps)}
     if params.mlflow.run_name is None:

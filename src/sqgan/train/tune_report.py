@@ -74,8 +74,6 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any)
 
 def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
     """(rows sorted best first, the parent's tags, the axes) from MLflow alone."""
-    from sqgan.train.loop import INTERIM
-
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
     ptags = parent.data.tags
@@ -84,13 +82,14 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
                          f"{ptags.get('sqgan.stage')!r}); pass the run id `sqgan tune` printed")
     axes = json.loads(ptags["sqgan.tune.axes"])
     metric, key, mode = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"], ptags["sqgan.tune.mode"]
+    interim = ptags.get("sqgan.tune.interim_key", key)
     rows = []
     for run in _children(client, parent):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
         if key in m:
             value, source = m[key], "final"
-        elif INTERIM + key in m:
-            value, source = m[INTERIM + key], "interim"
+        elif interim in m:
+            value, source = m[interim], "interim"
         else:
             value, source = math.nan, "-"
         status = tags.get("sqgan.trial_status") or {"RUNNING": "running", "FINISHED": "completed"}.get(
@@ -146,9 +145,9 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
     import matplotlib.pyplot as plt
 
     from sqgan.io import atomic_path
-    from sqgan.train.loop import INTERIM
 
     metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
+    interim = ptags.get("sqgan.tune.interim_key", key)
     fig, axs = plt.subplots(1, len(axes), figsize=(4 * len(axes), 3.4), squeeze=False)
     for ax, axis in zip(axs[0], axes, strict=True):
         for status, marker in (("completed", "o"), (None, "x")):
@@ -170,7 +169,7 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
-        names = [INTERIM + key, key] if metric in ("kid", "fid") or key.startswith(("kid_", "fid_")) else [key]
+        names = list(dict.fromkeys([interim, key]))  # interim (eval_num_fake images), then final
         pts = sorted((m.step, m.value) for n in names for m in client.get_metric_history(r["run_id"], n))
         if pts:
             label = f"{r['trial']} " + " ".join(f"{a.split('.')[-1]}={_fmt(r[a])}" for a in axes)

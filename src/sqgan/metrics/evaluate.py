@@ -1,0 +1,362 @@
+"""The one evaluation of a generator: the registry of quality metrics, the reference images, the real-feature
+cache and `Evaluator`, which the training loop (interim and final), `sqgan eval` and the sweeps all call.
+
+A metric value comes with its provenance (implementation and version, feature network and its weights' sha256,
+resizer and resolution, reference split and N real, N generated, seeds); its name holds every part of that a user
+can change (`sqgan.metrics.names`), so two values that share a name were computed alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sqgan.metrics.names import REFERENCED, metric_key
+
+CACHE_FORMAT = 1
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images → uint8 [0, 255]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+Z_CHUNK = 1024  # z is drawn in chunks of this size whatever the batch size, so the images do not depend on it
+
+
+@torch.no_grad()
+def generate_uint8(g_ema: nn.Module, n: int, z_dim: int, batch: int, seed: int,
+                   device: torch.device) -> Iterator[torch.Tensor]:
+    """n images of G_ema (const noise) in batches of `batch`. z comes from a CPU generator seeded `seed`, drawn in
+    chunks of Z_CHUNK: the same images for the same seed on any device and with any batch size."""
+    g_ema.eval()
+    gen = torch.Generator().manual_seed(seed)
+    for chunk in range(0, n, Z_CHUNK):
+        z = torch.randn(min(Z_CHUNK, n - chunk), z_dim, generator=gen)
+        for start in range(0, len(z), batch):
+            yield to_uint8(g_ema(z[start : start + batch].to(device), noise_mode="const").images)
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Inputs:
+    real: torch.Tensor | None  # real pool features [N_r, F]
+    fake: torch.Tensor  # generated pool features [N, F]
+    fake_logits: torch.Tensor  # [N, C]
+    lpips: torch.Tensor | None  # per-pair LPIPS distances of generated images [P]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One quality metric: what it reads, how it is computed, the library that computes it."""
+
+    name: str  # what users list in metrics.names / eval.metrics
+    implementation: str
+    compute: Callable[[Inputs, Any], dict[str | None, float]]  # (inputs, settings) → {stat: value}
+    stats: tuple[str | None, ...]  # the logged variants: None, or "mean"/"std"
+    parts: tuple[str, ...] = ()  # sub-metrics with their own names (precision, recall)
+
+
+def _fid(x: Inputs, s: Any) -> dict[str | None, float]:
+    from sqgan.metrics.fid import fid_from_features
+
+    return {None: fid_from_features(x.real, x.fake)}
+
+
+def _kid(x: Inputs, s: Any) -> dict[str | None, float]:
+    from sqgan.metrics.kid import kid_from_features
+
+    mean, std = kid_from_features(x.real, x.fake, s.kid_subsets, s.kid_max_subset_size, s.seed)
+    return {"mean": mean, "std": std}
+
+
+def _is(x: Inputs, s: Any) -> dict[str | None, float]:
+    from sqgan.metrics.inception_score import inception_score
+
+    mean, std = inception_score(x.fake_logits, s.is_splits, s.seed)
+    return {"mean": mean, "std": std}
+
+
+def _pr(x: Inputs, s: Any) -> dict[str | None, float]:
+    from sqgan.metrics.precision_recall import precision_recall
+
+    p, r = precision_recall(x.real, x.fake, s.pr_k)
+    return {"precision": p, "recall": r}
+
+
+def _lpips(x: Inputs, s: Any) -> dict[str | None, float]:
+    return {None: float(x.lpips.double().mean())}
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("fid", "torch_fidelity.metric_fid (eigenvalues of Σ_r Σ_g)", _fid, (None,)),
+    Metric("kid", "torch_fidelity.metric_kid (unbiased MMD², cubic kernel)", _kid, ("mean", "std")),
+    Metric("is", "torch_fidelity.metric_isc", _is, ("mean", "std")),
+    Metric("pr", "torch_fidelity.metric_prc (k-NN manifolds)", _pr, (None,), parts=("precision", "recall")),
+    Metric("lpips", "torchmetrics LPIPS, mean over pairs of generated images", _lpips, (None,)),
+)}
+
+
+def check_metric_names(names: list[str] | tuple[str, ...], where: str) -> None:
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"{where}: unknown metric(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(METRICS)}")
+
+
+def needs_reference(names: list[str] | tuple[str, ...]) -> bool:
+    return any(n in ("fid", "kid", "pr") for n in names)
+
+
+def keys_of(name: str, n: int, net: str, split: str, lpips_net: str | None = None, pairs: int = 0) -> list[str]:
+    """The logged names of registry metric `name` (pr → precision and recall)."""
+    m = METRICS[name]
+    if name == "lpips":
+        return [metric_key("lpips", pairs, lpips_net or "randalex")]
+    out = []
+    for metric in m.parts or (name,):
+        for stat in m.stats:
+            out.append(metric_key(metric, n, net, split if metric in REFERENCED else None, stat))
+    return out
+
+
+# -------------------------------------------------------------------------------------- reference
+@dataclass
+class Reference:
+    """The real images metrics compare with: one split of a curated dataset (`all` = every image) at the
+    generator's resolution (resized with PIL's Lanczos, as the training data)."""
+
+    root: Path
+    split: str
+    resolution: int
+    images: torch.Tensor  # uint8 [N, 3, R, R]
+    manifest_sha256: str
+
+    resizer = "PIL Lanczos to the generator's resolution (as the training images)"
+
+    @classmethod
+    def load(cls, root: str | Path, split: str, resolution: int, images: torch.Tensor | None = None) -> Reference:
+        """`images`: the split already decoded at `resolution` (the training loop passes its dataset's)."""
+        from sqgan.data.dataset import ManifestDataset
+        from sqgan.data.manifest import MANIFEST
+        from sqgan.io import sha256_file
+
+        root = Path(root)
+        if images is None:
+            try:
+                images = ManifestDataset(root, resolution, split=None if split == "all" else split).images
+            except ValueError as e:
+                raise ValueError(f"metrics.reference_split = {split!r}: {e}; use a split the manifest has, or all") \
+                    from None
+        return cls(root, split, resolution, images, sha256_file(root / MANIFEST))
+
+    def describe(self) -> str:
+        return f"{self.root.name}:{self.split}"
+
+
+class RealFeatureCache:
+    """Real-image features, in memory and (with `folder`) on disk as `<key>.pt`, the key a hash of the dataset's
+    manifest, the split, the resolution and resizer, and the feature network's name and weights. A second
+    evaluation against the same reference extracts nothing: `extractions` counts the real batches run."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.memory: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.extractions = 0
+
+    @staticmethod
+    def key(ref: Reference, net: nn.Module) -> str:
+        facts = {"format": CACHE_FORMAT, "manifest_sha256": ref.manifest_sha256, "split": ref.split,
+                 "resolution": ref.resolution, "resizer": ref.resizer, "net": net.name,
+                 "net_resizer": net.resizer, "weights_sha256": net.weights_sha256,
+                 "implementation": net.implementation}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def get(self, ref: Reference, net: nn.Module, batch: int, device: torch.device,
+            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(pool, logits, hit) of the reference images."""
+        key = self.key(ref, net)
+        if key in self.memory:
+            return *self.memory[key], True
+        path = self.folder / f"{key}.pt" if self.folder is not None else None
+        if path is not None and path.is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("key") == key and saved["pool"].shape[0] == len(ref.images):
+                    self.memory[key] = (saved["pool"], saved["logits"])
+                    return saved["pool"], saved["logits"], True
+            except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
+                pass
+        pool, logits = extract(net, _batches(ref.images, batch), len(ref.images), device, progress,
+                               f"features of {ref.describe()}", counter=self)
+        self.memory[key] = (pool, logits)
+        if path is not None:
+            from sqgan.io import atomic_path
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                torch.save({"key": key, "pool": pool, "logits": logits}, tmp)
+        return pool, logits, False
+
+
+def _batches(images: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(images), batch):
+        yield images[i : i + batch]
+
+
+@torch.no_grad()
+def extract(net: nn.Module, batches: Iterator[torch.Tensor], total: int, device: torch.device, progress: bool,
+            desc: str, counter: RealFeatureCache | None = None,
+            keep: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from tqdm import tqdm
+
+    pools, logits = [], []
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for b in batches:
+            if counter is not None:
+                counter.extractions += 1
+            if keep is not None:
+                keep(b)
+            p, lg = net(b.to(device))
+            pools.append(p.double().cpu())
+            logits.append(lg.double().cpu())
+            bar.update(len(b))
+    return torch.cat(pools), torch.cat(logits)
+
+
+# -------------------------------------------------------------------------------------- evaluator
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    provenance: dict[str, dict[str, Any]]  # metric name → its provenance
+    real_cache_hit: bool | None = None  # None: no real features were needed
+
+
+@dataclass
+class Evaluator:
+    """Evaluates generators against one reference with one feature network (both built once, on first use).
+
+    `settings`: the `metrics` params section (feature network, batch size, KID subsets, IS splits, k, seed)."""
+
+    settings: Any
+    reference: Callable[[], Reference] | Reference
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache: RealFeatureCache = field(default_factory=RealFeatureCache)
+    _net: nn.Module | None = None
+    _lpips: nn.Module | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        if self._net is None:
+            from sqgan.metrics.features import build_feature_net
+
+            s = self.settings
+            self._net = build_feature_net(s.features, s.inception_weights, s.randcnn_seed).to(self.device)
+        return self._net
+
+    @property
+    def lpips_net(self) -> nn.Module:
+        if self._lpips is None:
+            from sqgan.metrics.features import LPIPSNet
+
+            self._lpips = LPIPSNet(self.settings.lpips_backbone, self.settings.lpips_weights).to(self.device)
+        return self._lpips
+
+    def ref(self) -> Reference:
+        if callable(self.reference):
+            self.reference = self.reference()
+        return self.reference
+
+    def __call__(self, g_ema: nn.Module, z_dim: int, num_fake: int, names: list[str] | tuple[str, ...],
+                 seed: int | None = None, lpips_pairs: int = 0, progress: bool = False) -> Evaluation:
+        check_metric_names(names, "metrics")
+        s = self.settings
+        seed = s.seed if seed is None else seed
+        net = self.net
+        pairs = min(lpips_pairs, num_fake // 2) if "lpips" in names else 0
+        if "lpips" in names and pairs < 1:
+            raise ValueError(f"lpips needs at least 2 generated images and lpips_pairs ≥ 1, got {num_fake} images "
+                             f"and {lpips_pairs} pairs")
+        kept: list[torch.Tensor] = []
+        have = [0]
+        resolution: list[int] = []
+
+        def keep(b: torch.Tensor) -> None:  # the generated resolution, and the first 2·pairs images for LPIPS
+            resolution[:] = [b.shape[-1]]
+            if have[0] < 2 * pairs:
+                kept.append(b[: 2 * pairs - have[0]])
+                have[0] += len(kept[-1])
+
+        fakes = generate_uint8(g_ema, num_fake, z_dim, s.batch_size, seed, self.device)
+        fake, fake_logits = extract(net, fakes, num_fake, self.device, progress, "features of generated images",
+                                    keep=keep)
+        real = None
+        hit = None
+        ref = None
+        if needs_reference(names):
+            ref = self.ref()
+            real, _, hit = self.cache.get(ref, net, s.batch_size, self.device, progress)
+        lp = None
+        if pairs:
+            imgs = torch.cat(kept).to(self.device)
+            a, b = imgs[0::2], imgs[1::2]  # pairs (0, 1), (2, 3), …
+            lp = torch.cat([self.lpips_net(a[i : i + s.batch_size], b[i : i + s.batch_size]).cpu()
+                            for i in range(0, pairs, s.batch_size)])
+        inputs = Inputs(real, fake, fake_logits, lp)
+        split = ref.split if ref is not None else s.reference_split
+        metrics: dict[str, float] = {}
+        provenance: dict[str, dict[str, Any]] = {}
+        for name in names:
+            m = METRICS[name]
+            values = m.compute(inputs, s)
+            keys = keys_of(name, num_fake, net.name, split, self._lpips.name if pairs else None, pairs)
+            ordered = [values[p] for p in m.parts] if m.parts else [values[st] for st in m.stats]
+            prov = self._provenance(m, net, ref, num_fake, seed, resolution[0], pairs)
+            for k, v in zip(keys, ordered, strict=True):
+                metrics[k] = v
+                provenance[k] = prov
+        return Evaluation(metrics, provenance, hit)
+
+    def _provenance(self, m: Metric, net: nn.Module, ref: Reference | None, n: int, seed: int,
+                    resolution: int | None, pairs: int) -> dict[str, Any]:
+        import torch_fidelity
+        import torchmetrics
+
+        import sqgan
+
+        s = self.settings
+        p: dict[str, Any] = {
+            "metric": m.name,
+            "implementation": f"{m.implementation}; torch-fidelity {torch_fidelity.__version__}, torchmetrics "
+                              f"{torchmetrics.__version__}, sqgan {sqgan.__version__}",
+            "n_generated": n,
+            "generator": "G_ema, const noise",
+            "seeds": {"z": seed, **({"kid_subsets": seed} if m.name == "kid" else {}),
+                      **({"is_shuffle": seed} if m.name == "is" else {})},
+            "resolution": resolution,
+        }
+        if m.name == "lpips":
+            lp = self._lpips
+            p.update({"feature_network": lp.name, "weights_sha256": lp.weights_sha256, "resizer": lp.resizer,
+                      "pairs": pairs, "feature_implementation": lp.implementation})
+        else:
+            p.update({"feature_network": net.name, "feature_extractor": net.describe(),
+                      "weights_sha256": net.weights_sha256, "resizer": net.resizer,
+                      "feature_implementation": net.implementation})
+        if m.name == "kid":
+            p.update({"kid_subsets": s.kid_subsets, "kid_max_subset_size": s.kid_max_subset_size})
+        if m.name == "is":
+            p["is_splits"] = s.is_splits
+        if m.name == "pr":
+            p["k"] = s.pr_k
+        if ref is not None and m.name in ("fid", "kid", "pr"):
+            p.update({"reference": ref.describe(), "reference_split": ref.split, "n_real": len(ref.images),
+                      "reference_manifest_sha256": ref.manifest_sha256, "reference_resizer": ref.resizer})
+        return p
