@@ -299,6 +299,34 @@ def tune_cmd(
     typer.echo(f"best params: {result.sweep_dir / 'best_params.yaml'}")
 
 
+@app.command("reproduce")
+def reproduce_cmd(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a finished training run or sweep trial")],
+    out: Annotated[Path | None, typer.Option(help="new run folder, never an existing one (default: "
+                                                  "runs/reproduce-<first 8 of RUN_ID>)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="train even though the git commit, the data or the version of "
+                                                        "a package that computes the numbers differs")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="where the run is (default: $MLFLOW_TRACKING_URI, else "
+                                                          "the project's mlflow.db)")] = None,
+) -> None:
+    """Train a recorded run again with its params and compare every final metric; exit 1 unless all are equal.
+
+    Git commit, data hashes and package versions are checked against the run's tags first: a different commit,
+    data or torch/torchvision/numpy/torchmetrics/sqgan version refuses (nothing trained) unless --force."""
+    from sqgan.reproduce import REPORT_FILE, reproduce
+
+    with stage_errors():
+        r = reproduce(run_id, out, force=force, tracking_uri=tracking_uri, say=typer.echo)
+    typer.echo(r.comparison.table())
+    typer.echo(f"mlflow run {r.run_id} reproduces {r.reproduces} ({r.tracking_uri}); {r.seconds:.0f} s; "
+               f"report {r.out_dir / REPORT_FILE}")
+    if not r.equal:
+        _err(f"error: {len(r.comparison.differing)} metrics differ from the recorded run: "
+             f"{', '.join(r.comparison.differing)}")
+        raise typer.Exit(1)
+    typer.echo(f"all {len(r.comparison.rows)} metrics equal")
+
+
 @app.command("summary")
 def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("runs/demo")) -> None:
     """Print a finished run's metrics and where its results are."""

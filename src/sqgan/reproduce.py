@@ -1,0 +1,454 @@
+"""`sqgan reproduce RUN_ID`: train a recorded run again from what MLflow holds, and compare the numbers.
+
+It reads the run's params (its `params.yaml` artifact, validated by the params schema; the flat params when that
+artifact is missing) and its provenance tags, and checks them against this checkout before Ray starts:
+
+- `git_sha` against the checkout's commit (a recorded `-dirty` sha cannot be verified: git keeps no record of
+  uncommitted changes), and `data.manifest_sha256` / `data.md5` against the data in the recorded `data.dir`;
+- `version.*` against the installed packages. Those that compute the numbers (NUMERIC_PACKAGES) count like the
+  code and the data; the others (ray, mlflow, dvc, …) are reported only.
+
+A difference in a counted item refuses the reproduction (nothing is trained) unless `force`. Otherwise the run is
+trained again with the recorded params (same seed) by `run_training`, into a new folder, as a new MLflow run in the
+same experiment tagged `sqgan.reproduces=<old run id>`. Every metric of the two runs is compared at its last step
+(timings excepted: they measure the machine); on the same kind of device they must be exactly equal.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sqgan import tracking
+from sqgan.config import ConfigError, Params, load_params
+from sqgan.io import free_sibling, sha256_file, write_json_atomic
+
+REPORT_FILE = "reproduce.json"
+TRAINING_STAGES = ("train", "trial")  # sqgan.stage of the runs that trained a model
+NUMERIC_PACKAGES = ("sqgan", "torch", "torchvision", "numpy", "torchmetrics")  # their versions change the numbers
+REPRODUCES_TAG = "sqgan.reproduces"
+
+
+def is_timing(key: str) -> bool:
+    """Metrics that measure the machine, not the model (never compared)."""
+    return key.startswith("time/") or "/time/" in key or "throughput" in key or key.endswith("_per_s")
+
+
+@dataclass
+class Check:
+    """One provenance item of the recorded run against this checkout."""
+
+    item: str  # "git_sha", "data.manifest_sha256", "version.torch", …
+    recorded: str
+    now: str
+    status: Literal["same", "differs", "unverifiable"]
+    counts: bool  # a difference refuses the reproduction (unless force)
+    note: str = ""
+
+    def line(self) -> str:
+        if self.status == "same":
+            return f"  same          {self.item}: {self.recorded}"
+        note = f" ({self.note})" if self.note else ""
+        word = "DIFFERS" if self.status == "differs" else "UNVERIFIABLE"
+        return f"  {word:13s} {self.item}: recorded {self.recorded}, now {self.now}{note}"
+
+
+@dataclass
+class RecordedRun:
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    params: Params
+    params_source: str  # "params.yaml" or "flat params"
+    tags: dict[str, str]
+
+
+@dataclass
+class MetricRow:
+    key: str
+    recorded_step: int | None
+    recorded: float | None
+    new_step: int | None
+    new: float | None
+
+    @property
+    def equal(self) -> bool:
+        if self.recorded is None or self.new is None or self.recorded_step != self.new_step:
+            return False
+        return self.recorded == self.new or (math.isnan(self.recorded) and math.isnan(self.new))
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.recorded is None or self.new is None else self.new - self.recorded
+
+
+@dataclass
+class Comparison:
+    rows: list[MetricRow]
+
+    @property
+    def shared(self) -> list[MetricRow]:
+        return [r for r in self.rows if r.recorded is not None and r.new is not None]
+
+    @property
+    def only_recorded(self) -> list[str]:
+        return [r.key for r in self.rows if r.new is None]
+
+    @property
+    def only_new(self) -> list[str]:
+        return [r.key for r in self.rows if r.recorded is None]
+
+    @property
+    def differing(self) -> list[str]:
+        """Every key whose last value (or last step) differs, or that only one run logged."""
+        return [r.key for r in self.rows if not r.equal]
+
+    @property
+    def equal(self) -> bool:
+        return bool(self.rows) and not self.differing
+
+    def table(self) -> str:
+        head = f"{'metric':34s} {'step':>6s} {'recorded':>18s} {'new':>18s} {'difference':>12s}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            step = str(r.new_step if r.recorded_step is None else r.recorded_step)
+            if r.recorded_step is not None and r.new_step is not None and r.recorded_step != r.new_step:
+                step = f"{r.recorded_step}≠{r.new_step}"
+            rec = "—" if r.recorded is None else f"{r.recorded:.12g}"
+            new = "—" if r.new is None else f"{r.new:.12g}"
+            d = r.difference
+            diff = "only one run" if d is None else ("0" if r.equal else f"{d:+.3g}")
+            lines.append(f"{r.key:34s} {step:>6s} {rec:>18s} {new:>18s} {diff:>12s}")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "equal": self.equal,
+            "differing": self.differing,
+            "only_recorded": self.only_recorded,
+            "only_new": self.only_new,
+            "metrics": {r.key: {"recorded_step": r.recorded_step, "recorded": r.recorded, "new_step": r.new_step,
+                                "new": r.new, "difference": r.difference, "equal": r.equal} for r in self.rows},
+        }
+
+
+@dataclass
+class Reproduction:
+    """What `reproduce` did: the checks, the new run, the comparison and where it wrote its report."""
+
+    reproduces: str
+    run_id: str
+    tracking_uri: str
+    out_dir: Path
+    checks: list[Check]
+    forced: list[str]  # the counted items that differed and were overridden with force
+    comparison: Comparison
+    seconds: float
+    params_changed: dict[str, list[Any]] = field(default_factory=dict)
+
+    @property
+    def equal(self) -> bool:
+        return self.comparison.equal
+
+
+class ReproduceRefused(RuntimeError):
+    """The checkout, the data or a numeric package differs from the record (and force was not given)."""
+
+
+# ------------------------------------------------------------------------------------------- reading the run
+def default_tracking_uri(project_dir: str | Path = ".") -> str:
+    """$MLFLOW_TRACKING_URI, else the project's sqlite mlflow.db (as `sqgan train` with default params)."""
+    return tracking.resolve_tracking_uri(Params(), project_dir)
+
+
+def read_run(run_id: str, tracking_uri: str) -> RecordedRun:
+    """The run's params and tags; a clear error for an unknown id or a run that trained nothing."""
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise FileNotFoundError(f"no MLflow database at {tracking_uri.removeprefix('sqlite:///')}; pass the one that "
+                                f"holds run {run_id} with --tracking-uri (or set MLFLOW_TRACKING_URI)")
+    tracking.check_tracking(tracking_uri)
+    client = tracking._client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"run {run_id} not found in {tracking_uri} ({e.error_code}); pass the run id that "
+                         f"`sqgan train` printed (or the MLflow UI shows), with --tracking-uri if it is in another "
+                         f"store") from None
+    tags = dict(run.data.tags)
+    stage = tags.get("sqgan.stage")
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"run {run_id} is not a training run: its sqgan.stage tag is {stage!r}, reproduce takes "
+                         f"{' or '.join(TRAINING_STAGES)} runs (for a sweep, reproduce one of its trials)")
+    if run.info.status != "FINISHED" or tags.get("sqgan.trial_status", "completed") != "completed":
+        how = tags.get("sqgan.trial_status") or run.info.status
+        at = tags.get("sqgan.stopped_at_step")
+        raise ValueError(f"run {run_id} did not finish ({how}{f' at step {at}' if at else ''}): its last metrics are "
+                         f"not those of its params' full schedule; reproduce a finished run")
+    params, source = _recorded_params(client, run_id, dict(run.data.params))
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return RecordedRun(run_id, tracking_uri, experiment, params, source, tags)
+
+
+def _recorded_params(client: Any, run_id: str, flat: dict[str, str]) -> tuple[Params, str]:
+    """The params.yaml artifact through the params schema; the flat params (parsed as YAML) without it."""
+    with tempfile.TemporaryDirectory(prefix="sqgan-reproduce-") as d:
+        try:
+            path = Path(client.download_artifacts(run_id, "params.yaml", d))
+        except Exception:  # noqa: BLE001 - no such artifact (or an unreadable store): use the flat params
+            path = None
+        what = f"params.yaml of run {run_id}"
+        if path is not None:
+            try:
+                return load_params(path), "params.yaml"
+            except ConfigError as e:
+                raise ConfigError(_schema_changed(str(e).replace(str(path), what))) from None
+    if not flat:
+        raise ValueError(f"run {run_id} recorded neither a params.yaml artifact nor params; it cannot be reproduced")
+    raw: dict[str, Any] = {}
+    for key, text in flat.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = None if text == "None" else _yaml_value(text)
+    try:
+        return Params().override(flatten_leaves(raw), source=f"params of run {run_id}"), "flat params"
+    except ConfigError as e:
+        raise ConfigError(_schema_changed(str(e))) from None
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def flatten_leaves(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}, keeping the free-form sections (tune.space, tune.fixed) whole."""
+    from sqgan.config import FREE_FORM
+
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        key = prefix + k
+        if isinstance(v, dict) and key not in FREE_FORM:
+            out.update(flatten_leaves(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _schema_changed(msg: str) -> str:
+    return (f"{msg}\nThe recorded params no longer fit this checkout's params schema (the code changed since the run); "
+            f"check out the commit the run recorded (its git_sha tag) and reproduce from there")
+
+
+# ------------------------------------------------------------------------------------------- verification
+def verify_provenance(tags: dict[str, str], project_dir: str | Path = ".") -> list[Check]:
+    """The recorded git sha, data hashes and package versions against this checkout, one Check each."""
+    checks = [_check_git(tags.get("git_sha"), tracking.git_sha(project_dir))]
+    checks += _check_data(tags, Path(project_dir))
+    now = tracking.package_versions()
+    recorded = {k.removeprefix("version."): v for k, v in tags.items() if k.startswith("version.")}
+    for name in sorted(set(recorded) | set(now)):
+        was, cur = recorded.get(name, "not recorded"), now.get(name, "not tracked now")
+        counts = name in NUMERIC_PACKAGES
+        note = "it computes the numbers" if counts else "does not change the numbers"
+        checks.append(Check(f"version.{name}", was, cur, "same" if was == cur else "differs", counts,
+                            "" if was == cur else note))
+    return checks
+
+
+def _check_git(recorded: str | None, now: str) -> Check:
+    if not recorded or recorded == "unknown":
+        return Check("git_sha", recorded or "not recorded", now, "unverifiable", True,
+                     "the run recorded no commit")
+    if recorded.endswith("-dirty"):
+        return Check("git_sha", recorded, now, "unverifiable", True,
+                     "the run had uncommitted changes, which git does not record: its code cannot be verified")
+    if now == "unknown":
+        return Check("git_sha", recorded, now, "unverifiable", True, "this folder is not a git checkout")
+    if now == recorded:
+        return Check("git_sha", recorded, now, "same", True)
+    if now.removesuffix("-dirty") == recorded:
+        return Check("git_sha", recorded, now, "differs", True,
+                     "this checkout has uncommitted changes to tracked files; commit or stash them")
+    return Check("git_sha", recorded, now, "differs", True)
+
+
+def data_folder(tags: dict[str, str], project_dir: str | Path) -> Path | None:
+    """The dataset folder the run trained on (its data.dir tag; a relative one is under the project)."""
+    where = tags.get("data.dir")
+    if not where:
+        return None
+    return Path(where) if Path(where).is_absolute() else Path(project_dir) / where
+
+
+def _check_data(tags: dict[str, str], project_dir: Path) -> list[Check]:
+    items = ("data.manifest_sha256", "data.md5")
+    folder = data_folder(tags, project_dir)
+    if folder is None:
+        return [Check(k, tags.get(k, "not recorded"), "?", "unverifiable", True, "the run recorded no data.dir")
+                for k in items]
+    manifest = folder / "manifest.parquet"
+    now = {
+        "data.manifest_sha256": sha256_file(manifest) if manifest.is_file() else "missing",
+        "data.md5": tracking.dvc_dir_md5(folder) if folder.is_dir() else f"missing ({folder} does not exist)",
+    }
+    checks = []
+    for k in items:
+        rec = tags.get(k)
+        if not rec:
+            checks.append(Check(k, "not recorded", now[k], "unverifiable", True, "the run recorded no such hash"))
+            continue
+        same = rec == now[k]
+        checks.append(Check(k, rec, now[k], "same" if same else "differs", True,
+                            "" if same else f"the data in {folder} changed since the run"))
+    return checks
+
+
+def refusal_message(run_id: str, blocking: list[Check], tags: dict[str, str]) -> str:
+    lines = [f"run {run_id} cannot be reproduced faithfully from this checkout; nothing was trained:"]
+    lines += [c.line() for c in blocking]
+    fixes = []
+    recorded = tags.get("git_sha", "")
+    sha = recorded.removesuffix("-dirty")
+    if any(c.item == "git_sha" for c in blocking) and len(sha) == 40:
+        fixes.append(f"check out the recorded commit (`git switch --detach {sha}`)" + (
+            "; the run's uncommitted changes on top of it are recorded nowhere, so only you can tell whether this "
+            "checkout has them (train from committed code to make runs verifiable)" if recorded.endswith("-dirty")
+            else ""))
+    if any(c.item.startswith("data.") for c in blocking):
+        fixes.append(f"restore the recorded data in {tags.get('data.dir')} (`dvc checkout` or `dvc pull` at that "
+                     f"commit, or `dvc repro` of its stage)")
+    if any(c.item.startswith("version.") for c in blocking):
+        fixes.append("install the recorded versions (`make setup` at that commit)")
+    fixes.append("or add --force to train anyway and compare the numbers")
+    return "\n".join(lines) + "\nTo reproduce it: " + "; ".join(fixes)
+
+
+# ------------------------------------------------------------------------------------------- comparison
+def final_metrics(tracking_uri: str, run_id: str) -> dict[str, tuple[int, float]]:
+    """Every metric of the run but timings, as (last step, the value logged last at that step)."""
+    client = tracking._client(tracking_uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if not is_timing(k)]
+    out = {}
+    for key in keys:
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        out[key] = (int(last.step), float(last.value))
+    return out
+
+
+def compare(recorded: dict[str, tuple[int, float]], new: dict[str, tuple[int, float]]) -> Comparison:
+    rows = []
+    for key in sorted(set(recorded) | set(new)):
+        rs, rv = recorded.get(key, (None, None))
+        ns, nv = new.get(key, (None, None))
+        rows.append(MetricRow(key, rs, rv, ns, nv))
+    return Comparison(rows)
+
+
+# ------------------------------------------------------------------------------------------- the stage
+def default_out(run_id: str) -> Path:
+    return Path("runs") / f"reproduce-{run_id[:8]}"
+
+
+def reproduce(
+    run_id: str,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    tracking_uri: str | None = None,
+    project_dir: str | Path = ".",
+    say: Callable[[str], None] = lambda _: None,
+) -> Reproduction:
+    """Check, train again, compare (see the module doc). Raises ReproduceRefused (nothing trained) when a counted
+    provenance item differs and not `force`; returns the comparison whether or not the numbers are equal."""
+    from sqgan.train.ray_train import run_training
+
+    t0 = time.perf_counter()
+    uri = tracking_uri or default_tracking_uri(project_dir)
+    old = read_run(run_id, uri)
+    out_dir = Path(out) if out is not None else Path(project_dir) / default_out(run_id)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"--out {out_dir} exists; a reproduction trains into a new folder and never over an "
+                              f"earlier one: pass e.g. --out {free_sibling(out_dir)}")
+    checks = verify_provenance(old.tags, project_dir)
+    say(f"run {run_id} ({old.experiment}, params from its {old.params_source}) against this checkout:")
+    for c in checks:
+        say(c.line())
+    blocking = [c for c in checks if c.counts and c.status != "same"]
+    if blocking and not force:
+        raise ReproduceRefused(refusal_message(run_id, blocking, old.tags))
+    if blocking:
+        say(f"--force: training although {', '.join(c.item for c in blocking)} differ from the record")
+
+    # The same store and experiment as the recorded run; every other param as recorded (seed included).
+    params, changed = old.params, {}
+    placement = {"mlflow.tracking_uri": uri, "mlflow.experiment": old.experiment}
+    if tracking.resolve_tracking_uri(params, project_dir) == uri:
+        placement.pop("mlflow.tracking_uri")
+    if params.mlflow.experiment == old.experiment:
+        placement.pop("mlflow.experiment")
+    if placement:
+        flat = params.flat()
+        changed = {k: [flat[k], v] for k, v in placement.items()}
+        params = params.override(placement, source="reproduce")
+    data_dir = data_folder(old.tags, project_dir)
+    if data_dir is None:
+        raise ValueError(f"run {run_id} recorded no data.dir tag: the dataset it trained on is unknown")
+
+    say(f"training again into {out_dir} …")
+    new_id = None
+    try:
+        new_id = run_training(params, data_dir, out_dir, project_dir=project_dir).run_id
+    finally:  # tag the new run even when its training failed (open_run recorded it in tracking.json)
+        new_id = new_id or _recorded_run_id(out_dir)
+        if new_id:
+            tags = {REPRODUCES_TAG: run_id}
+            if params.mlflow.run_name is None:
+                tags["mlflow.runName"] = f"reproduce-{run_id[:8]}"
+            tracking.MlflowLogger(uri, new_id).set_tags(tags)
+
+    comparison = compare(final_metrics(uri, run_id), final_metrics(uri, new_id))
+    result = Reproduction(run_id, new_id, uri, out_dir, checks, [c.item for c in blocking], comparison,
+                          time.perf_counter() - t0, changed)
+    write_json_atomic(out_dir / REPORT_FILE, report_json(result))
+    logger = tracking.MlflowLogger(uri, new_id)
+    logger.log_artifact(out_dir / REPORT_FILE)
+    logger.set_tags({"sqgan.reproduce.equal": str(comparison.equal).lower(),
+                     "sqgan.reproduce.differing": len(comparison.differing),
+                     "sqgan.reproduce.forced": ",".join(result.forced) or "none"})
+    return result
+
+
+def _recorded_run_id(out_dir: Path) -> str | None:
+    import json
+
+    try:
+        return str(json.loads((out_dir / tracking.TRACKING_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def report_json(r: Reproduction) -> dict[str, Any]:
+    return {
+        "reproduces": r.reproduces,
+        "run_id": r.run_id,
+        "tracking_uri": r.tracking_uri,
+        "out_dir": str(r.out_dir),
+        "seconds": round(r.seconds, 1),
+        "checks": [asdict(c) for c in r.checks],
+        "forced": r.forced,
+        "params_changed": r.params_changed,
+        **r.comparison.as_json(),
+    }
