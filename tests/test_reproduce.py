@@ -251,3 +251,30 @@ def test_reproduce_rejects_an_unknown_run_id_and_a_run_that_trained_nothing(demo
     with pytest.raises(FileNotFoundError, match="no MLflow database"):
         reproduce(prior, tmp_path / "x", tracking_uri=f"sqlite:///{missing}", project_dir=ROOT)
     assert not missing.exists() and not (tmp_path / "x").exists()
+
+
+def test_read_run_falls_back_to_the_flat_params_and_names_a_recorded_key_the_schema_no_longer_has(store):
+    from mlflow.entities import Param
+
+    from sqgan.config import ConfigError
+    from sqgan.reproduce import read_run
+
+    uri, tmp = store
+    params = tiny_params(store, **{"fq.layers": "[1, 2]", "train.steps": 7, "mlflow.experiment": "flat"})
+    client = tracking._client(uri)
+    experiment = tracking.ensure_experiment(uri, "flat", tmp / "artifacts")
+
+    def finished_run(yaml_text=None):
+        run_id = client.create_run(experiment, tags={"sqgan.stage": "train"}).info.run_id
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
+        if yaml_text is not None:
+            client.log_text(run_id, yaml_text, "params.yaml")
+        client.set_terminated(run_id)
+        return run_id
+
+    recorded = read_run(finished_run(), uri)  # no params.yaml artifact: every flat value parsed back
+    assert recorded.params_source == "flat params" and recorded.params == params and recorded.experiment == "flat"
+    run_id = finished_run("fq:\n  codebook_sise: 8\n")
+    with pytest.raises(ConfigError, match=f"(?s)params.yaml of run {run_id}: unknown key 'fq.codebook_sise'.*no longer "
+                                          f"fit"):
+        read_run(run_id, uri)
