@@ -63,6 +63,17 @@ def test_unbiased_kid_equals_a_brute_force_loop_when_one_subset_takes_every_vect
     assert std == 0.0
 
 
+def test_kid_equals_torch_fidelity_on_the_same_subsets():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    real, fake = _features(12, 90, d=16), _features(13, 70, d=16, shift=0.2)
+    ours = kid_from_features(real, fake, subsets=6, max_subset_size=30, seed=3)
+    ref = kid_features_to_metric(real, fake, kid_subsets=6, kid_subset_size=30, rng_seed=3, verbose=False)
+    assert ours == pytest.approx((ref["kernel_inception_distance_mean"], ref["kernel_inception_distance_std"]),
+                                 rel=1e-9)
+    assert ours[1] > 0  # different subsets, different values
+
+
 def test_kid_subset_size_follows_stylegan2_ada():
     from sqgan.metrics.kid import kid_subset_size
 

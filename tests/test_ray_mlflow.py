@@ -47,7 +47,8 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     assert {"samples/step_000010.png", "samples/grid.png"} <= samples
     top = {f.path for f in client.list_artifacts(run.run_id)}
     assert {"params.yaml", "metrics.json", "checkpoints"} <= top
-    assert run.metrics["step"] == 12 and run.metrics["fid40_train_randcnn"] == pytest.approx(r.data.metrics["fid40_train_randcnn"])
+    fid = "fid40_train_randcnn"
+    assert run.metrics["step"] == 12 and run.metrics[fid] == pytest.approx(r.data.metrics[fid])
 
     assert r.data.tags["data.md5"] == dvc_dir_md5(demo_dir)
     assert r.data.tags["data.matches_dvc_lock"] == "not in dvc.lock"
@@ -169,6 +170,7 @@ def test_stylegan2_with_sq_trains_under_ray_and_logs_sq_usage_to_mlflow(ray_sess
     usage = client.get_metric_history(run.run_id, "sq/utilisation")
     assert [m.step for m in usage] == [3, 6] and all(0 < m.value <= 1 for m in usage)
     assert 1 <= r.data.metrics["sq/perplexity"] <= 16  # sq.codebook_size 16
-    for key in ("loss/sq", "loss/qcr", "loss/r1", "d/feature_similarity", "fq/layer1/utilisation", "fid40_train_randcnn"):
+    for key in ("loss/sq", "loss/qcr", "loss/r1", "d/feature_similarity", "fq/layer1/utilisation",
+                "fid40_train_randcnn"):
         assert key in r.data.metrics, key
     assert -1 <= r.data.metrics["d/feature_similarity"] <= 1

@@ -20,7 +20,6 @@ from typing import Any
 from sqgan.config import Params
 from sqgan.io import write_json_atomic
 
-
 ARCH_SECTIONS = ("data", "model", "fq", "sq", "train")  # what G, its seed and its dataset come from
 
 
@@ -141,8 +140,9 @@ def run_eval(
         if new_run:
             uri = resolve_tracking_uri(params, project_dir)
             check_tracking(uri)
-            uri, new_id = start_run(trained, data, project_dir, tags={"sqgan.stage": "eval",
-                                                                      "sqgan.eval.checkpoint": str(ckpt)})
+            logged = trained.model_copy(update={"mlflow": params.mlflow, "metrics": mp, "eval": ep})
+            uri, new_id = start_run(logged, data, project_dir, tags={"sqgan.stage": "eval",
+                                                                     "sqgan.eval.checkpoint": str(ckpt)})
             target = (uri, new_id)
         logger = MlflowLogger(*target, skip_logged=True)  # an identical re-evaluation adds no second point
         logger.log_metrics(ev.metrics, step)

@@ -97,7 +97,8 @@ def _lpips(x: Inputs, s: Any) -> dict[str | None, float]:
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("fid", "torch_fidelity.metric_fid (eigenvalues of Σ_r Σ_g)", _fid, (None,)),
-    Metric("kid", "torch_fidelity.metric_kid (unbiased MMD², cubic kernel)", _kid, ("mean", "std")),
+    Metric("kid", "sqgan.metrics.kid (torch-fidelity's unbiased MMD², cubic kernel, in torch)", _kid,
+           ("mean", "std")),
     Metric("is", "torch_fidelity.metric_isc", _is, ("mean", "std")),
     Metric("pr", "torch_fidelity.metric_prc (k-NN manifolds)", _pr, (None,), parts=("precision", "recall")),
     Metric("lpips", "torchmetrics LPIPS, mean over pairs of generated images", _lpips, (None,)),
@@ -326,16 +327,16 @@ class Evaluator:
 
     def _provenance(self, m: Metric, net: nn.Module, ref: Reference | None, n: int, seed: int,
                     resolution: int | None, pairs: int) -> dict[str, Any]:
+        from importlib.metadata import version
+
         import torch_fidelity
         import torchmetrics
-
-        import sqgan
 
         s = self.settings
         p: dict[str, Any] = {
             "metric": m.name,
             "implementation": f"{m.implementation}; torch-fidelity {torch_fidelity.__version__}, torchmetrics "
-                              f"{torchmetrics.__version__}, sqgan {sqgan.__version__}",
+                              f"{torchmetrics.__version__}, sqgan {version('sqgan')}",
             "n_generated": n,
             "generator": "G_ema, const noise",
             "seeds": {"z": seed, **({"kid_subsets": seed} if m.name == "kid" else {}),
