@@ -327,6 +327,62 @@ def reproduce_cmd(
     typer.echo(f"all {len(r.comparison.rows)} metrics equal")
 
 
+@app.command("report")
+def report_cmd(
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment (default: mlflow.experiment; with --runs: "
+                                                        "theirs)")] = None,
+    runs: Annotated[list[str] | None, typer.Option("--runs", help="run ids (repeat it, or comma-separate them); a "
+                                                                  "sweep's parent run brings its trials")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder, written atomically (default: runs/report, or "
+                                                  "runs/table with --table)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="where the runs are (default: mlflow.tracking_uri, "
+                                                          "$MLFLOW_TRACKING_URI, else ./mlflow.db)")] = None,
+    table: Annotated[tuple[str, str] | None, typer.Option(metavar="ROWS COLS", help="a paper table instead: rows and "
+                                                          "columns by these param (or tag) keys")] = None,
+    metric: Annotated[str | None, typer.Option(help="--table's metric (default: the FID every run logged)")] = None,
+    mode: Annotated[str | None, typer.Option(help="--table: min | max, which value over steps is a run's best "
+                                                  "(default: max for precision, recall, is, lpips, usage; else min)")
+                    ] = None,
+    log: Annotated[bool, typer.Option("--log/--no-log", help="log the folder back to MLflow (onto the sweep's "
+                                                             "parent for one sweep, else a new sqgan.stage=report "
+                                                             "run)")] = True,
+    force: ForceOpt = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """Render an experiment's runs from MLflow alone: report.html + report.md with the runs table, FID/KID curves,
+    sample grids, codebook usage and each sweep's metric against its axes; or, with --table, mean ± std over seeds
+    of each run's best metric as markdown and LaTeX."""
+    from sqgan.report import render_report, write_table
+    from sqgan.tracking import resolve_tracking_uri
+
+    if table is None and (metric is not None or mode is not None):
+        _err("error: --metric and --mode choose the metric of --table ROWS COLS; add --table, or drop them")
+        raise typer.Exit(2)
+    p = resolve(params, set_, no_params_file)
+    uri = tracking_uri or resolve_tracking_uri(p)
+    default = p.mlflow.experiment
+    with stage_errors(), sigterm_as_interrupt():
+        if table is not None:
+            where = out or Path("runs/table")
+            t = write_table(uri, where, *table, metric=metric, mode=mode, experiment=experiment, run_ids=runs,
+                            default_experiment=default, force=force, log=log)
+            typer.echo(t.table.markdown(), nl=False)
+            typer.echo(f"→ {where / 'table.md'}, {where / 'table.tex'}, {where / 'table.csv'}")
+            logged_to = t.logged_to
+        else:
+            where = out or Path("runs/report")
+            r = render_report(uri, where, experiment=experiment, run_ids=runs, default_experiment=default,
+                              force=force, log=log)
+            typer.echo(f"report of {len(r.runs)} runs of experiment {r.experiment!r}"
+                       f"{f' ({len(r.sweeps)} sweeps)' if r.sweeps else ''} → {where / 'report.html'}, "
+                       f"{where / 'report.md'}, {len(r.images)} images")
+            logged_to = r.logged_to
+    if logged_to:
+        typer.echo(f"logged to mlflow run {logged_to} ({uri})")
+
+
 @app.command("summary")
 def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("runs/demo")) -> None:
     """Print a finished run's metrics and where its results are."""
