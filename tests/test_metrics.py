@@ -116,19 +116,21 @@ def _settings(**kw) -> object:
 class _Net(torch.nn.Module):
     """A stand-in generator: z → a fixed image pattern + z-dependent shift (deterministic per z)."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 32) -> None:
         super().__init__()
-        self.lin = torch.nn.Linear(8, 3 * 32 * 32)
+        self.size = size
+        self.lin = torch.nn.Linear(8, 3 * size * size)
         torch.nn.init.normal_(self.lin.weight, generator=torch.Generator().manual_seed(0))
+        torch.nn.init.zeros_(self.lin.bias)  # every _Net() is the same function
 
     def forward(self, z, noise_mode="const"):
         from types import SimpleNamespace
 
-        return SimpleNamespace(images=torch.tanh(self.lin(z)).reshape(-1, 3, 32, 32))
+        return SimpleNamespace(images=torch.tanh(self.lin(z)).reshape(-1, 3, self.size, self.size))
 
 
-def _reference(n: int = 48) -> Reference:
-    return Reference(Path("ref"), "train", 32, _images(9, n), "0" * 64)
+def _reference(n: int = 48, size: int = 32) -> Reference:
+    return Reference(Path("ref"), "train", size, _images(9, n, size=size), "0" * 64)
 
 
 def test_evaluation_does_not_depend_on_the_batch_size():
@@ -141,6 +143,8 @@ def test_evaluation_does_not_depend_on_the_batch_size():
     batches = [x for x in generate_uint8(G, 30, 8, 7, seed=0, device=torch.device("cpu"))]
     assert [len(x) for x in batches] == [7, 7, 7, 7, 2]
     assert torch.equal(torch.cat(batches), next(generate_uint8(G, 30, 8, 30, seed=0, device=torch.device("cpu"))))
+    one = next(generate_uint8(G, 1, 8, 30, seed=0, device=torch.device("cpu")))
+    assert torch.equal(one[0], batches[0][0])  # the first image of any N is the same image
 
 
 def test_evaluator_fid_equals_scipy_on_the_features_it_extracted():
@@ -166,14 +170,15 @@ def test_metric_names_hold_n_split_and_network():
 
 
 def test_every_logged_value_carries_its_provenance():
-    ev = Evaluator(_settings(), _reference())(_Net(), 8, 40, ["fid", "kid", "is", "pr", "lpips"], lpips_pairs=6)
+    ev = Evaluator(_settings(), _reference(size=40))(_Net(40), 8, 40, ["fid", "kid", "is", "pr", "lpips"],
+                                                      lpips_pairs=6)
     assert set(ev.metrics) == set(ev.provenance)
     assert "lpips6_randalex" in ev.metrics and "fid40_train_randcnn" in ev.metrics
     for key, prov in ev.provenance.items():
         for field in ("implementation", "feature_network", "weights_sha256", "resizer", "resolution", "n_generated",
                       "seeds"):
             assert field in prov, (key, field)
-        assert prov["resolution"] == 32 and prov["n_generated"] == 40
+        assert prov["resolution"] == 40 and prov["n_generated"] == 40
         if parse_metric_key(key).split is not None:
             assert prov["reference_split"] == "train" and prov["n_real"] == 48
     assert ev.provenance["kid40_train_randcnn_mean"]["kid_subsets"] == 3
@@ -229,7 +234,7 @@ def test_lpips_is_zero_on_identical_images_and_loads_backbone_weights(tmp_path):
 
     a, b = _images(10, 4), _images(11, 4)
     rand = LPIPSNet("alex")
-    assert rand.name == "randalex"
+    assert rand.name == "randalex" and rand.weights_sha256 == LPIPSNet("alex").weights_sha256  # a fixed function
     assert torch.allclose(rand(a, a), torch.zeros(4), atol=1e-6) and (rand(a, b) > 0).all()
     tv = torchvision.models.alexnet(weights=None)
     torch.save(tv.state_dict(), tmp_path / "alexnet.pth")
@@ -267,6 +272,11 @@ def test_is_and_lpips_need_no_reference():
     ev = Evaluator(_settings(), boom)(_Net(), 8, 20, ["is", "lpips"], lpips_pairs=4)
     assert ev.real_cache_hit is None and set(ev.metrics) == {"is20_randcnn_mean", "is20_randcnn_std",
                                                              "lpips4_randalex"}
+    from sqgan.metrics.features import LPIPSNet
+
+    images = next(generate_uint8(_Net(), 8, 8, 100, seed=0, device=torch.device("cpu")))
+    by_hand = LPIPSNet("alex")(images[0::2], images[1::2]).double().mean()  # pairs (0, 1), (2, 3), …
+    assert ev.metrics["lpips4_randalex"] == pytest.approx(float(by_hand), rel=1e-5) and by_hand > 0
 
 
 # ----------------------------------------------------------------------------------------- codebook

@@ -25,6 +25,18 @@ def test_readme_commands_exist_in_cli_and_makefile():
         assert f"make {target}" in text, target
         assert re.search(rf"^{target}:", make, flags=re.M), target
     runner = CliRunner()
-    for cmd in (["config", "show"], ["config", "validate"], ["data", "demo"], ["train"], ["tune"], ["prior"],
-                ["summary"]):
+    block = text.split("## Commands", 1)[1].split("```")[1]
+    listed = set()
+    for line in block.splitlines():
+        if not line.startswith("sqgan "):
+            continue
+        words = []
+        for w in re.split(r"\s{2,}", line)[0].split()[1:]:  # the description starts after a wide gap
+            if not re.fullmatch(r"[a-z0-9|]+", w):
+                break
+            words.append(w)
+        for last in words[-1].split("|"):  # config show|validate
+            listed.add((*words[:-1], last))
+    assert {("train",), ("tune",), ("eval",), ("reproduce",), ("summary",), ("config", "show")} <= listed
+    for cmd in sorted(listed):
         assert runner.invoke(app, [*cmd, "--help"]).exit_code == 0, cmd

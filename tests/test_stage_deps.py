@@ -18,7 +18,8 @@ from sqgan.stages import STAGES
 SRC = ROOT / "src"
 DVC_TO_STAGE = {"demo_data": "demo"}  # DVC stage name → table name where they differ
 ENTRY = {"train": ("sqgan.train.ray_train",), "sweep": ("sqgan.train.tune",),  # stages outside the data table
-         "prior": ("sqgan.train.prior",), "report": ("sqgan.report",)}
+         "prior": ("sqgan.train.prior",), "report": ("sqgan.report",),
+         "eval": ("sqgan.evaluate",)}
 
 
 def _module_file(name: str) -> Path | None:

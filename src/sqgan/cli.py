@@ -299,6 +299,39 @@ def tune_cmd(
     typer.echo(f"best params: {result.sweep_dir / 'best_params.yaml'}")
 
 
+@app.command("eval")
+def eval_cmd(
+    run: Annotated[str | None, typer.Option("--run", help="MLflow run id: its last logged checkpoint")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="a step_NNNNNN.pt or a run folder (its last one)")] = None,
+    data: Annotated[Path | None, typer.Option(help="reference dataset (default: the run's data.dir tag)")] = None,
+    out: Annotated[Path | None, typer.Option(help="metrics JSON (default: <run folder>/eval.json, or "
+                                                  "runs/eval/<run id>.json for --run)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """FID, KID, IS, precision/recall and LPIPS diversity of G_ema (eval.metrics, eval.num_fake images) against the
+    curated dataset's metrics.reference_split, logged to the run with each value's provenance.
+
+    Inception weights: metrics.inception_weights or torch-fidelity's cache; with metrics.features=auto and neither,
+    the random-CNN features (…_randcnn names). Real features are cached under metrics.cache_dir."""
+    from sqgan.evaluate import run_eval
+
+    p = resolve(params, set_, no_params_file)
+    if (run is None) == (checkpoint is None):
+        _err("error: pass exactly one of --run RUN_ID and --checkpoint PATH")
+        raise typer.Exit(2)
+    with stage_errors():
+        result = run_eval(p, checkpoint=checkpoint, run_id=run, data_dir=data, out=out)
+    where = "new run" if result.new_run else "run"
+    typer.echo(f"{result.checkpoint} (step {result.step}) → {where} {result.run_id} ({result.tracking_uri}), "
+               f"{result.out}; real features: "
+               f"{'cached' if result.real_cache_hit else 'extracted' if result.real_cache_hit is False else 'unused'}")
+    for k, v in result.metrics.items():
+        prov = result.provenance[k]
+        typer.echo(f"  {k:32s} {v:.6g}   ({prov['feature_network']}, {prov.get('reference', 'no reference')})")
+
+
 @app.command("reproduce")
 def reproduce_cmd(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a finished training run or sweep trial")],
@@ -391,17 +424,19 @@ def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("
         _err(f"error: {metrics_file} not found; train first (`make demo` or `sqgan train --out {run_dir}`)")
         raise typer.Exit(1)
     m = json.loads(metrics_file.read_text())
-    quality = {k: v for k, v in m.items() if k.startswith(("fid_", "kid_"))}
+    from sqgan.metrics.names import is_quality_metric
+
+    quality = {k: v for k, v in m.items() if is_quality_metric(k)}
     usage = {k: v for k, v in m.items() if k.startswith(("sq/", "fq/layer", "d/feature_similarity"))}
     typer.echo(f"run folder:   {run_dir}  (step {m.get('step')})")
     typer.echo(f"sample grid:  {run_dir / 'grid.png'}")
     typer.echo(f"checkpoints:  {run_dir / 'checkpoints'}")
     for k, v in {**quality, **usage}.items():
         typer.echo(f"  {k:28s} {v:.4f}")
-    prov = m.get("provenance", {})
+    prov = next(iter(m.get("provenance", {}).values()), None)
     if prov:
         typer.echo(f"metrics by:   {prov.get('implementation')}; features: {prov.get('feature_extractor')}; "
-                   f"{prov.get('n_real')} real vs {prov.get('n_fake')} generated")
+                   f"{prov.get('n_real')} real ({prov.get('reference')}) vs {prov.get('n_generated')} generated")
     tracking = run_dir / "tracking.json"
     if tracking.exists():
         t = json.loads(tracking.read_text())

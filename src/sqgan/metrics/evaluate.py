@@ -35,11 +35,12 @@ Z_CHUNK = 1024  # z is drawn in chunks of this size whatever the batch size, so 
 def generate_uint8(g_ema: nn.Module, n: int, z_dim: int, batch: int, seed: int,
                    device: torch.device) -> Iterator[torch.Tensor]:
     """n images of G_ema (const noise) in batches of `batch`. z comes from a CPU generator seeded `seed`, drawn in
-    chunks of Z_CHUNK: the same images for the same seed on any device and with any batch size."""
+    whole chunks of Z_CHUNK: for one seed, the same images on any device, with any batch size, and the first k of
+    any n (so fid1k's images are the first of fid10k's)."""
     g_ema.eval()
     gen = torch.Generator().manual_seed(seed)
     for chunk in range(0, n, Z_CHUNK):
-        z = torch.randn(min(Z_CHUNK, n - chunk), z_dim, generator=gen)
+        z = torch.randn(Z_CHUNK, z_dim, generator=gen)[: n - chunk]  # whole chunks: the first k images of any N agree
         for start in range(0, len(z), batch):
             yield to_uint8(g_ema(z[start : start + batch].to(device), noise_mode="const").images)
 

@@ -180,7 +180,9 @@ class LPIPSNet(nn.Module):
         import torchvision
         from torchmetrics.functional.image.lpips import _NoTrainLpips
 
-        self.net = _NoTrainLpips(net=backbone, pretrained=True, pnet_rand=True)  # no download: backbone below
+        with torch.random.fork_rng(devices=[]):  # the random backbone is a fixed function (seed 0), like randcnn's
+            torch.manual_seed(0)
+            self.net = _NoTrainLpips(net=backbone, pretrained=True, pnet_rand=True)  # no download: backbone below
         if weights is not None:
             path = Path(weights)
             if not path.is_file():
