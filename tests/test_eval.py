@@ -122,6 +122,10 @@ def test_eval_fails_fast_on_bad_input(trained, tmp_path, monkeypatch):
     assert r.exit_code == 1 and "no such run" in r.output
     r = runner.invoke(app, ["eval", *base])
     assert r.exit_code == 2 and "exactly one of --run" in r.output
+    nowhere = tmp_path / "nowhere.db"
+    r = runner.invoke(app, ["eval", "--run", "0123456789abcdef", *base, "--set",
+                            f"mlflow.tracking_uri=sqlite:///{nowhere}"])
+    assert r.exit_code == 1 and "no MLflow database" in r.output and not nowhere.exists()  # none created
     r = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "nothing"), *base])
     assert r.exit_code == 1 and "not found" in r.output
     r = runner.invoke(app, ["eval", "--checkpoint", str(trained["out"]), *base, "--set",

@@ -335,3 +335,23 @@ def test_sqgan_report_command_renders_the_report_and_the_table(store, tmp_path):
     assert r.exit_code == 1 and "no such experiment" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, [*base, "--metric", FID, "--out", str(tmp_path / "y")])
     assert r.exit_code == 2 and "--metric" in r.output and "--table" in r.output
+
+
+def test_search_all_follows_every_page():
+    from sqgan.tracking import search_all
+
+    class Page(list):
+        token: str | None = None
+
+    class Client:  # MLflow returns at most max_results runs and a token for the next page
+        def __init__(self) -> None:
+            self.calls: list[str | None] = []
+
+        def search_runs(self, ids, filter_string, max_results, order_by, page_token):
+            self.calls.append(page_token)
+            page = Page(range(int(page_token or 0), int(page_token or 0) + 3))
+            page.token = str(int(page_token or 0) + 3) if len(self.calls) < 3 else None
+            return page
+
+    client = Client()
+    assert search_all(client, "0") == list(range(9)) and client.calls == [None, "3", "6"]

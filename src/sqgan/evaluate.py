@@ -52,9 +52,10 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_of_run(tracking_uri: str, run_id: str, into: Path) -> Path:
     """Download the latest checkpoint run `run_id` logged (artifacts checkpoints/step_NNNNNN.pt)."""
-    from sqgan.tracking import _client
+    from sqgan.tracking import open_existing
 
-    client = _client(tracking_uri)
+    client = open_existing(tracking_uri, "set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds "
+                                         "the run")
     try:
         client.get_run(run_id)
     except Exception:  # noqa: BLE001 - MLflow raises its own exception types
@@ -85,6 +86,18 @@ def load_generator(checkpoint: Path, device: Any) -> tuple[Any, Params, int]:
     return G.to(device).eval(), trained, int(state["step"])
 
 
+def _existing_run(target: tuple[str, str] | None) -> Any:
+    """The MLflow run `target` names, or None (no target, or a store that no longer has that run)."""
+    if target is None:
+        return None
+    from sqgan.tracking import _client
+
+    try:
+        return _client(target[0]).get_run(target[1])
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types for a missing run
+        return None
+
+
 def run_eval(
     params: Params,
     checkpoint: str | Path | None = None,
@@ -98,7 +111,7 @@ def run_eval(
     import torch
 
     from sqgan.metrics.evaluate import Evaluator, RealFeatureCache, Reference, check_metric_names
-    from sqgan.tracking import MlflowLogger, _client, check_tracking, previous_run, resolve_tracking_uri, start_run
+    from sqgan.tracking import MlflowLogger, check_tracking, previous_run, resolve_tracking_uri, start_run
 
     if (checkpoint is None) == (run_id is None):
         raise ValueError("pass exactly one of --run RUN_ID and --checkpoint PATH")
@@ -106,28 +119,17 @@ def run_eval(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory(prefix="sqgan-eval-") as tmp:
         if run_id is not None:
-            uri = resolve_tracking_uri(params, project_dir)
-            check_tracking(uri)
-            ckpt = checkpoint_of_run(uri, run_id, Path(tmp))
-            target: tuple[str, str] | None = (uri, run_id)
+            ckpt = checkpoint_of_run(resolve_tracking_uri(params, project_dir), run_id, Path(tmp))
+            target = (resolve_tracking_uri(params, project_dir), run_id)
         else:
             ckpt = latest_checkpoint(checkpoint)
-            target = previous_run(ckpt)
+            target = previous_run(ckpt)  # the run folder's tracking.json, if it has one
         G, trained, step = load_generator(ckpt, device)
         source = ckpt if run_id is None else f"mlflow run {run_id}: {ckpt.name}"
-        if target is not None:
-            try:
-                run = _client(target[0]).get_run(target[1])
-            except Exception:  # noqa: BLE001 - the run folder names a run that database no longer has
-                run = None
-            if run is None:
-                target = None
-        data = Path(data_dir) if data_dir is not None else None
-        if data is None and target is not None:
-            tagged = run.data.tags.get("data.dir")
-            data = Path(tagged) if tagged else None
-        if data is None:
-            data = Path(trained.data.root) / trained.data.dataset
+        run = _existing_run(target)
+        target = target if run is not None else None
+        tagged = run.data.tags.get("data.dir") if run is not None else None
+        data = Path(data_dir or tagged or Path(trained.data.root) / trained.data.dataset)
         if not (data / "manifest.parquet").is_file():
             raise FileNotFoundError(f"reference data {data}: no manifest.parquet; pass --data with the curated dataset "
                                     f"the run trained on")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sqgan.metrics.names import QUALITY_METRICS, MetricKey, parse_metric_key
+from sqgan.tracking import child_runs, search_all
 
 REPORT_STAGE = "report"  # the marker of a report folder (sqgan.io.stage_output)
 TABLE_STAGE = "report-table"
@@ -130,30 +131,13 @@ def label(run: Any) -> str:
 
 def open_tracking(tracking_uri: str) -> Any:
     """An MlflowClient for `tracking_uri`, after checking it answers (a report never creates a database)."""
-    from sqgan.tracking import _client, check_tracking
+    from sqgan.tracking import open_existing
 
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.is_file():
-            raise ReportError(f"--tracking-uri {tracking_uri}: no MLflow database at {db}; train first (`make demo`) "
-                              f"or pass the --tracking-uri your runs were logged to")
-    check_tracking(tracking_uri)
-    return _client(tracking_uri)
-
-
-def _search(client: Any, experiment_id: str, filter_string: str = "") -> list[Any]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def _children(client: Any, parent: Any) -> list[Any]:
-    return _search(client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    try:
+        return open_existing(tracking_uri, "train first (`make demo`) or pass the --tracking-uri your runs were "
+                                           "logged to")
+    except FileNotFoundError as e:
+        raise ReportError(str(e)) from None
 
 
 def split_ids(run_ids: Iterable[str] | None) -> list[str]:
@@ -191,7 +175,7 @@ def select_runs(tracking_uri: str, experiment: str | None = None, run_ids: Itera
         for r in given:
             if _stage(r) == "sweep":
                 sweeps.append(r)
-                trials = _children(client, r)
+                trials = child_runs(client, r)
                 if not trials:
                     raise ReportError(f"--runs {r.info.run_id} is a sweep's parent run without trials; run the sweep "
                                       f"(`sqgan tune`) or pass the runs you want")
@@ -209,7 +193,7 @@ def select_runs(tracking_uri: str, experiment: str | None = None, run_ids: Itera
         raise ReportError(f"--experiment {name!r}: no such experiment in {tracking_uri} (it has: "
                           f"{', '.join(repr(k) for k in known) or 'none'}); pass one of them, or the --tracking-uri "
                           f"your runs were logged to")
-    every = _search(client, exp.experiment_id)
+    every = search_all(client, exp.experiment_id)
     runs = [r for r in every if _stage(r) not in LEFT_OUT_STAGES]
     if not runs:
         raise ReportError(f"--experiment {name!r} in {tracking_uri} has no runs to report"

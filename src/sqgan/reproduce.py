@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from sqgan import tracking
-from sqgan.config import ConfigError, Params, load_params
+from sqgan.config import ConfigError, Params, flatten, load_params
 from sqgan.io import free_sibling, sha256_file, write_json_atomic
 
 REPORT_FILE = "reproduce.json"
@@ -172,11 +172,8 @@ def read_run(run_id: str, tracking_uri: str) -> RecordedRun:
     """The run's params and tags; a clear error for an unknown id or a run that trained nothing."""
     from mlflow.exceptions import MlflowException
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise FileNotFoundError(f"no MLflow database at {tracking_uri.removeprefix('sqlite:///')}; pass the one that "
-                                f"holds run {run_id} with --tracking-uri (or set MLFLOW_TRACKING_URI)")
-    tracking.check_tracking(tracking_uri)
-    client = tracking._client(tracking_uri)
+    client = tracking.open_existing(tracking_uri, f"pass the one that holds run {run_id} with --tracking-uri (or set "
+                                                  f"MLFLOW_TRACKING_URI)")
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
@@ -221,7 +218,7 @@ def _recorded_params(client: Any, run_id: str, flat: dict[str, str]) -> tuple[Pa
             node = node.setdefault(part, {})
         node[last] = None if text == "None" else _yaml_value(text)
     try:
-        return Params().override(flatten_leaves(raw), source=f"params of run {run_id}"), "flat params"
+        return Params().override(flatten(raw), source=f"params of run {run_id}"), "flat params"
     except ConfigError as e:
         raise ConfigError(_schema_changed(str(e))) from None
 
@@ -231,20 +228,6 @@ def _yaml_value(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-
-
-def flatten_leaves(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} → {"a.b": 1}, keeping the free-form sections (tune.space, tune.fixed) whole."""
-    from sqgan.config import FREE_FORM
-
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = prefix + k
-        if isinstance(v, dict) and key not in FREE_FORM:
-            out.update(flatten_leaves(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _schema_changed(msg: str) -> str:

@@ -68,6 +68,34 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def open_existing(uri: str, fix: str):
+    """A client of a tracking store that must already hold runs (report, reproduce, eval --run): a sqlite file that
+    does not exist is an error naming it and `fix` — never a new, empty database — and a server must answer."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise FileNotFoundError(f"tracking URI {uri}: no MLflow database at {db}; {fix}")
+    check_tracking(uri)
+    return _client(uri)
+
+
+def search_all(client: Any, experiment_id: str, filter_string: str = "") -> list[Any]:
+    """Every run of the experiment matching `filter_string`, oldest first, page by page (no cap)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def child_runs(client: Any, parent: Any) -> list[Any]:
+    """The runs nested under `parent` (a sweep's trials)."""
+    return search_all(client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
     """The experiment's id, created with artifacts under `artifact_root` when it does not exist yet."""
     client = _client(tracking_uri)

@@ -251,8 +251,8 @@ class Evaluator:
     reference: Callable[[], Reference] | Reference
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: RealFeatureCache = field(default_factory=RealFeatureCache)
-    _net: nn.Module | None = None
-    _lpips: nn.Module | None = None
+    _net: nn.Module | None = field(default=None, init=False, repr=False)  # built on first use
+    _lpips: nn.Module | None = field(default=None, init=False, repr=False)
 
     @property
     def net(self) -> nn.Module:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqgan.config import ConfigError, Params, flatten
+from sqgan.metrics.names import is_quality_metric  # a quality metric comes from the evaluations, not each log step
 
 SWEEP_FILE = "sweep.json"  # in a sweep folder: tracking URI, parent run, Ray experiment path, params
 METRIC_ALIASES = ("kid", "fid")
@@ -95,17 +96,10 @@ def metric_key(params: Params, metric: str) -> str:
     return next(k for k in keys if parse_metric_key(k).stat in (None, "mean"))
 
 
-def is_evaluated(key: str) -> bool:
-    """Whether `key` comes from the quality evaluation (interim and final), not from every log step."""
-    from sqgan.metrics.names import is_quality_metric
-
-    return is_quality_metric(key)
-
-
 def asha_grace(params: Params, base: Params) -> int:
     """ASHA's grace period: tune.grace_period, else the trials' first interim evaluation (or first log step for a
     metric that is not evaluated)."""
-    evaluated = is_evaluated(metric_key(base, params.tune.metric))
+    evaluated = is_quality_metric(metric_key(base, params.tune.metric))
     return params.tune.grace_period or (base.metrics.eval_every if evaluated else base.train.log_every)
 
 
@@ -135,7 +129,7 @@ def check_sweep(params: Params) -> Params:
         known = ", ".join(sorted(reported))
         raise ConfigError(f"tune.metric {t.metric!r} is not a metric the run reports; use kid, fid or one of: {known}")
     if t.scheduler == "asha":
-        if is_evaluated(key) and interim_key(base, key) not in reported:
+        if is_quality_metric(key) and interim_key(base, key) not in reported:
             raise ConfigError(f"tune.scheduler=asha prunes on {t.metric}, but the trials evaluate it only at the end "
                               f"(metrics.eval_every={base.metrics.eval_every}, train.steps={base.train.steps}); set "
                               f"--set tune.fixed.metrics.eval_every=N with N < train.steps, or tune.scheduler=fifo")

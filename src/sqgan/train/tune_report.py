@@ -25,8 +25,9 @@ def _client(uri: str) -> Any:
 
 
 def _children(client: Any, parent: Any) -> list[Any]:
-    pid = parent.info.run_id
-    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{pid}'", max_results=5000)
+    from sqgan.tracking import child_runs
+
+    return child_runs(client, parent)
 
 
 def _last_step(client: Any, run: Any) -> int:
