@@ -124,6 +124,21 @@ def data_download(
     typer.echo(f"ready: {path}")
 
 
+@data_app.command("fetch")
+def data_fetch(
+    uri: Annotated[str, typer.Option(help="the curated dataset: a path, file://, s3://, gs:// or minio:// "
+                                          "(endpoint in $SQGAN_S3_ENDPOINT)")],
+    out: OutOpt,
+    force: ForceOpt = False,
+) -> None:
+    """Copy a curated dataset from storage to a local folder (each pod of a Kubeflow sweep's RayJob runs it)."""
+    from sqgan.data.fetch import fetch_dataset
+
+    with stage_errors(), sigterm_as_interrupt():
+        report = fetch_dataset(uri, out, force)
+    typer.echo(f"fetch → {out}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+
+
 @data_app.command("curate")
 def data_curate(
     src: SrcOpt, out: OutOpt,

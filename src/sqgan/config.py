@@ -317,6 +317,9 @@ class MlflowParams(Section):
     experiment: str = Field("sqgan", min_length=1, description="MLflow experiment name")
     artifact_root: str = Field("mlartifacts", min_length=1, description="artifact folder of new experiments")
     run_name: str | None = Field(None, description="run name; unset = MLflow picks one")
+    parent_run_id: str | None = Field(
+        None, description="nest new runs under this run (the Kubeflow pipelines set it to the pipeline's parent run)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ ray

@@ -13,7 +13,8 @@ The report (`render_report`):
   (`sqgan.train.tune_report`, the sweep's own report) under `sweeps/<parent id>/`.
 
 Which runs: with `--runs`, those (a sweep's parent brings its nested trials); else every run of the experiment but
-sweep parents (each becomes a sweep section), codebook-prior runs and earlier reports.
+sweep parents (each becomes a sweep section), codebook-prior runs, earlier reports, and a Kubeflow pipeline's parent
+and data-stage runs.
 
 Where it is logged back: reporting exactly one sweep (its parent, or an experiment holding only that sweep), the
 folder goes onto the sweep's parent run under `report/`; otherwise onto a new run tagged sqgan.stage = report in
@@ -48,7 +49,9 @@ REPORT_STAGE = "report"  # the marker of a report folder (sqgan.io.stage_output)
 TABLE_STAGE = "report-table"
 PLOTS = ("quality_curves.png", "grids.png", "codebook_usage.png")  # always written: DVC declares them as plots
 GRID_ARTIFACT = "samples/grid.png"
-LEFT_OUT_STAGES = ("sweep", "report", "prior")  # not runs of the table: sweep parents get a section of their own
+# Not runs of the table: sweep parents get a section of their own; a Kubeflow pipeline's parent run and its
+# data-stage task runs hold no training.
+LEFT_OUT_STAGES = ("sweep", "report", "prior", "pipeline", "data")
 USAGE = re.compile(r"^(sq/(utilisation|perplexity)|fq/layer\d+/(utilisation|perplexity)|d/feature_similarity"
                    r"|g/clip_similarity)$")
 HIGHER_IS_BETTER = ("precision", "recall", "is", "lpips")  # lpips here is the diversity of generated pairs

@@ -84,8 +84,9 @@ def get_stage(name: str) -> Stage:
     return STAGES[name]
 
 
-def source_for(stage: Stage, params: Params) -> Path:
-    """The input folder of a stage run from params alone (`sqgan data prepare NAME`, `dvc repro NAME`)."""
+def source_for(stage: Stage, params: Params, raw: str | Path | None = None) -> Path:
+    """The input folder of a stage run from params alone (`sqgan data prepare NAME`, `dvc repro NAME`), or from
+    `raw`, the dataset's raw files already fetched (`download_raw`, as the Kubeflow download component does)."""
     from sqgan.data.prepare import find_root, raw_source
 
     root = Path(params.data.root)
@@ -93,7 +94,7 @@ def source_for(stage: Stage, params: Params) -> Path:
         return root / params.data.subset.source
     if stage.source != "raw":
         raise ValueError(f"stage {stage.name!r} takes its input from --src; it has no source in params")
-    raw = raw_source(stage.name, getattr(params.data, stage.name), root)
+    raw = Path(raw) if raw is not None else raw_source(stage.name, getattr(params.data, stage.name), root)
     if stage.name == "dogface":
         return find_root(raw, "annotations")
     if stage.name == "ffhq2k5":  # the clustering reads a curated manifest: curate the raw images first
@@ -110,9 +111,11 @@ def source_for(stage: Stage, params: Params) -> Path:
 
 
 def run_stage(
-    name: str, params: Params, src: str | Path | None = None, out: str | Path | None = None, force: bool = False
+    name: str, params: Params, src: str | Path | None = None, out: str | Path | None = None, force: bool = False,
+    raw: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run stage `name` with its arguments from `params`; `src`/`out` default to params (data.root/NAME)."""
+    """Run stage `name` with its arguments from `params`; `src`/`out` default to params (data.root/NAME). `raw`
+    (stages reading a real dataset) is its raw files already fetched, instead of data.<name>.url/path."""
     stage = get_stage(name)
     out = Path(out) if out is not None else stage.default_out(params)
     marker = "curate" if stage.function.endswith(":curate") else name
@@ -126,7 +129,7 @@ def run_stage(
         if src is None:  # the source first: a missing one is the error to report, before any model loads
             if stage.source == "cli":
                 raise ValueError(f"stage {name!r} needs --src (the folder to read)")
-            src = source_for(stage, params)
+            src = source_for(stage, params, raw)
         result = fn(src, out, **stage.arguments(params), force=force)
     if isinstance(result, dict):
         return result

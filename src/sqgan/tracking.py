@@ -204,9 +204,15 @@ def start_run(
     all_tags = provenance_tags(data_dir, project_dir) | dict(tags or {})
     if params.mlflow.run_name:
         all_tags[MLFLOW_RUN_NAME] = params.mlflow.run_name
-    if parent_run_id:
-        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     client = _client(uri)
+    parent_run_id = parent_run_id or params.mlflow.parent_run_id
+    if parent_run_id:
+        try:
+            client.get_run(parent_run_id)
+        except Exception:  # noqa: BLE001 - MLflow raises its own error for an unknown id
+            raise ValueError(f"mlflow.parent_run_id {parent_run_id}: no such run in {uri}; pass the id of a run "
+                             f"there, or unset mlflow.parent_run_id") from None
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     run = client.create_run(exp_id, tags=all_tags, run_name=params.mlflow.run_name)
     flat = [Param(k, str(v)) for k, v in params.flat().items()]
     for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch

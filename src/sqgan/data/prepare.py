@@ -43,6 +43,30 @@ def raw_source(name: str, src: SourceParams, root: Path) -> Path:
     return dest
 
 
+def download_raw(name: str, src: SourceParams, out: str | Path, force: bool = False) -> Path:
+    """Dataset `name`'s raw files (`raw_source`: downloaded and verified, or the local path) as a folder `out`,
+    written atomically: what the Kubeflow download component hands to the stage that prepares the dataset."""
+    import shutil
+    import tempfile
+
+    from sqgan.io import check_output, stage_output
+
+    out = Path(out)
+    check_output(out, "download", (src.path,), force)  # before fetching anything
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.raw-", dir=out.parent) as scratch:
+        folder = raw_source(name, src, Path(scratch))
+        with stage_output(out, "download", (src.path,), force) as tmp:
+            for child in folder.iterdir():
+                if folder.is_relative_to(scratch):  # fetched here: move it
+                    shutil.move(child, tmp / child.name)
+                elif child.is_dir():  # the user's own folder: copy, never move
+                    shutil.copytree(child, tmp / child.name, symlinks=True)
+                else:
+                    shutil.copy2(child, tmp / child.name)
+    return out
+
+
 def find_root(folder: Path, marker: str) -> Path:
     """`folder`, or its single sub-folder chain, that contains `marker` (archives often wrap a top folder)."""
     cur = folder
