@@ -6,6 +6,7 @@ wait loop and the sweep task are checked against a fake Kubernetes API; missing 
 
 import base64
 import io
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,24 @@ def test_data_pipeline_downloads_then_prepares_and_logs_a_nested_data_run(kfp_lo
     assert runs["pipeline"].info.status == "FINISHED"
 
 
+def test_download_copies_a_local_folder_and_leaves_it_whole(tmp_path):
+    from sqgan.data.prepare import download_raw
+
+    src = tmp_path / "pet"
+    (src / "images").mkdir(parents=True)
+    (src / "images" / "a.jpg").write_bytes(b"jpeg")
+    (src / "annotations").mkdir()
+    params = default_params([f"data.dogface.path={src}"])
+    download_raw("dogface", params.data.dogface, tmp_path / "raw")
+    assert (tmp_path / "raw" / "images" / "a.jpg").read_bytes() == b"jpeg"
+    assert (tmp_path / "raw" / "annotations").is_dir()
+    assert (src / "images" / "a.jpg").read_bytes() == b"jpeg"  # the user's folder is copied, never moved
+    from sqgan.io import UnsafeOutput
+
+    with pytest.raises(UnsafeOutput):  # and never written into
+        download_raw("dogface", params.data.dogface, src / "raw")
+
+
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def _never_written(data: Output[Dataset]):
     print("this task writes no data")
@@ -280,6 +299,34 @@ def test_rayjob_manifest_runs_sqgan_tune_in_the_image_with_the_tracking_env():
     cpu = rayjob_manifest(RayJobSpec(**_spec_args(worker_gpus=0)))
     assert "tune.use_gpu" not in cpu["spec"]["entrypoint"]
     assert "nvidia.com/gpu" not in str(cpu["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+
+
+def test_rayjob_manifest_builds_the_cluster_of_k8s_rayjob_yaml():
+    """The sweep component's RayJob and the hand-applied k8s/rayjob.yaml give the same head, workers and limits."""
+    from sqgan.kuberay import RayJobSpec, rayjob_manifest
+
+    ours = rayjob_manifest(RayJobSpec(**_spec_args()))["spec"]["rayClusterSpec"]
+    theirs = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    for key in ("rayVersion", "enableInTreeAutoscaling", "autoscalerOptions"):
+        assert ours[key] == theirs[key], key
+    assert ours["headGroupSpec"]["rayStartParams"] == theirs["headGroupSpec"]["rayStartParams"]
+    head = (ours["headGroupSpec"]["template"]["spec"]["containers"][0],
+            theirs["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert head[0]["resources"] == head[1]["resources"] and head[0]["ports"] == head[1]["ports"]
+    ow, tw = ours["workerGroupSpecs"][0], theirs["workerGroupSpecs"][0]
+    for key in ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"):
+        assert ow[key] == tw[key], key
+    assert ow["template"]["spec"]["tolerations"] == tw["template"]["spec"]["tolerations"]
+    assert ow["template"]["spec"]["containers"][0]["resources"] == tw["template"]["spec"]["containers"][0]["resources"]
+
+
+def test_rbac_lets_the_sweep_task_create_read_and_delete_rayjobs():
+    role, binding = yaml.safe_load_all((ROOT / "k8s" / "kfp-rayjob-rbac.yaml").read_text())
+    rule = role["rules"][0]
+    assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
+    assert {"create", "get", "delete"} <= set(rule["verbs"])  # what sqgan.kuberay calls
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"] == binding["subjects"][0]["namespace"]
 
 
 @pytest.mark.parametrize(("change", "named"), [
@@ -406,6 +453,8 @@ def test_sweep_task_submits_waits_and_returns_the_best_params_for_the_final_trai
         (folder / "trials.csv").write_text("trial,kid\nt0,0.1\n")
         for f in folder.iterdir():
             _client(env["MLFLOW_TRACKING_URI"]).log_artifact(run_id, str(f), "sweep")
+        time.sleep(0.01)  # another task's run under the same parent, started later: not the sweep's
+        start_run(sweep_params, demo_dir, tags={"sqgan.stage": "data"})
 
     api = FakeRayJobs([{"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}],
                       on_create=run_the_sweep)
