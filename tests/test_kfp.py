@@ -517,4 +517,6 @@ def test_fetch_refuses_what_is_not_a_curated_dataset(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="set SQGAN_S3_ENDPOINT"):
         fetch_dataset("minio://mlpipeline/v2/artifacts/x", tmp_path / "out")
+    with pytest.raises(ValueError, match="scheme ftp:// is not one this reads"):
+        fetch_dataset("ftp://host/data", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 ENDPOINT_VARS = ("SQGAN_S3_ENDPOINT", "AWS_ENDPOINT_URL")
+RETRY_S = 60  # how long a storage request may retry before the fetch fails
 
 
 def filesystem(uri: str) -> tuple[Any, str]:
@@ -30,10 +31,17 @@ def filesystem(uri: str) -> tuple[Any, str]:
                              f"AWS_SECRET_ACCESS_KEY")
         proto, _, host = endpoint.rpartition("://")
         return pafs.S3FileSystem(endpoint_override=host, scheme=proto or "http"), rest
+    if scheme == "gs":  # bounded: pyarrow's GCS client otherwise retries an unreachable endpoint for 15 minutes
+        from datetime import timedelta
+
+        return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=RETRY_S)), rest
+    if scheme not in ("file", "s3", "hdfs"):
+        raise ValueError(f"{uri}: scheme {scheme}:// is not one this reads; use a path, file://, s3://, gs:// or "
+                         f"minio://")
     try:
         return pafs.FileSystem.from_uri(uri)
-    except Exception as e:  # noqa: BLE001 - pyarrow's errors for unknown schemes and bad URIs vary
-        raise ValueError(f"{uri}: not a URI this can read ({e}); use a path, file://, s3://, gs:// or minio://") \
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors (bad URI, no network, no credentials) vary
+        raise OSError(f"{uri}: could not open it ({e}); check the URI, the network and the storage credentials") \
             from None
 
 
@@ -45,7 +53,11 @@ def fetch_dataset(uri: str, out: str | Path, force: bool = False) -> dict[str, A
     from sqgan.io import stage_output
 
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as e:
+        raise OSError(f"{uri}: could not read it ({e}); check the URI, the network and the storage credentials") \
+            from None
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{uri}: nothing there; pass the URI of a curated dataset folder (a data task's "
                                 f"output)")
