@@ -19,8 +19,11 @@ from typing import Any
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 RAY_VERSION = "2.60.0"
-DATA_DIR = "/home/ray/data/dataset"  # where every pod's init container puts the dataset
-SWEEP_DIR = "/home/ray/sweep"  # the sweep folder on the head pod (trials.csv/.md, plots, best_params.yaml)
+# Paths inside the pods (the Ray image's home is /home/ray), not on this machine.
+POD_HOME = "/home/ray"
+DATA_VOLUME = f"{POD_HOME}/data"  # an emptyDir in every pod
+DATA_DIR = f"{DATA_VOLUME}/dataset"  # where every pod's init container puts the dataset
+SWEEP_DIR = f"{POD_HOME}/sweep"  # the sweep folder on the head pod (trials.csv/.md, plots, best_params.yaml)
 PARAMS_FILE = "/tmp/sqgan-params.yaml"  # written from $SQGAN_PARAMS_YAML by the entrypoint
 JOB_FAILED = ("FAILED", "STOPPED")
 DEPLOYMENT_FAILED = ("Failed", "ValidationFailed")
@@ -90,7 +93,7 @@ def rayjob_manifest(spec: RayJobSpec) -> dict[str, Any]:
         {"name": "RAY_AUTH_MODE", "value": "disabled"},
     ]
     env_from = [{"secretRef": {"name": spec.credentials_secret, "optional": True}}]
-    mounts = [{"name": "sqgan-data", "mountPath": "/home/ray/data"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [{"name": "sqgan-data", "mountPath": DATA_VOLUME}, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes = [{"name": "sqgan-data", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     fetch = {
         "name": "fetch-data",
