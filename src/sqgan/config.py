@@ -26,6 +26,13 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- data
+def power_of_two(v: int, what: str) -> int:
+    """A validator's check: `v` must be a power of two (the message adds `what`, e.g. its range)."""
+    if v & (v - 1):
+        raise ValueError(f"must be a power of two {what}, got {v}")
+    return v
+
+
 class DemoDataParams(Section):
     crop: int = Field(128, ge=16, le=512, description="IHC slide crop size in px (BreCaHAD-style overlapping crops)")
     stride: int = Field(64, ge=8, le=512, description="IHC crop stride in px (crops overlap when stride < crop)")
@@ -80,6 +87,31 @@ class SubsetParams(Section):
     seed: int = Field(0, ge=0, description="seed of the choice")
 
 
+class SelfFilterParams(Section):
+    """Self-filtering (Mokady et al. 2022, "Self-Distilled StyleGAN", §3.1): a StyleGAN2 G and an encoder E of
+    StyleGAN2-discriminator architecture trained together to invert the images; the worst reconstructed fraction is
+    quarantined."""
+
+    source: str = Field("demo", min_length=1, description="curated dataset (folder under data.root) to filter")
+    fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of images with the largest reconstruction "
+                                                             "error moved to the quarantine (sweep axis)")
+    steps: int = Field(2000, ge=1, description="joint training steps of G, D and the encoder E")
+    batch_size: int = Field(16, ge=2, le=4096, description="images per step")
+    resolution: int = Field(64, ge=32, le=1024, description="side in px of the filtering GAN (a power of two; the "
+                                                           "kept images stay at their own size)")
+    lr: float = Field(0.002, gt=0.0, le=1.0, description="Adam learning rate of G, D and E (StyleGAN2's)")
+    lambda_w: float = Field(0.1, ge=0.0, le=1000.0, description="λ_w of ‖E(G(w)) − w‖² on generated images")
+    lambda_l1: float = Field(0.1, ge=0.0, le=1000.0, description="λ_L1 of ‖G(E(x)) − x‖₁ on real images")
+    lambda_lpips: float = Field(0.1, ge=0.0, le=1000.0, description="λ_LPIPS of LPIPS(G(E(x)), x) on real images "
+                                                                    "(metrics.lpips_backbone / lpips_weights)")
+    seed: int = Field(0, ge=0, description="seed of init, batches and z")
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        return power_of_two(v, "between 32 and 1024")
+
+
 class DataParams(Section):
     dataset: str = Field("demo", min_length=1, description="curated dataset to train on: folder name under data.root")
     root: str = Field("data", min_length=1, description="folder that holds the curated datasets")
@@ -91,16 +123,11 @@ class DataParams(Section):
     dogface: DogfaceParams = Field(default_factory=DogfaceParams, description="Oxford-IIIT Pet → dog faces")
     metfaces: SourceParams = Field(default_factory=SourceParams, description="MetFaces, curated as released")
     subset: SubsetParams = Field(default_factory=SubsetParams, description="few-shot subset")
+    selffilter: SelfFilterParams = Field(default_factory=SelfFilterParams,
+                                         description="self-filtering: drop the worst-inverted images")
 
 
 # ---------------------------------------------------------------------------------------- model
-def power_of_two(v: int, what: str) -> int:
-    """A validator's check: `v` must be a power of two (the message adds `what`, e.g. its range)."""
-    if v & (v - 1):
-        raise ValueError(f"must be a power of two {what}, got {v}")
-    return v
-
-
 ARCH_RESOLUTIONS = {"dcgan": (32, 64), "sngan": (32, 64), "stylegan2": (32, 64, 128, 256, 512, 1024)}
 
 
@@ -187,6 +214,34 @@ class SQParams(Section):
                                                           "StyleGAN2's lazy R1); 1 = every step as the paper")
     prior: str | None = Field(None, description="codebook prior file from `sqgan prior` to start the codebook from; "
                                                 "unset = random codes on the sphere")
+
+
+# ---------------------------------------------------------------------------------------- mixdl
+class MixDLParams(Section):
+    enabled: bool = Field(False, description="MixDL few-shot training (Kong et al., ECCV 2022): distance losses on "
+                                             "mixes of anchor styles, mixup images judged by a patch D head")
+    every: int = Field(2, ge=1, le=1000, description="a MixDL step every `every` steps (steps with step % every ≠ 0; "
+                                                      "official --interp_freq 2); the others are plain steps")
+    lambda_g: float = Field(1000.0, ge=0.0, le=1e6, description="λ_G of G's KL(softmax(c) ‖ softmax(cos)) at a "
+                                                                 "random synthesis layer (sweep axis)")
+    lambda_d: float = Field(1.0, ge=0.0, le=1e6, description="λ_D of D's distance loss on projected penultimate "
+                                                              "features (sweep axis)")
+    coefficients: Literal["dirichlet", "gaussian", "uniform"] = Field(
+        "dirichlet", description="mixing coefficients c: Dirichlet(α·1), softmax of N(0, I), or normalised U(0, 1)")
+    dirichlet_alpha: float = Field(1.0, gt=0.0, le=1000.0, description="α of the Dirichlet coefficients")
+    num_mix: int | None = Field(None, ge=1, le=4096, description="mixup samples per MixDL step; unset = "
+                                                                 "train.batch_size (the official code)")
+    reduction: Literal["batchmean", "mean"] = Field(
+        "batchmean", description="batchmean: KL summed over anchors, mean over mixes (the paper); mean: also ÷ B, as "
+                                 "the official nn.KLDivLoss()")
+    layer_per_sample: bool = Field(True, description="a random G layer per mixup sample (official); false = one "
+                                                     "per step")
+    proj_dim: int | None = Field(None, ge=1, le=8192, description="output size of D's projection head; unset = "
+                                                                  "D's feature size")
+    patch_sides: list[int] | None = Field(None, description="sides of the D maps the patch head judges; unset = "
+                                                            "R/8 and R/16")
+    patch_activation: Literal["lrelu", "linear"] = Field(
+        "lrelu", description="end of the patch head's 3×3 conv: lrelu (the official ConvLayer) or linear")
 
 
 # ---------------------------------------------------------------------------------------- prior
@@ -307,6 +362,38 @@ class EvalParams(Section):
     num_fake: int = Field(5000, ge=2, description="generated images of `sqgan eval`")
     lpips_pairs: int = Field(1000, ge=1, description="pairs of generated images LPIPS diversity averages over "
                                                      "(at most num_fake / 2)")
+
+
+# -------------------------------------------------------------------------------- sample, cluster
+class SampleParams(Section):
+    num: int = Field(64, ge=1, le=1_000_000, description="images `sqgan sample` writes")
+    truncation: Literal["multimodal", "global", "none"] = Field(
+        "multimodal", description="multimodal: w ← c + ψ(w − c) toward the sample's cluster centre (Self-Distilled "
+                                  "StyleGAN); global: toward the mean w; none")
+    psi: float = Field(0.7, ge=0.0, le=10.0, description="ψ: 1 = no truncation, 0 = the centre itself")
+    assign: Literal["lpips", "l2"] = Field(
+        "lpips", description="a sample's centre: LPIPS-nearest centre image (the paper) or nearest in W (ablation)")
+    centres: int = Field(64, ge=1, le=4096, description="N KMeans centres of the mapped w (init random)")
+    fit_samples: int = Field(60000, ge=1, le=10_000_000, description="mapped w the centres are fitted on (cached "
+                                                                     "beside the checkpoint)")
+    cluster: int | None = Field(None, ge=0, description="draw images of this cluster of the cluster-guided sampler "
+                                                        "(cluster section); unset = no cluster")
+    seed: int = Field(0, ge=0, description="seed of z (and of the KMeans)")
+    batch_size: int = Field(64, ge=1, le=4096, description="images per batch")
+
+
+class ClusterParams(Section):
+    k: int = Field(8, ge=2, le=1024, description="k-means clusters of generated images (features: metrics.features)")
+    fit_samples: int = Field(5000, ge=2, le=1_000_000, description="generated images clustered")
+    steps: int = Field(2000, ge=1, description="IMLE steps of the per-cluster latent samplers")
+    hidden: int = Field(256, ge=1, le=8192, description="width of each cluster's latent map")
+    layers: int = Field(2, ge=1, le=16, description="hidden layers of each latent map")
+    num_samples: int = Field(128, ge=1, le=65536, description="IMLE: samples drawn per cluster per step")
+    targets_per_step: int = Field(64, ge=1, le=65536, description="IMLE: member codes matched per cluster per step")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="Adam learning rate of the latent maps")
+    eval_per_cluster: int = Field(100, ge=1, description="images per cluster for the cluster accuracy")
+    fid_images: int = Field(2000, ge=2, description="images of the FID cost (sampler vs unconditional)")
+    seed: int = Field(0, ge=0, description="seed of the clustering and the samplers")
 
 
 # --------------------------------------------------------------------------------------- mlflow
@@ -455,9 +542,13 @@ class Params(Section):
     sq: SQParams = Field(default_factory=SQParams, description="style quantization in G")
     prior: PriorParams = Field(default_factory=PriorParams, description="CLIP codebook prior (`sqgan prior`)")
     ada: AdaParams = Field(default_factory=AdaParams, description="adaptive discriminator augmentation")
+    mixdl: MixDLParams = Field(default_factory=MixDLParams, description="MixDL few-shot distance learning")
     train: TrainParams = Field(default_factory=TrainParams, description="training loop")
     metrics: MetricsParams = Field(default_factory=MetricsParams, description="quality metrics and diagnostics")
     eval: EvalParams = Field(default_factory=EvalParams, description="`sqgan eval`")
+    sample: SampleParams = Field(default_factory=SampleParams, description="`sqgan sample`: truncation")
+    cluster: ClusterParams = Field(default_factory=ClusterParams, description="cluster-guided sampling "
+                                                                              "(`sqgan sample --cluster`)")
     mlflow: MlflowParams = Field(default_factory=MlflowParams, description="tracking")
     ray: RayParams = Field(default_factory=RayParams, description="Ray Train")
     tune: TuneParams = Field(default_factory=TuneParams, description="Ray Tune sweeps (`sqgan tune`)")
@@ -476,6 +567,14 @@ class Params(Section):
                 f"fq.layers: the {m.resolution}px {m.arch} discriminator has blocks 0..{n - 1}, "
                 f"got {bad}; pick indices below {n}"
             )
+        x = self.mixdl
+        if x.enabled and self.train.batch_size < 2:
+            raise ValueError(f"mixdl.enabled: MixDL mixes the styles of a step's batch (its anchors) and needs "
+                             f"train.batch_size ≥ 2, got {self.train.batch_size}")
+        bad = [s for s in (x.patch_sides or []) if s < 4 or s >= m.resolution or s & (s - 1)]
+        if bad:
+            raise ValueError(f"mixdl.patch_sides: D's maps at {m.resolution}px have sides 4, 8, … "
+                             f"{m.resolution // 2}, got {bad}; pick powers of two in that range (unset = R/8, R/16)")
         if self.sq.enabled and m.w_dim % self.sq.code_dim:  # with SQ on every arch has a mapping network z → w
             raise ValueError(f"sq.code_dim: {self.sq.code_dim} does not divide model.w_dim={m.w_dim}; pick a divisor "
                              f"(e.g. 4) so w splits into whole sub-vectors")
