@@ -268,6 +268,8 @@ def test_settings_follow_the_official_schedule_and_reject_bad_values():
     s = MixDLSettings()
     assert (s.lambda_g, s.lambda_d, s.every) == (1000.0, 1.0, 2)
     assert [s.due(i) for i in range(4)] == [False, True, False, True]  # official: i % interp_freq > 0
+    assert [MixDLSettings(every=3).due(i) for i in range(6)] == [False, False, True, False, False, True]
+    assert all(MixDLSettings(every=1).due(i) for i in range(3))
     with pytest.raises(ValueError, match="mixdl.every"):
         MixDLSettings(every=0)
     with pytest.raises(ValueError, match="dirichlet_alpha"):

@@ -220,8 +220,9 @@ class SQParams(Section):
 class MixDLParams(Section):
     enabled: bool = Field(False, description="MixDL few-shot training (Kong et al., ECCV 2022): distance losses on "
                                              "mixes of anchor styles, mixup images judged by a patch D head")
-    every: int = Field(2, ge=1, le=1000, description="a MixDL step every `every` steps (steps with step % every ≠ 0; "
-                                                      "official --interp_freq 2); the others are plain steps")
+    every: int = Field(2, ge=1, le=1000, description="one MixDL step in `every` (step % every = every − 1; 2 = the "
+                                                      "odd steps, as official --interp_freq 2; 1 = all); the others "
+                                                      "are plain steps")
     lambda_g: float = Field(1000.0, ge=0.0, le=1e6, description="λ_G of G's KL(softmax(c) ‖ softmax(cos)) at a "
                                                                  "random synthesis layer (sweep axis)")
     lambda_d: float = Field(1.0, ge=0.0, le=1e6, description="λ_D of D's distance loss on projected penultimate "

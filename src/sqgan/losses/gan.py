@@ -6,6 +6,14 @@
     g_main   G: L_adv(D(A(G(z)))) + λ_sq (L_sq + L_uf)
     g_pl     G: pl_weight · pl_every · path-length penalty         every train.pl_every steps when pl_weight > 0
 
+With mixdl.enabled, the steps with step % mixdl.every ≠ 0 are MixDL steps (official train_mixdl.py): B anchors
+w = G.map(z) and M mixes c·w (c drawn per mixup sample), and d_main / g_main become
+    d_main   D: L_adv(P(A(x)), P(A(G(c·w)))) + λ_D KL(softmax(c) ‖ softmax(cos(h(D(G(c·w))), h(D(G(w)))))) + α_t Σ L_FQ
+    g_main   G: L_adv(P(A(G(c·w)))) + λ_G KL(softmax(c) ‖ softmax(cos(G_l(c·w), G_l(w)))) + λ_sq (L_sq + L_uf)
+with P the patch head on a random D map, h the projection head and G_l a random synthesis layer
+(sqgan.losses.mixdl). These phases call the unwrapped G and D (the heads and hooks need the modules themselves),
+so under DDP their gradients are all-reduced by the loop (`Phase.sync`), not by DDP.
+
 Each phase that is due returns a `Phase` (the loss to backpropagate, its statistics as detached tensors, and the
 quantizer outputs to count); the loop does backward and the optimiser step, so every phase is one forward and one
 backward through DDP. Lazy terms are weighted by their interval, as StyleGAN2's lazy regularisation. Every random
@@ -38,6 +46,7 @@ class Phase:
     stats: dict[str, torch.Tensor]
     quant: dict[str, QuantizerOutput] = field(default_factory=dict)
     real_logits: torch.Tensor | None = None  # d_main: for ADA's r_t
+    sync: tuple[nn.Module, ...] = ()  # modules whose gradients the loop all-reduces itself (DDP bypassed)
 
 
 def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
@@ -51,10 +60,15 @@ class GANLoss:
     """The phases of a step for G and D (possibly DDP-wrapped) under `params`."""
 
     def __init__(self, params: Params, G: nn.Module, D: nn.Module, augment: Augment, device: torch.device,
-                 num_ws: int) -> None:
+                 num_ws: int, heads: nn.Module | None = None) -> None:
+        from sqgan.losses.mixdl import settings_from
         from sqgan.models.factory import adversarial_loss, r1_gamma
 
         self.p, self.G, self.D, self.augment, self.device = params, G, D, augment, device
+        self.mixdl = settings_from(params) if params.mixdl.enabled else None
+        if self.mixdl is not None and heads is None:
+            raise ValueError("mixdl.enabled needs D's MixDL heads (sqgan.losses.mixdl.MixDLHeads)")
+        self.heads = heads
         self.kind = adversarial_loss(params)
         self.r1_gamma = r1_gamma(params)
         self.num_ws = num_ws
@@ -79,8 +93,13 @@ class GANLoss:
             kw.update(mix_z=mix_z, mix_cutoff=torch.where(use, cutoff, torch.full_like(cutoff, self.num_ws)))
         return self.G(z, **kw)
 
+    def mixdl_due(self, step: int) -> bool:
+        return self.mixdl is not None and self.mixdl.due(step)
+
     # ------------------------------------------------------------------------------------- phases
     def d_main(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase:
+        if self.mixdl_due(step):
+            return self.d_mixdl(real, gen, step)
         p = self.p
         b = real.shape[0]
         with self._autocast():
@@ -104,7 +123,9 @@ class GANLoss:
         with self._autocast():
             logits = self.D(self.augment(x, gen), feed=step >= self.p.fq.feed_warmup_steps, update=False).logits
         penalty = r1_penalty(logits.float(), x)
-        loss = penalty * (self.r1_gamma / 2) * every
+        # + 0·logits (as stylegan2-ada's loss.py): D's last bias does not reach ∇_x D, and without it in the graph
+        # DDP waits for its gradient forever ("parameters that were not used in producing loss")
+        loss = penalty * (self.r1_gamma / 2) * every + logits.float().sum() * 0
         return Phase(loss, {"loss/r1": penalty.detach()})
 
     def d_qcr(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase | None:
@@ -123,6 +144,8 @@ class GANLoss:
         return Phase(penalty * sq.lambda_qcr * sq.qcr_every, {"loss/qcr": penalty.detach()})
 
     def g_main(self, gen: torch.Generator, step: int) -> Phase:
+        if self.mixdl_due(step):
+            return self.g_mixdl(gen, step)
         p = self.p
         b = p.train.batch_size
         with self._autocast():
@@ -144,4 +167,72 @@ class GANLoss:
         with self._autocast():
             out = self.G(self._z(n, gen), generator=gen)
         penalty, self.pl_mean = path_length_penalty(out.images.float(), out.ws, self.pl_mean, gen)
-        return Phase(penalty * t.pl_weight * t.pl_every, {"loss/pl": penalty.detach(), "g/pl_mean": self.pl_mean})
+        # + 0·(a pixel, SQ's loss): every G parameter in the graph for DDP, as d_r1 (the codebook reaches the images
+        # only through the straight-through estimator, i.e. not at all)
+        loss = penalty * t.pl_weight * t.pl_every + (out.images[:, 0, 0, 0].float().sum() + out.loss) * 0
+        return Phase(loss, {"loss/pl": penalty.detach(), "g/pl_mean": self.pl_mean})
+
+    # -------------------------------------------------------------------------------------- MixDL
+    def _anchors_and_mixes(self, b: int, gen: torch.Generator):
+        """(c [M, B], anchor images [B], mix images [M]) without gradient: B anchors w = G.map(z), mixes c·w."""
+        from sqgan.losses.mixdl import mix_styles, mixing_coefficients
+
+        s, G = self.mixdl, unwrap(self.G)
+        with torch.no_grad():
+            w = G.map(self._z(b, gen))[0]
+            c = mixing_coefficients(s.num_mix or b, b, gen, s.coefficients, s.dirichlet_alpha)
+            ws = torch.cat([w, mix_styles(c, w)])[:, None, :].expand(-1, G.num_ws, -1)
+            images = G.synthesis(ws, generator=gen)
+        return c, images[:b], images[b:]
+
+    def d_mixdl(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase:
+        """D on a MixDL step: patch-level adversarial loss of reals against mixup images (a random D map judged by
+        the patch head), λ_D · the distance loss on the projection head (its D pass also carries the reals, so FQ's
+        dictionaries learn and L_FQ counts as in a plain step)."""
+        from sqgan.losses.mixdl import d_mixdl_term, patch_logits, random_tap
+
+        p, D = self.p, unwrap(self.D)
+        b = real.shape[0]
+        feed = step >= p.fq.feed_warmup_steps
+        with self._autocast():
+            c, anchors, mixes = self._anchors_and_mixes(b, gen)
+            anchors, mixes = anchors.to(real.dtype), mixes.to(real.dtype)
+            tap = random_tap(self.heads.patch, gen)
+            patches = patch_logits(D, self.heads.patch, self.augment(torch.cat([real, mixes]), gen), tap, feed=feed)
+            real_p, fake_p = patches.float().flatten(1).split([b, mixes.shape[0]])
+            adv = d_loss(real_p, fake_p, self.kind)
+            term = d_mixdl_term(D, self.heads.proj, anchors, mixes, c, self.mixdl, feed=feed, update=True,
+                                reals=real)
+        alpha = alpha_at(step, p.fq.alpha, p.fq.alpha_warmup_steps)
+        loss = adv + term.loss + alpha * term.quant_loss
+        stats = {"loss/d": loss, "loss/fq": term.quant_loss, "mixdl/d_patch": adv, "mixdl/d_real_patch": real_p.mean(),
+                 "mixdl/d_fake_patch": fake_p.mean(), **term.stats}
+        return Phase(loss, {k: v.detach() for k, v in stats.items()}, term.quant, real_p.mean(1).detach(),
+                     sync=(D, self.heads))
+
+    def g_mixdl(self, gen: torch.Generator, step: int) -> Phase:
+        """G on a MixDL step: patch-level adversarial loss of the mixup images + λ_G · the distance loss at a random
+        synthesis layer (+ λ_sq (L_sq + L_uf) of the anchors' styles)."""
+        from sqgan.losses.mixdl import g_mixdl_term, patch_logits, random_tap
+
+        p, G, D = self.p, unwrap(self.G), unwrap(self.D)
+        b = p.train.batch_size
+        with self._autocast():
+            term = g_mixdl_term(G, gen, z=self._z(b, gen), settings=self.mixdl)
+            mixes = term.images[b:]
+            tap = random_tap(self.heads.patch, gen)
+            patches = patch_logits(D, self.heads.patch, self.augment(mixes, gen), tap,
+                                   feed=step >= p.fq.feed_warmup_steps)
+            adv = g_loss(patches.float().flatten(1), self.kind)
+        loss = adv + term.loss
+        stats = {"mixdl/g_patch": adv, **term.stats}
+        if self.sq_on:
+            loss = loss + p.sq.lambda_sq * term.quant_loss
+            stats["loss/sq"] = term.quant_loss
+        stats["loss/g"] = loss
+        return Phase(loss, {k: v.detach() for k, v in stats.items()}, term.quant, sync=(G,))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the module itself)."""
+    return module.module if hasattr(module, "module") else module

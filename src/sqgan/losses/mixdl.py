@@ -28,7 +28,7 @@ Reduction = Literal["batchmean", "mean"]
 
 @dataclass(frozen=True)
 class MixDLSettings:
-    every: int = 2  # a MixDL step every `every` steps (official --interp_freq 2)
+    every: int = 2  # one MixDL step in `every` steps (official --interp_freq 2: the odd steps)
     lambda_g: float = 1000.0  # λ_G (official --kl_wt)
     lambda_d: float = 1.0  # λ_D (official --d_kl_wt)
     coefficients: Coefficients = "dirichlet"  # how c is drawn (official: default, --gaussian, --uniform)
@@ -54,8 +54,9 @@ class MixDLSettings:
             raise ValueError(f"mixdl.reduction must be batchmean or mean, got {self.reduction!r}")
 
     def due(self, step: int) -> bool:
-        """Whether step `step` is a MixDL step (official: i % interp_freq > 0, i.e. the odd steps for every = 2)."""
-        return step % self.every != 0
+        """Whether step `step` is a MixDL step: one step in `every`, the last of each group (every = 2: the odd
+        steps, as the official i % interp_freq > 0; every = 1: all steps)."""
+        return step % self.every == self.every - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,7 +238,9 @@ class MixDLTerm:
     coefficients: torch.Tensor  # c [M, B]
     layers: torch.Tensor | None = None  # G: the synthesis layer of each mixup sample [M]
     images: torch.Tensor | None = None  # G: anchors then mixes [B + M, 3, R, R]
-    logits: torch.Tensor | None = None  # D: D's logits on cat[anchors, mixes] [B + M]
+    logits: torch.Tensor | None = None  # D: D's logits on cat[reals, anchors, mixes] [R + B + M]
+    quant_loss: torch.Tensor | None = None  # unweighted quantizer losses of the forward (G: SQ; D: FQ)
+    quant: dict | None = None  # their QuantizerOutputs, for the codebook statistics
 
 
 def g_mixdl_term(G: nn.Module, generator: torch.Generator, *, z: torch.Tensor | None = None,
@@ -249,8 +252,9 @@ def g_mixdl_term(G: nn.Module, generator: torch.Generator, *, z: torch.Tensor | 
     s = settings or MixDLSettings()
     if (z is None) == (w is None):
         raise ValueError("g_mixdl_term: pass exactly one of z (anchors' latents) or w (anchors' styles)")
+    quant: dict = {}
     if w is None:
-        w = G.map(z)[0]  # the w the synthesis would see (quantized when SQ is on)
+        w, _, quant = G.map(z)  # the w the synthesis would see (quantized when SQ is on)
     b = w.shape[0]
     if coefficients is None:
         coefficients = mixing_coefficients(s.num_mix or b, b, generator, s.coefficients, s.dirichlet_alpha)
@@ -268,7 +272,8 @@ def g_mixdl_term(G: nn.Module, generator: torch.Generator, *, z: torch.Tensor | 
     kl = distance_kl(c, sims)
     loss = s.lambda_g * _reduce(kl, b, s.reduction)
     stats = {"mixdl/g_kl": kl.mean().detach(), "mixdl/g": loss.detach()}
-    return MixDLTerm(loss, stats, c, layers, images)
+    quant_loss = sum((q.loss for q in quant.values()), w.new_zeros(()))
+    return MixDLTerm(loss, stats, c, layers, images, quant_loss=quant_loss, quant=quant)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,21 +295,25 @@ class ProjectionHead(nn.Module):
 
 def d_mixdl_term(D: nn.Module, head: ProjectionHead, anchor_images: torch.Tensor, mix_images: torch.Tensor,
                  coefficients: torch.Tensor, settings: MixDLSettings | None = None, *, feed: bool = True,
-                 update: bool = False) -> MixDLTerm:
+                 update: bool = False, reals: torch.Tensor | None = None) -> MixDLTerm:
     """D's MixDL term: λ_D · KL(p ‖ q) with q from the projected penultimate features of D on the anchors' and the
     mixes' images (official train_mixdl.py, D step: one D pass on cat[anchors, mixes]). `feed`/`update` go to
-    `base.Discriminator` (FQ); the images come from G without gradient."""
+    `base.Discriminator` (FQ); the images come from G without gradient. `reals`, when given, go through the same D
+    pass in front (so FQ's dictionaries and loss see real and generated features, as in a plain D step); they take
+    no part in the distances."""
     s = settings or MixDLSettings()
     b = anchor_images.shape[0]
     if coefficients.shape != (mix_images.shape[0], b):
         raise ValueError(f"d_mixdl_term: coefficients must be [{mix_images.shape[0]}, {b}] (mixes × anchors), got "
                          f"{list(coefficients.shape)}")
-    out = D(torch.cat([anchor_images, mix_images]), feed=feed, update=update)
-    proj = head(out.features.float())
+    parts = [anchor_images, mix_images] if reals is None else [reals, anchor_images, mix_images]
+    out = D(torch.cat(parts), feed=feed, update=update)
+    r = 0 if reals is None else reals.shape[0]
+    proj = head(out.features[r:].float())
     kl = distance_kl(coefficients, cosine_similarities(proj[b:], proj[:b]))
     loss = s.lambda_d * _reduce(kl, b, s.reduction)
     stats = {"mixdl/d_kl": kl.mean().detach(), "mixdl/d": loss.detach()}
-    return MixDLTerm(loss, stats, coefficients, logits=out.logits)
+    return MixDLTerm(loss, stats, coefficients, logits=out.logits, quant_loss=out.loss, quant=out.quant)
 
 
 def patch_taps(D: nn.Module, resolution: int, sides: Sequence[int] | None = None) -> list[tuple[str, int, int]]:
@@ -371,3 +380,41 @@ def patch_logits(D: nn.Module, head: MixupPatchHead, images: torch.Tensor, index
     with capture_activations(D, [head.taps[index]], stop=True) as acts:
         D(images, feed=feed, update=False)
     return head(acts[head.taps[index]], index)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What training builds from params.
+
+
+def settings_from(params) -> MixDLSettings:
+    """MixDLSettings of a run's `mixdl` section."""
+    x = params.mixdl
+    return MixDLSettings(every=x.every, lambda_g=x.lambda_g, lambda_d=x.lambda_d, coefficients=x.coefficients,
+                         dirichlet_alpha=x.dirichlet_alpha, num_mix=x.num_mix, reduction=x.reduction,
+                         layer_per_sample=x.layer_per_sample)
+
+
+@torch.no_grad()
+def feature_dim(D: nn.Module, resolution: int) -> int:
+    """Size of D's penultimate features: one forward of the bare trunk (no quantizers) on zeros, in eval mode."""
+    trunk = D.trunk
+    was = trunk.training
+    trunk.eval()
+    try:
+        x = torch.zeros(2, 3, resolution, resolution, device=next(trunk.parameters()).device)
+        for block in trunk.blocks:
+            x = block(x)
+        return int(trunk.head(x)[1].flatten(1).shape[1])
+    finally:
+        trunk.train(was)
+
+
+class MixDLHeads(nn.Module):
+    """D's two MixDL heads, trained with D (in its optimiser, saved in its checkpoint): `proj` (the projection of the
+    penultimate features the D distances are measured in) and `patch` (the patch-level head judging mixup images)."""
+
+    def __init__(self, D: nn.Module, params) -> None:
+        super().__init__()
+        x, r = params.mixdl, params.model.resolution
+        self.proj = ProjectionHead(feature_dim(D, r), x.proj_dim)
+        self.patch = MixupPatchHead.for_discriminator(D, r, x.patch_sides, x.patch_activation)

@@ -36,7 +36,7 @@ from sqgan.config import Params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
 from sqgan.io import atomic_path, mark_output, read_torch_file, write_json_atomic
-from sqgan.losses.gan import GANLoss, Phase, alpha_at
+from sqgan.losses.gan import GANLoss, Phase, alpha_at, unwrap
 from sqgan.metrics.codebook import perplexity, utilisation
 from sqgan.metrics.diversity import mean_pairwise_cosine
 from sqgan.models.factory import build_discriminator, build_generator
@@ -158,7 +158,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 ARCH_KEYS = ("model.", "fq.enabled", "fq.codebook_size", "fq.layers", "sq.enabled", "sq.code_dim",
-             "sq.codebook_size")
+             "sq.codebook_size", "mixdl.enabled", "mixdl.proj_dim", "mixdl.patch_sides", "mixdl.patch_activation")
 ARCH_EXEMPT = ("model.style_mixing",)  # model.* keys that are not architecture
 
 
@@ -168,6 +168,7 @@ def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
     from sqgan.config import flatten
 
     old, new = flatten(state["params"]), params.flat()
+    old = Params().flat() | old  # a key the checkpoint predates had its schema default then
     diff = [k for k in new if k.startswith(ARCH_KEYS) and k not in ARCH_EXEMPT and old.get(k) != new[k]]
     if diff:
         pairs = ", ".join(f"{k}: {old.get(k)!r} → {new[k]!r}" for k in diff)
@@ -180,8 +181,7 @@ def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
     return step
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module
+_unwrap = unwrap
 
 
 # ----------------------------------------------------------------------------------- samples
@@ -232,6 +232,7 @@ class TrainState:
     opt_d: torch.optim.Optimizer
     loss: GANLoss
     ada: Any  # sqgan.data.ada.AdaController | None
+    heads: nn.Module | None = None  # D's MixDL heads (mixdl.enabled), trained by opt_d
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged window (kept across a resume)
 
@@ -261,8 +262,14 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
 
         restore_codebook(G.quantizer, load_prior(params.sq.prior))
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    heads = None
+    if params.mixdl.enabled:  # after G_ema's copy and every other init: a run without MixDL draws as before
+        from sqgan.losses.mixdl import MixDLHeads
+
+        heads = MixDLHeads(D, params).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=tp.lr_g, betas=(tp.beta1, tp.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=tp.lr_d, betas=(tp.beta1, tp.beta2))
+    d_params = list(D.parameters()) + (list(heads.parameters()) if heads is not None else [])
+    opt_d = torch.optim.Adam(d_params, lr=tp.lr_d, betas=(tp.beta1, tp.beta2))
     ada = None
     if params.ada.enabled:
         from sqgan.data.ada import AdaController
@@ -270,7 +277,7 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         a = params.ada
         ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size,
                             speed_img=a.speed_kimg * 1000, p=a.p_init)
-    state = TrainState(G, D, G_ema, opt_g, opt_d, None, ada)  # type: ignore[arg-type]
+    state = TrainState(G, D, G_ema, opt_g, opt_d, None, ada, heads)  # type: ignore[arg-type]
     pl_mean = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -280,6 +287,8 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         G_ema.load_state_dict(ckpt["G_ema"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
+        if heads is not None:
+            heads.load_state_dict(ckpt["mixdl_heads"])
         if ada is not None and ckpt.get("ada") is not None:
             ada.load_state_dict(ckpt["ada"])
         pl_mean = ckpt.get("pl_mean")
@@ -289,7 +298,7 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         ids = [device.index] if device.type == "cuda" else None
         state.G = nn.parallel.DistributedDataParallel(G, device_ids=ids)
         state.D = nn.parallel.DistributedDataParallel(D, device_ids=ids)
-    state.loss = GANLoss(params, state.G, state.D, Augmenter(params, ada), device, G.num_ws)
+    state.loss = GANLoss(params, state.G, state.D, Augmenter(params, ada), device, G.num_ws, heads)
     if pl_mean is not None:
         state.loss.pl_mean = pl_mean.to(device)
     return state
@@ -305,6 +314,7 @@ def checkpoint_state(state: TrainState, params: Params) -> dict[str, Any]:
         "opt_g": state.opt_g.state_dict(),
         "opt_d": state.opt_d.state_dict(),
         "ada": state.ada.state_dict() if state.ada is not None else None,
+        "mixdl_heads": state.heads.state_dict() if state.heads is not None else None,
         "pl_mean": state.loss.pl_mean.detach().cpu(),
         "rng": _rng_state(),
         "params": params.model_dump(mode="json"),
@@ -312,12 +322,33 @@ def checkpoint_state(state: TrainState, params: Params) -> dict[str, Any]:
     }
 
 
-def _apply(phase: Phase | None, opt: torch.optim.Optimizer) -> Phase | None:
+def _apply(phase: Phase | None, opt: torch.optim.Optimizer, world_size: int = 1) -> Phase | None:
     if phase is not None:
         opt.zero_grad(set_to_none=True)
         phase.loss.backward()
+        if world_size > 1 and phase.sync:
+            all_reduce_grads(phase.sync, world_size)
         opt.step()
     return phase
+
+
+def all_reduce_grads(modules: tuple[nn.Module, ...], world_size: int) -> None:
+    """Average the gradients of `modules` over the ranks, as DDP would (for phases that bypass DDP's forward: MixDL).
+    A parameter without a gradient on this rank takes part with zeros, so every rank makes the same calls."""
+    import torch.distributed as dist
+
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
 
 
 def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: Runtime) -> list[Phase]:
@@ -330,9 +361,10 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
     real = dataset.batch(idx).to(device)
     loss = state.loss
 
-    d_main = _apply(loss.d_main(real, gen, step), state.opt_d)
+    ws = rt.world_size
+    d_main = _apply(loss.d_main(real, gen, step), state.opt_d, ws)
     d_regs = [_apply(loss.d_r1(real, gen, step), state.opt_d), _apply(loss.d_qcr(real, gen, step), state.opt_d)]
-    g_main = _apply(loss.g_main(gen, step), state.opt_g)
+    g_main = _apply(loss.g_main(gen, step), state.opt_g, ws)
     g_reg = _apply(loss.g_pl(gen, step), state.opt_g)
 
     # G_ema, its decay ramped up over the first steps so a short run's G_ema is not its init
@@ -562,8 +594,13 @@ def reported_metrics(params: Params) -> set[str]:
     """Every metric name a run with `params` logs (what a sweep may rank trials on)."""
     from sqgan.models.factory import r1_gamma
 
-    names = {"loss/d", "loss/d_adv", "loss/g", "loss/g_adv", "loss/fq", "d/real_logit", "d/fake_logit", "fq/alpha",
-             "time/steps_per_s"}
+    names = {"loss/d", "loss/g", "loss/fq", "fq/alpha", "time/steps_per_s"}
+    x = params.mixdl
+    if not x.enabled or x.every > 1:  # plain steps happen
+        names |= {"loss/d_adv", "loss/g_adv", "d/real_logit", "d/fake_logit"}
+    if x.enabled:
+        names |= {"mixdl/d", "mixdl/d_kl", "mixdl/d_patch", "mixdl/d_real_patch", "mixdl/d_fake_patch", "mixdl/g",
+                  "mixdl/g_kl", "mixdl/g_patch"}
     if params.fq.enabled:
         for i in params.fq.layers:
             names |= {f"fq/layer{i}/utilisation", f"fq/layer{i}/perplexity"}
