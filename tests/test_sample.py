@@ -60,7 +60,7 @@ def images_of(out: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------- outputs
 def test_multimodal_sample_writes_images_grid_and_sample_json_in_the_run_folder(trained):
     r = sample(trained["tmp"], "sample.num=10", checkpoint=trained["run"])
-    assert r.out == (trained["run"] / "samples" / "multimodal-psi0.7").resolve()  # the run folder's latest checkpoint
+    assert r.out == (trained["run"] / "sampled" / "multimodal-psi0.7").resolve()  # the run folder's latest checkpoint
     assert r.images == 10 and r.step == 4 and r.checkpoint == str(trained["ckpt4"])
     names = sorted(p.name for p in (r.out / "images").iterdir())
     assert names == [f"{i:06d}.png" for i in range(10)]
@@ -77,7 +77,9 @@ def test_multimodal_sample_writes_images_grid_and_sample_json_in_the_run_folder(
     counts = info["assignment_counts"]
     assert len(counts) == 8 and sum(counts) == 10 and counts == r.assignment_counts
     assert {"load", "sampling", "total"} <= set(info["timings_s"])
-    assert (trained["ckpt4"].parent / "step_000004.mmt-centres.pt").is_file()  # the cache, beside the checkpoint
+    # the cache beside checkpoints/ (a DVC output of the train stage, left as it was)
+    assert (trained["run"] / "sample-cache" / "step_000004.mmt-centres.pt").is_file()
+    assert sorted(p.name for p in trained["ckpt4"].parent.iterdir()) == ["step_000002.pt", "step_000004.pt"]
     assert r.run_id is None and r.tracking_uri is None and "not logged" in r.mlflow
     assert not (trained["tmp"] / "mlflow.db").exists()  # no MLflow run, not even a database
 
@@ -158,7 +160,7 @@ def test_cluster_guided_images_fall_in_their_cluster_far_above_chance(clustered,
     first, r, j = clustered["first"], clustered["result"], clustered["j"]
     assert first.cluster.fitted and first.cluster.evaluated
     assert not r.cluster.fitted and not r.cluster.evaluated  # the sampler and its report came from the cache
-    assert r.cluster.sampler_path == trained["ckpt4"].parent / "step_000004.cluster-k3.pt"
+    assert r.cluster.sampler_path == trained["run"] / "sample-cache" / "step_000004.cluster-k3.pt"
     chance = r.cluster.chance_of_cluster
     share = r.cluster.hits / r.images  # of the 128 written images, those whose nearest centroid is j
     assert share >= max(chance + 0.3, 1.8 * chance), (share, chance)  # unguided z would give ~chance
@@ -207,7 +209,8 @@ def test_a_tracked_run_gets_the_artifacts_and_cluster_metrics_and_a_run_id_sampl
     from sqgan.tracking import MlflowLogger, open_run
 
     run_dir = tmp_path / "tracked"
-    shutil.copytree(trained["run"] / "checkpoints", run_dir / "checkpoints",
+    shutil.copytree(trained["run"] / "checkpoints", run_dir / "checkpoints")
+    shutil.copytree(trained["run"] / "sample-cache", run_dir / "sample-cache",
                     ignore=shutil.ignore_patterns("*.mmt-centres.pt"))  # with the cluster caches: same weights
     params = params_of(tmp_path, *TINY_SG2)
     uri, run_id = open_run(params, trained["data"], run_dir, project_dir=tmp_path)  # writes tracking.json
@@ -268,3 +271,41 @@ def test_truncation_of_a_generator_without_mapping_names_sample_truncation_none(
             sample(tmp_path, f"sample.truncation={mode}", checkpoint=tmp_path / "dcgan")
     r = sample(tmp_path, "sample.num=3", "sample.truncation=none", checkpoint=tmp_path / "dcgan")
     assert r.images == 3 and images_of(r.out).shape == (3, 32, 32, 3)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def test_eval_measures_truncated_samples_and_records_the_truncation(trained, tmp_path):
+    """metrics.truncation: ψ = 1 measures what untruncated sampling measures; ψ = 0 (every sample the mean w) another
+    FID and zero LPIPS diversity; the truncation is in each metric's provenance, and absent without it."""
+    from sqgan.evaluate import run_eval
+
+    def evaluate(*sets):
+        p = params_of(tmp_path, "eval.metrics=[fid, lpips]", "eval.num_fake=32", "eval.lpips_pairs=16", *sets)
+        return run_eval(p, checkpoint=trained["ckpt4"], data_dir=trained["data"], out=tmp_path / "eval.json",
+                        project_dir=tmp_path, progress=False)
+
+    plain = evaluate()
+    same = evaluate("metrics.truncation=global", "sample.psi=1.0")
+    mean = evaluate("metrics.truncation=global", "sample.psi=0.0")
+    multi = evaluate("metrics.truncation=multimodal", "sample.psi=0.5", "sample.assign=l2")
+    fid = next(k for k in plain.metrics if k.startswith("fid"))
+    lpips = next(k for k in plain.metrics if k.startswith("lpips"))
+    assert same.metrics[fid] == plain.metrics[fid]
+    assert mean.metrics[fid] != plain.metrics[fid] and mean.metrics[lpips] < 1e-6 < plain.metrics[lpips]
+    assert multi.metrics[fid] not in (plain.metrics[fid], mean.metrics[fid])
+    assert "truncation" not in plain.provenance[fid]
+    assert mean.provenance[fid]["truncation"] == {"mode": "global", "psi": 0.0}
+    assert multi.provenance[lpips]["truncation"] == {"mode": "multimodal", "psi": 0.5, "assign": "l2", "centres": 8,
+                                                     "fit_samples": 512, "seed": 0}
+    logged = json.loads((tmp_path / "eval.json").read_text())["provenance"][fid]["truncation"]
+    assert logged["mode"] == "multimodal"
+
+
+def test_training_evaluates_truncated_samples_when_asked(trained, tmp_path):
+    params = default_params(TINY_SG2 + ["train.steps=2", "train.checkpoint_every=2", "metrics.names=[fid, lpips]",
+                                        "metrics.num_fake=16", "metrics.truncation=global", "sample.psi=0.0"])
+    result = train(params, trained["data"], tmp_path / "run")
+    lpips = next(k for k in result.metrics if k.startswith("lpips"))
+    assert result.metrics[lpips] < 1e-6  # every image is the one of the mean w
+    provenance = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]
+    assert all(p["truncation"] == {"mode": "global", "psi": 0.0} for p in provenance.values())

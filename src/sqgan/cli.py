@@ -172,6 +172,24 @@ def data_subset(
     run_data_stage("subset", src, out, force, params, set_, no_params_file, n=n, seed=seed)
 
 
+@data_app.command("selffilter")
+def data_selffilter(
+    out: OutOpt,
+    src: Annotated[Path | None, typer.Option(help="curated dataset (default: data.root/data.selffilter.source)")
+                   ] = None,
+    fraction: Annotated[float | None, typer.Option(help="share quarantined [data.selffilter.fraction]")] = None,
+    steps: Annotated[int | None, typer.Option(help="joint G/D/encoder steps [data.selffilter.steps]")] = None,
+    resolution: Annotated[int | None, typer.Option(help="the filtering GAN's side [data.selffilter.resolution]")
+                          ] = None,
+    seed: Annotated[int | None, typer.Option(help="seed [data.selffilter.seed]")] = None,
+    force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+) -> None:
+    """Self-filtering: a StyleGAN2 and an encoder learn to invert the images; the worst-reconstructed fraction goes to
+    quarantine/ with its score (scores.csv, scores.png histogram), the rest to a new manifest."""
+    run_data_stage("selffilter", src, out, force, params, set_, no_params_file, fraction=fraction, steps=steps,
+                   resolution=resolution, seed=seed)
+
+
 @data_app.command("ffhq2k5")
 def data_ffhq2k5(
     src: Annotated[Path, typer.Option(help="curated FFHQ (manifest with sha256)")], out: OutOpt,
@@ -205,7 +223,7 @@ def data_dogface(
 
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | subset")],
+    name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | subset | selffilter")],
     out: Annotated[Path | None, typer.Option(help="output folder (default: data.root/NAME)")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
 ) -> None:
@@ -345,6 +363,44 @@ def eval_cmd(
     for k, v in result.metrics.items():
         prov = result.provenance[k]
         typer.echo(f"  {k:32s} {v:.6g}   ({prov['feature_network']}, {prov.get('reference', 'no reference')})")
+
+
+@app.command("sample")
+def sample_cmd(
+    checkpoint: Annotated[Path | None, typer.Option(help="a step_NNNNNN.pt or a run folder (its last one)")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="MLflow run id: its last logged checkpoint")] = None,
+    truncation: Annotated[str | None, typer.Option(help="multimodal | global | none [sample.truncation]")] = None,
+    psi: Annotated[float | None, typer.Option(help="ψ: 1 = untruncated, 0 = the centre [sample.psi]")] = None,
+    assign: Annotated[str | None, typer.Option(help="multimodal: lpips | l2 [sample.assign]")] = None,
+    cluster: Annotated[int | None, typer.Option(help="draw images of this cluster (cluster-guided) [sample.cluster]")
+                       ] = None,
+    num: Annotated[int | None, typer.Option(help="images to write [sample.num]")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder, written atomically (default: <run folder>/sampled/"
+                                                  "<mode>-psi<ψ>[-cluster<j>], or runs/sample/<run id>/…)")] = None,
+    force: ForceOpt = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """Images + grid.png + sample.json of G_ema, truncated toward the sample's KMeans centre in W (multimodal, the
+    centres cached in the run's sample-cache/), toward the mean w (global) or not; --cluster J draws cluster J of the
+    cluster-guided sampler (k-means of generated images' features + per-cluster IMLE latent maps; its cluster accuracy
+    and FID cost are reported). Logged to the run when it has one (--run, or the run folder's MLflow run)."""
+    from sqgan.sample import run_sample
+
+    if (run is None) == (checkpoint is None):
+        _err("error: pass exactly one of --run RUN_ID and --checkpoint PATH")
+        raise typer.Exit(2)
+    options = {"truncation": truncation, "psi": psi, "assign": assign, "cluster": cluster, "num": num}
+    sets = list(set_ or []) + [f"sample.{k}={v}" for k, v in options.items() if v is not None]
+    p = resolve(params, sets, no_params_file)
+    with stage_errors(), sigterm_as_interrupt():
+        r = run_sample(p, checkpoint=checkpoint, run_id=run, out=out, force=force, progress=True)
+    typer.echo(f"{r.images} images of {r.checkpoint} (step {r.step}) → {r.out} (grid.png, sample.json); {r.mlflow}")
+    if r.cluster is not None:
+        c = r.cluster
+        typer.echo(f"cluster {c.cluster} of {c.k}: {c.hits}/{r.images} images land in it; sampler accuracy "
+                   f"{c.accuracy:.3f} vs {c.chance:.3f} unconditional; FID cost {c.fid_cost:+.3f}")
 
 
 @app.command("reproduce")

@@ -352,6 +352,10 @@ class MetricsParams(Section):
                                "of D's penultimate features over the reals) and g/clip_similarity; 0 = off")
     diversity_images: int = Field(256, ge=2, description="images (reals for D, generated for CLIP) the diagnostics "
                                                          "average over")
+    truncation: Literal["none", "global", "multimodal"] = Field(
+        "none", description="evaluate truncated samples (training's evaluations and `sqgan eval`): ψ, assign, centres "
+                            "and fit_samples from the sample section, recorded in each metric's provenance; none = "
+                            "untruncated. With a sweep over sample.psi it ranks trials by truncated FID")
     clip_similarity: bool = Field(
         False, description="log g/clip_similarity: mean pairwise cosine of CLIP features of generated images "
                            "(CLIP from prior.clip_model / prior.clip_pretrained)")
@@ -376,7 +380,7 @@ class SampleParams(Section):
         "lpips", description="a sample's centre: LPIPS-nearest centre image (the paper) or nearest in W (ablation)")
     centres: int = Field(64, ge=1, le=4096, description="N KMeans centres of the mapped w (init random)")
     fit_samples: int = Field(60000, ge=1, le=10_000_000, description="mapped w the centres are fitted on (cached "
-                                                                     "beside the checkpoint)")
+                                                                     "in the run folder's sample-cache/)")
     cluster: int | None = Field(None, ge=0, description="draw images of this cluster of the cluster-guided sampler "
                                                         "(cluster section); unset = no cluster")
     seed: int = Field(0, ge=0, description="seed of z (and of the KMeans)")

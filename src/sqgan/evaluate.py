@@ -136,8 +136,16 @@ def run_eval(
         mp, ep = params.metrics, params.eval
         evaluator = Evaluator(mp, lambda: Reference.load(data, mp.reference_split, trained.model.resolution), device,
                               RealFeatureCache(Path(project_dir) / mp.cache_dir))
-        ev = evaluator(G, trained.model.z_dim, ep.num_fake, ep.metrics, lpips_pairs=ep.lpips_pairs,
+        from sqgan.sample import eval_generator
+        from sqgan.sampling.truncation import centres_path
+
+        cache = centres_path(ckpt) if run_id is None and ckpt.parent.name != "checkpoints" else None
+        sampled, truncation = eval_generator(params, G, cache)
+        ev = evaluator(sampled, trained.model.z_dim, ep.num_fake, ep.metrics, lpips_pairs=ep.lpips_pairs,
                        progress=progress)
+        if truncation is not None:
+            for prov in ev.provenance.values():
+                prov["truncation"] = truncation
         new_run = target is None
         if new_run:
             uri = resolve_tracking_uri(params, project_dir)

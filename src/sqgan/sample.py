@@ -170,6 +170,31 @@ class TruncatedGenerator(nn.Module):
         return TruncatedOutput(images, w, idx)
 
 
+def eval_generator(params: Params, G: nn.Module, cache: Path | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
+    """(what an evaluation samples, its truncation for the provenance): G itself when metrics.truncation is none, else
+    a `TruncatedGenerator` with ψ, assign, centres and fit_samples from the sample section (multimodal: the centres
+    fitted on G now, or read from `cache` when it matches G). Training's interim and final evaluations and `sqgan eval`
+    use it, so a sweep over sample.psi ranks trials by the FID of truncated samples."""
+    mode = params.metrics.truncation
+    if mode == "none":
+        return G, None
+    sp, mp = params.sample, params.metrics
+    require_mapping(G, mode)
+    info: dict[str, Any] = {"mode": mode, "psi": sp.psi}
+    centres = lpips_net = None
+    if mode == "multimodal":
+        if cache is not None:
+            centres, _ = T.load_or_fit(G, cache, sp.fit_samples, sp.centres, sp.seed)
+        else:
+            centres = T.fit_centres(G, sp.fit_samples, sp.centres, sp.seed)
+        if sp.assign == "lpips":
+            from sqgan.metrics.features import LPIPSNet
+
+            lpips_net = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).to(T._device_of(G))
+        info.update(assign=sp.assign, centres=sp.centres, fit_samples=sp.fit_samples, seed=sp.seed)
+    return TruncatedGenerator(G, mode, sp.psi, sp.assign, centres, lpips_net), info
+
+
 # ---------------------------------------------------------------------------------------------------- paths
 def output_name(params: Params) -> str:
     """`multimodal-psi0.7`, `multimodal-l2-psi0.7`, `global-psi0.5`, `none`; `-cluster<j>` with sample.cluster."""
@@ -185,11 +210,12 @@ def output_name(params: Params) -> str:
 
 
 def default_out(params: Params, ckpt: Path, run_id: str | None, project_dir: Path) -> Path:
-    """`<run folder>/samples/<name>` for a checkpoint in a run folder's checkpoints/, else
-    `runs/sample/<run id or checkpoint stem>/<name>` in the project."""
+    """`<run folder>/sampled/<name>` for a checkpoint in a run folder's checkpoints/, else
+    `runs/sample/<run id or checkpoint stem>/<name>` in the project. (Not inside checkpoints/ or samples/: those are
+    DVC outputs of the train stage, which a change would mark as modified.)"""
     name = output_name(params)
     if run_id is None and ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent / "samples" / name
+        return ckpt.parent.parent / "sampled" / name
     return project_dir / "runs" / "sample" / (run_id or ckpt.stem) / name
 
 
@@ -418,7 +444,8 @@ def run_sample(
 
             ckpt = latest_checkpoint(checkpoint)
             target, why = _tracked_run(previous_run(ckpt))
-            cache_dir = ckpt.parent
+            # a run folder's checkpoints/ is a DVC output of the train stage: the caches go beside it, not into it
+            cache_dir = ckpt.parent.parent / "sample-cache" if ckpt.parent.name == "checkpoints" else ckpt.parent
             source = str(ckpt)
         out = Path(out) if out is not None else default_out(params, ckpt, run_id, project_dir)
         centres_file = T.centres_path(cache_dir / ckpt.name)

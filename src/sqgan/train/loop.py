@@ -207,11 +207,17 @@ def make_evaluator(params: Params, data_dir: str | Path, dataset: ManifestDatase
 
 
 def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, hooks: Hooks, step: int):
-    """Training's evaluation (interim: eval_num_fake images, final: num_fake): metrics.names on G_ema, each value
-    logged with its provenance as the tag `sqgan.metric.<name>`."""
+    """Training's evaluation (interim: eval_num_fake images, final: num_fake): metrics.names on G_ema (truncated when
+    metrics.truncation is set), each value logged with its provenance as the tag `sqgan.metric.<name>`."""
     import json
 
-    ev = evaluator(g_ema, params.model.z_dim, num_fake, params.metrics.names, lpips_pairs=num_fake // 2)
+    from sqgan.sample import eval_generator
+
+    g, truncation = eval_generator(params, g_ema)
+    ev = evaluator(g, params.model.z_dim, num_fake, params.metrics.names, lpips_pairs=num_fake // 2)
+    if truncation is not None:
+        for prov in ev.provenance.values():
+            prov["truncation"] = truncation
     hooks.log_metrics(ev.metrics, step)
     hooks.set_tags({f"{PROVENANCE_TAG}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
     return ev
