@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sqgan.data.manifest import write_manifest
+from sqgan.config import ConfigError
+from sqgan.data.manifest import read_manifest, write_manifest
 from sqgan.io import UnsafeOutput, sha256_file
 
 N_FACES, N_NOISE = 24, 3
@@ -190,3 +191,31 @@ def test_an_existing_folder_no_selffilter_wrote_is_refused_without_force(source,
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     with pytest.raises(UnsafeOutput, match="is the input"):
         self_filter(source, source, fraction=0.1, steps=1, seed=0, **TINY)
+
+
+def test_the_cli_runs_the_stage_from_params_and_a_sweep_trial_filters_its_own_copy(source, tmp_path):
+    """`sqgan data selffilter` maps its options onto data.selffilter.* (one stage table); a sweep trial that sets
+    data.selffilter.* trains on its own filtered copy of the sweep's dataset, one that does not on the dataset."""
+    from typer.testing import CliRunner
+
+    from sqgan.cli import app
+    from sqgan.config import default_params
+    from sqgan.train.tune import check_sweep, trial_data
+
+    small = ["data.selffilter.resolution=32", "data.selffilter.channel_base=256", "data.selffilter.channel_max=64",
+             "data.selffilter.batch_size=8", "model.z_dim=32", "model.w_dim=32", "model.mapping_layers=2"]
+    args = ["data", "selffilter", "--src", str(source), "--out", str(tmp_path / "cli"), "--fraction", str(N_NOISE / N),
+            "--steps", "40", "--no-params-file"] + [x for s in small for x in ("--set", s)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"kept {N_FACES}" in result.output and f"quarantined {N_NOISE}" in result.output
+    quarantined = set(pd.read_csv(tmp_path / "cli" / "quarantine.csv")["path"])
+    assert quarantined == {f"images/noise_{i}.png" for i in range(N_NOISE)}
+
+    params = default_params(small + ["data.selffilter.steps=2", "data.selffilter.fraction=0.25"])
+    assert trial_data(params, {"fq.decay": 0.8}, source, tmp_path / "t1") == source
+    out = trial_data(params, {"data.selffilter.fraction": 0.25}, source, tmp_path / "t2")
+    assert out == tmp_path / "t2" / "data" and len(read_manifest(out)) == N - round(0.25 * N)
+    check_sweep(default_params(["tune.space={data: {selffilter: {fraction: {grid: [0.0, 0.1]}}}}"]))
+    with pytest.raises(ConfigError, match=r"tune.space.data.selffilter.fraction"):
+        check_sweep(default_params(["tune.space={data: {selffilter: {fraction: {grid: [0.1, 1.0]}}}}"]))

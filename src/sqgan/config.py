@@ -99,6 +99,9 @@ class SelfFilterParams(Section):
     batch_size: int = Field(16, ge=2, le=4096, description="images per step")
     resolution: int = Field(64, ge=32, le=1024, description="side in px of the filtering GAN (a power of two; the "
                                                            "kept images stay at their own size)")
+    channel_base: int = Field(4096, ge=16, le=1 << 20, description="widths of the filtering G, D and E: "
+                                                                   "min(channel_base / r, channel_max) at side r")
+    channel_max: int = Field(256, ge=4, le=4096, description="most channels of any layer of G, D, E")
     lr: float = Field(0.002, gt=0.0, le=1.0, description="Adam learning rate of G, D and E (StyleGAN2's)")
     lambda_w: float = Field(0.1, ge=0.0, le=1000.0, description="λ_w of ‖E(G(w)) − w‖² on generated images")
     lambda_l1: float = Field(0.1, ge=0.0, le=1000.0, description="λ_L1 of ‖G(E(x)) − x‖₁ on real images")

@@ -166,10 +166,10 @@ def data_task(stage: str, params_path: str | Path, overrides: list[str], trackin
     """Stage `stage` of the stage table into `out` (from `src`, a curated dataset, or `raw`, downloaded files);
     returns the stage's report with the manifest's sha256 and the task's MLflow run id."""
     from sqgan.io import sha256_file
-    from sqgan.stages import get_stage, run_stage
+    from sqgan.stages import FROM_SECTION, get_stage, run_stage
 
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
-    src = check_input(src, "src", dataset=get_stage(stage).source == "subset") if src is not None else None
+    src = check_input(src, "src", dataset=get_stage(stage).source in FROM_SECTION) if src is not None else None
     raw = check_input(raw, "raw") if raw is not None else None
     with _task(p, stage):
         report = dict(run_stage(stage, p, src, out, raw=raw))

@@ -23,7 +23,8 @@ class Stage:
     name: str
     function: str  # "module:function"
     section: str  # the params section the stage reads (its `--set` prefix)
-    source: str  # where `src` comes from when not given: "none", "raw" (data.<name> url/path), "subset", "cli"
+    source: str  # where `src` comes from when not given: "none", "raw" (data.<name> url/path), "cli", or a
+    #              section's `source` ("subset", "selffilter": data.root/data.<name>.source)
     arguments: Callable[[Params], dict[str, Any]]  # params → the function's keyword arguments
     modules: tuple[str, ...] = ()  # further modules the stage runs (besides the function's own imports)
 
@@ -65,6 +66,16 @@ def _subset(p: Params) -> dict[str, Any]:
     return {"n": p.data.subset.n, "seed": p.data.subset.seed}
 
 
+def _selffilter(p: Params) -> dict[str, Any]:
+    """The filtering GAN takes its latent sizes from `model`, its LPIPS from `metrics`."""
+    f, m = p.data.selffilter, p.model
+    return {"fraction": f.fraction, "steps": f.steps, "batch_size": f.batch_size, "resolution": f.resolution,
+            "lr": f.lr, "lambda_w": f.lambda_w, "lambda_l1": f.lambda_l1, "lambda_lpips": f.lambda_lpips,
+            "seed": f.seed, "z_dim": m.z_dim, "w_dim": m.w_dim, "mapping_layers": m.mapping_layers,
+            "channel_base": f.channel_base, "channel_max": f.channel_max,
+            "lpips_backbone": p.metrics.lpips_backbone, "lpips_weights": p.metrics.lpips_weights}
+
+
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("demo", "sqgan.data.demo:build_demo", "data.demo", "none", _demo),
     Stage("curate", "sqgan.data.curate:curate", "data.curate", "cli", _curate),
@@ -74,8 +85,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dogface", "sqgan.data.dogface:build_dogface", "data.dogface", "raw", _dogface, ("sqgan.data.prepare",)),
     Stage("metfaces", "sqgan.data.curate:curate", "data.curate", "raw", _curate, ("sqgan.data.prepare",)),
     Stage("subset", "sqgan.data.subset:make_subset", "data.subset", "subset", _subset),
+    Stage("selffilter", "sqgan.data.selffilter:self_filter", "data.selffilter", "selffilter", _selffilter),
 )}
-PREPARABLE = tuple(name for name, s in STAGES.items() if s.source in ("raw", "subset"))
+FROM_SECTION = ("subset", "selffilter")  # stages whose input is data.root/data.<name>.source
+PREPARABLE = tuple(name for name, s in STAGES.items() if s.source in ("raw", *FROM_SECTION))
 
 
 def get_stage(name: str) -> Stage:
@@ -90,8 +103,8 @@ def source_for(stage: Stage, params: Params, raw: str | Path | None = None) -> P
     from sqgan.data.prepare import find_root, raw_source
 
     root = Path(params.data.root)
-    if stage.source == "subset":
-        return root / params.data.subset.source
+    if stage.source in FROM_SECTION:
+        return root / getattr(params.data, stage.source).source
     if stage.source != "raw":
         raise ValueError(f"stage {stage.name!r} takes its input from --src; it has no source in params")
     raw = Path(raw) if raw is not None else raw_source(stage.name, getattr(params.data, stage.name), root)
@@ -119,7 +132,7 @@ def run_stage(
     stage = get_stage(name)
     out = Path(out) if out is not None else stage.default_out(params)
     marker = "curate" if stage.function.endswith(":curate") else name
-    if src is None and stage.source == "subset":  # cheap to know: check it against --out right away
+    if src is None and stage.source in FROM_SECTION:  # cheap to know: check it against --out right away
         src = source_for(stage, params)
     check_output(out, marker, (src,), force)  # before any download or extraction
     fn = stage.load()

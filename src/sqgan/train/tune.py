@@ -230,14 +230,15 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     params = Params.model_validate(spec.base).override(config, source=f"trial {trial_id}")
     out_dir = Path(spec.sweep_dir) / "trials" / trial_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_id, done = trial_run(params, spec, trial_id, config, out_dir)
+    data_dir = trial_data(params, config, Path(spec.data_dir), out_dir)
+    run_id, done = trial_run(params, spec, trial_id, config, out_dir, data_dir)
     if done is not None:  # finished before the driver died, but Ray's sweep state had not caught up: not re-run
         final_key = metric_key(params, spec.metric)
         tune.report({**done, "step": params.train.steps,
                      **({spec.metric: done[final_key]} if final_key in done else {})})
         return
     trainer = build_trainer(
-        params, Path(spec.data_dir), out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
+        params, data_dir, out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
         storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
         callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric),
                                     loop.interim_key(params, metric_key(params, spec.metric)))],
@@ -256,8 +257,21 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     end_run(spec.tracking_uri, run_id, "FINISHED")
 
 
+def trial_data(params: Params, values: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
+    """The dataset a trial trains on: the sweep's, or — when the trial sets data.selffilter.* (a sweep over the
+    self-filtering fraction, say) — its own self-filtered copy of it in <trial>/data (`sqgan data selffilter` with the
+    trial's values; a retried trial rebuilds it, the same for the same seed)."""
+    if not any(k.startswith("data.selffilter.") for k in values):
+        return data_dir
+    from sqgan.stages import run_stage
+
+    out = out_dir / "data"
+    run_stage("selffilter", params, src=data_dir, out=out)
+    return out
+
+
 def trial_run(
-    params: Params, spec: SweepSpec, trial_id: str, values: dict[str, Any], out_dir: Path
+    params: Params, spec: SweepSpec, trial_id: str, values: dict[str, Any], out_dir: Path, data_dir: Path | None = None
 ) -> tuple[str, dict[str, float] | None]:
     """(run id, its final metrics if it already completed): the trial's nested run — the one it already has
     when resumed or retried, else a new one with the resolved params, the trial's values and the Ray trial id."""
@@ -279,7 +293,8 @@ def trial_run(
             "sqgan.trial_values": json.dumps(values, sort_keys=True)}
     if params.mlflow.run_name is None:
         tags["mlflow.runName"] = f"trial-{trial_id}"
-    _, run_id = start_run(params, spec.data_dir, spec.project_dir, tags=tags, parent_run_id=spec.parent_run_id)
+    _, run_id = start_run(params, data_dir or spec.data_dir, spec.project_dir, tags=tags,
+                          parent_run_id=spec.parent_run_id)
     _record(out_dir, spec.tracking_uri, run_id)
     return run_id, None
 
