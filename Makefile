@@ -38,7 +38,7 @@ ui: setup
 
 bench: setup
 	$(BIN)/python benchmarks/quant_overhead.py
-	$(BIN)/python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --batch 16 --only plain --only fq+sq --set model.channel_base=4096 --set model.channel_max=128
+	$(BIN)/python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --batch 16 --only plain --only fq+sq --only 'fq+sq mixdl step' --set model.channel_base=4096 --set model.channel_max=128
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/metrics_pipeline.py

@@ -2,7 +2,8 @@
 
 Each configuration runs the loop's real `train_step` (D main, lazy regularisers, G main, G_ema) on the same random
 images, interleaved in rounds so drift on the machine hits all alike; the median step time of each is printed with
-its ratio to the plain step (no FQ, no SQ). The FQ paper measured +1.2 % to +3.1 %.
+its ratio to the plain step (no FQ, no SQ). The FQ paper measured +1.2 % to +3.1 %. `fq+sq mixdl step` is a MixDL
+step (patch head, projection head, distance losses; sqgan.losses.mixdl).
 
     python benchmarks/quant_overhead.py                      # DCGAN 32², the demo size
     python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --set model.channel_base=4096 \
@@ -30,6 +31,9 @@ CONFIGS = {
     "sq (no qcr)": ["fq.enabled=false", "sq.enabled=true", "sq.lambda_qcr=0"],
     "fq+sq (no qcr)": ["fq.enabled=true", "sq.enabled=true", "sq.lambda_qcr=0"],
     "fq+sq": ["fq.enabled=true", "sq.enabled=true"],
+    # every step a MixDL step (mixdl.every = 1): what one costs; at the default every = 2 a run pays the mean of this
+    # and fq+sq
+    "fq+sq mixdl step": ["fq.enabled=true", "sq.enabled=true", "mixdl.enabled=true", "mixdl.every=1"],
 }
 
 
