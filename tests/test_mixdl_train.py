@@ -175,3 +175,62 @@ def test_ddp_ranks_stay_equal_through_mixdl_steps(demo_dir, tmp_path, extra):
         port = sock.getsockname()[1]
     mp.spawn(_ddp_rank, args=(port, str(demo_dir), str(tmp_path), extra), nprocs=2, join=True)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
+
+
+def test_g_mixdl_step_judges_the_mixes_and_trains_the_sq_codebook(demo_dir, monkeypatch):
+    """On a G MixDL step the patch head judges the M mixup images (not the B anchors), and λ_sq·L_SQ of the anchors'
+    styles reaches SQ's codebook (its only gradient: the codebook reaches the images only through the STE)."""
+    import sqgan.losses.mixdl as X
+
+    p = _params(**STYLEGAN2, **{"mixdl.num_mix": 2})  # M = 2 mixes of B = 4 anchors
+    state = setup(p, Runtime())
+    state.loss.augment = lambda x, gen: x  # judge exactly what G drew
+    seen: dict = {}
+    term_fn, patch_fn = X.g_mixdl_term, X.patch_logits
+
+    def term(*a, **k):
+        seen["term"] = term_fn(*a, **k)
+        return seen["term"]
+
+    def patches(D, head, images, *a, **k):
+        seen["judged"] = images
+        return patch_fn(D, head, images, *a, **k)
+
+    monkeypatch.setattr(X, "g_mixdl_term", term)
+    monkeypatch.setattr(X, "patch_logits", patches)
+    phase = state.loss.g_main(step_generator(0, 1, 0, torch.device("cpu")), 1)
+    drawn = seen["term"].images  # anchors then mixes
+    assert drawn.shape[0] == 4 + 2 and torch.equal(seen["judged"], drawn[4:])
+    assert phase.stats["loss/sq"] != 0
+    state.opt_g.zero_grad()
+    phase.loss.backward()
+    grad = state.G.quantizer.codebook.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def _all_reduce_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from sqgan.train.loop import all_reduce_grads
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        m = torch.nn.Linear(2, 1)
+        m.weight.grad = torch.full_like(m.weight, float(rank + 1))  # rank 0: 1, rank 1: 2
+        if rank == 1:  # rank 0 has no bias gradient: it takes part with zeros
+            m.bias.grad = torch.full_like(m.bias, 4.0)
+        all_reduce_grads((m,), 2)
+        torch.save({"w": m.weight.grad, "b": m.bias.grad}, Path(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduce_grads_averages_the_ranks_gradients(tmp_path):
+    """As DDP: the mean over the ranks, not the sum (a sum keeps the ranks equal too, at twice the step)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_all_reduce_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        g = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(g["w"], torch.full((1, 2), 1.5)) and torch.equal(g["b"], torch.full((1,), 2.0))

@@ -6,7 +6,8 @@
     g_main   G: L_adv(D(A(G(z)))) + λ_sq (L_sq + L_uf)
     g_pl     G: pl_weight · pl_every · path-length penalty         every train.pl_every steps when pl_weight > 0
 
-With mixdl.enabled, the steps with step % mixdl.every ≠ 0 are MixDL steps (official train_mixdl.py): B anchors
+With mixdl.enabled, one step in mixdl.every is a MixDL step (MixDLSettings.due; every = 2: the odd steps, as
+the official train_mixdl.py): B anchors
 w = G.map(z) and M mixes c·w (c drawn per mixup sample), and d_main / g_main become
     d_main   D: L_adv(P(A(x)), P(A(G(c·w)))) + λ_D KL(softmax(c) ‖ softmax(cos(h(D(G(c·w))), h(D(G(w)))))) + α_t Σ L_FQ
     g_main   G: L_adv(P(A(G(c·w)))) + λ_G KL(softmax(c) ‖ softmax(cos(G_l(c·w), G_l(w)))) + λ_sq (L_sq + L_uf)
