@@ -224,5 +224,5 @@ def test_bad_psi_is_refused(G, centres, psi):
 
 
 def test_lpips_assignment_without_an_lpips_net_names_the_fix(G, centres):
-    with pytest.raises(ValueError, match=r"needs lpips_net.*LPIPSNet.*assign='l2'"):
+    with pytest.raises(ValueError, match=r"needs an LPIPS net.*LPIPSNet.*sample.assign=l2"):
         T.sample(G, z_of(2), 0.5, "multimodal", "lpips", centres=centres)

@@ -121,16 +121,7 @@ class TruncatedGenerator(nn.Module):
         self.centres = centres
         self.lpips_net = lpips_net if mode == "multimodal" and assign == "lpips" else None
         if mode == "multimodal":
-            if assign not in ("lpips", "l2"):
-                raise ValueError(f"sample.assign must be lpips or l2, got {assign!r}")
-            if centres is None:
-                raise ValueError("multimodal truncation needs centres: sqgan.sampling.truncation.load_or_fit(G, path)")
-            if centres.w_dim != G.w_dim:
-                raise ValueError(f"centres have w_dim {centres.w_dim} but G has {G.w_dim}: they belong to another "
-                                 f"generator; refit them (load_or_fit)")
-            if assign == "lpips" and lpips_net is None:
-                raise ValueError("sample.assign=lpips needs an LPIPS net (sqgan.metrics.features.LPIPSNet), or use "
-                                 "sample.assign=l2")
+            T.check_multimodal(G, assign, centres, lpips_net)
             self.register_buffer("centre_w", centres.w.detach().float().clone(), persistent=False)
             self.register_buffer("centre_images", centres.images.detach().clone(), persistent=False)
         self._centre_features: tuple[torch.device, list[torch.Tensor]] | None = None

@@ -316,6 +316,20 @@ class Samples:
 
 
 @torch.no_grad()
+def check_multimodal(G: nn.Module, assign: str, centres: Centres | None, lpips_net: nn.Module | None) -> None:
+    """What multi-modal truncation needs, each lack a ValueError naming the fix (sample.assign / the centres)."""
+    if assign not in ("lpips", "l2"):
+        raise ValueError(f"truncation assign (sample.assign) must be lpips or l2, got {assign!r}")
+    if centres is None:
+        raise ValueError("multimodal truncation needs centres: fit_centres(G) or load_or_fit(G, path)")
+    if centres.w_dim != G.w_dim:
+        raise ValueError(f"centres have w_dim {centres.w_dim} but G has {G.w_dim}: they belong to another "
+                         f"generator; refit them (load_or_fit)")
+    if assign == "lpips" and lpips_net is None:
+        raise ValueError("assign='lpips' needs an LPIPS net: sqgan.metrics.features.LPIPSNet(weights=…) (ImageNet "
+                         "AlexNet weights, as the paper), or sample.assign=l2")
+
+
 def sample(G: nn.Module, z: torch.Tensor, psi: float = 0.7, mode: Mode = "multimodal", assign: Assign = "lpips",
            centres: Centres | None = None, lpips_net: nn.Module | None = None, batch: int = 64,
            noise_mode: str = "const") -> Samples:
@@ -326,16 +340,7 @@ def sample(G: nn.Module, z: torch.Tensor, psi: float = 0.7, mode: Mode = "multim
     if mode not in ("multimodal", "global", "none"):
         raise ValueError(f"truncation mode must be multimodal, global or none, got {mode!r}")
     if mode == "multimodal":
-        if assign not in ("lpips", "l2"):
-            raise ValueError(f"truncation assign must be lpips or l2, got {assign!r}")
-        if centres is None:
-            raise ValueError("multimodal truncation needs centres: fit_centres(G) or load_or_fit(G, path)")
-        if centres.w_dim != G.w_dim:
-            raise ValueError(f"centres have w_dim {centres.w_dim} but G has {G.w_dim}: they belong to another "
-                             f"generator; refit them (load_or_fit)")
-        if assign == "lpips" and lpips_net is None:
-            raise ValueError("assign='lpips' needs lpips_net: sqgan.metrics.features.LPIPSNet(weights=…) (ImageNet "
-                             "AlexNet weights, as the paper), or assign='l2'")
+        check_multimodal(G, assign, centres, lpips_net)
     device = _device_of(G)
     images, ws, assignment = [], [], []
     centre_w = centre_feats = None
