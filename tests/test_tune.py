@@ -191,7 +191,9 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
         assert r.info.status == "FINISHED" and "kid40_train_randcnn_mean" in r.data.metrics
         arts = {f.path for f in client.list_artifacts(r.info.run_id, "samples")} | \
             {f.path for f in client.list_artifacts(r.info.run_id, "checkpoints")}
-        assert {"samples/grid.png", "checkpoints/step_000008.pt"} <= arts
+        assert {"samples/grid.png", "checkpoints/step_000008.pt"} <= arts, (  # what happened, should it fail
+            arts, {f.path for f in client.list_artifacts(r.info.run_id)},
+            {k: v for k, v in r.data.tags.items() if k.startswith(("sqgan.", "ray."))})
     for r in runs:
         if r not in completed:
             assert r.info.status == "KILLED" and r.data.tags["sqgan.trial_status"] == "stopped by asha"
