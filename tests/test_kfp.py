@@ -258,9 +258,11 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 def test_rayjob_manifest_runs_sqgan_tune_in_the_image_with_the_tracking_env():
     import shlex
 
-    from sqgan.kuberay import DATA_DIR, RayJobSpec, rayjob_manifest
+    from sqgan.kuberay import DATA_MOUNT, RayJobSpec, rayjob_manifest
 
-    m = rayjob_manifest(RayJobSpec(**_spec_args()))
+    assert rayjob_manifest(RayJobSpec(**_spec_args()))["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["volumeMounts"][0]["mountPath"] == DATA_MOUNT
+    m = rayjob_manifest(RayJobSpec(**_spec_args(data_mount="/mnt/data/")))  # every pod path follows the mount
     assert m["apiVersion"] == "ray.io/v1" and m["kind"] == "RayJob"
     assert m["metadata"] == {"name": "sqgan-sweep-test", "namespace": "team", "labels": {"app.kubernetes.io/name":
                                                                                            "sqgan"}}
@@ -269,11 +271,12 @@ def test_rayjob_manifest_runs_sqgan_tune_in_the_image_with_the_tracking_env():
     words = shlex.split(spec["entrypoint"])
     assert words[:2] == ["bash", "-c"] and len(words) == 3  # one single-quoted script: no expansion in the submitter
     script = words[2]
-    assert 'printf "%s\\n" "$SQGAN_PARAMS_YAML" > /tmp/sqgan-params.yaml' in script
+    assert 'printf "%s\\n" "$SQGAN_PARAMS_YAML" > /mnt/data/params.yaml' in script
     tune = shlex.split(script.split("&&")[1])
     assert tune[:2] == ["sqgan", "tune"]
     flags = dict(zip(tune[2::2], tune[3::2], strict=False))
-    assert flags["--params"] == "/tmp/sqgan-params.yaml" and flags["--data"] == DATA_DIR
+    assert (flags["--params"], flags["--data"], flags["--out"]) == \
+        ("/mnt/data/params.yaml", "/mnt/data/dataset", "/mnt/data/sweep")
     sets = [tune[i + 1] for i, w in enumerate(tune) if w == "--set"]
     assert sets == ["ray.address=auto", "ray.storage_path=$SQGAN_STORAGE_PATH",
                     "mlflow.tracking_uri=$MLFLOW_TRACKING_URI", "mlflow.parent_run_id=$SQGAN_PARENT_RUN_ID",
@@ -290,9 +293,9 @@ def test_rayjob_manifest_runs_sqgan_tune_in_the_image_with_the_tracking_env():
             assert yaml.safe_load(env["SQGAN_PARAMS_YAML"]) == {"fq": {"codebook_size": 16}}
         fetch = pod["initContainers"][0]
         assert fetch["command"] == ["sqgan", "data", "fetch", "--uri", "s3://bucket/artifacts/brecahad", "--out",
-                                    DATA_DIR]
-        mounted = {v["mountPath"] for v in pod["containers"][0]["volumeMounts"]}
-        assert Path(DATA_DIR).parent.as_posix() in mounted  # where the init container put the data
+                                    "/mnt/data/dataset"]
+        for c in pod["containers"] + pod["initContainers"]:  # the data volume where the init container put the data
+            assert {"name": "sqgan-data", "mountPath": "/mnt/data"} in c["volumeMounts"]
     worker = cluster["workerGroupSpecs"][0]
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert (worker["minReplicas"], worker["maxReplicas"]) == (1, 4)
@@ -336,6 +339,9 @@ def test_rbac_lets_the_sweep_task_create_read_and_delete_rayjobs():
     ({"parent_run_id": ""}, "parent_run_id is empty"),
     ({"data_uri": ""}, "data_uri is empty"),
     ({"max_workers": 0, "min_workers": 0}, "min_workers 0"),
+    ({"data_mount": "data"}, "data_mount 'data': the pods' data volume needs an absolute mount point"),
+    ({"data_mount": "/"}, "data_mount '/'"),
+    ({"data_mount": "/dev/shm"}, "data_mount '/dev/shm'"),
 ])
 def test_rayjob_that_could_not_work_is_refused_before_submission(change, named):
     from sqgan.kuberay import RayJobSpec, rayjob_manifest

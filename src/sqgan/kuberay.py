@@ -19,12 +19,18 @@ from typing import Any
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 RAY_VERSION = "2.60.0"
-# Paths inside the pods (the Ray image's home is /home/ray), not on this machine.
-POD_HOME = "/home/ray"
-DATA_VOLUME = f"{POD_HOME}/data"  # an emptyDir in every pod
-DATA_DIR = f"{DATA_VOLUME}/dataset"  # where every pod's init container puts the dataset
-SWEEP_DIR = f"{POD_HOME}/sweep"  # the sweep folder on the head pod (trials.csv/.md, plots, best_params.yaml)
-PARAMS_FILE = "/tmp/sqgan-params.yaml"  # written from $SQGAN_PARAMS_YAML by the entrypoint
+# Every path the pods use lies under one emptyDir volume, mounted at RayJobSpec.data_mount in every pod (the kubelet
+# creates the mount point, so it depends on no image's layout and on nothing of this machine):
+#   <mount>/dataset      the curated dataset, put there by each pod's init container (`sqgan data fetch`)
+#   <mount>/params.yaml  the sweep's params, written from $SQGAN_PARAMS_YAML by the entrypoint (head pod)
+#   <mount>/sweep        the sweep folder on the head pod (trials.csv/.md, plots, best_params.yaml; also in MLflow)
+DATA_MOUNT = "/sqgan-data"
+
+
+def pod_path(spec: RayJobSpec, name: str) -> str:
+    """`name` (dataset, params.yaml, sweep) under the pods' data volume."""
+    return f"{spec.data_mount.rstrip('/')}/{name}"
+
 JOB_FAILED = ("FAILED", "STOPPED")
 DEPLOYMENT_FAILED = ("Failed", "ValidationFailed")
 
@@ -58,6 +64,7 @@ class RayJobSpec:
     min_workers: int = 1
     max_workers: int = 4
     ttl_seconds: int = 900  # the finished cluster stays this long (time to copy the sweep folder off the head)
+    data_mount: str = DATA_MOUNT  # the pods' emptyDir for the dataset, the params file and the sweep folder
     credentials_secret: str = "sqgan-storage-credentials"  # optional Secret with the storage credentials
     service_account: str | None = None  # IRSA / Workload Identity instead of the Secret
 
@@ -76,6 +83,10 @@ def check_spec(spec: RayJobSpec) -> None:
                          "run; run the pipeline's open_pipeline_run task first")
     if not spec.data_uri:
         raise ValueError("data_uri is empty: pass the URI of the curated dataset (the data task's output)")
+    mount = spec.data_mount.rstrip("/")
+    if not mount.startswith("/") or mount in ("", "/dev", "/dev/shm", "/proc", "/sys", "/etc", "/tmp"):
+        raise ValueError(f"data_mount {spec.data_mount!r}: the pods' data volume needs an absolute mount point of its "
+                         f"own (Kubernetes mounts volumes at absolute paths), e.g. {DATA_MOUNT}")
     if not 0 < spec.min_workers <= spec.max_workers:
         raise ValueError(f"min_workers {spec.min_workers}, max_workers {spec.max_workers}: need 0 < min <= max")
 
@@ -93,12 +104,13 @@ def rayjob_manifest(spec: RayJobSpec) -> dict[str, Any]:
         {"name": "RAY_AUTH_MODE", "value": "disabled"},
     ]
     env_from = [{"secretRef": {"name": spec.credentials_secret, "optional": True}}]
-    mounts = [{"name": "sqgan-data", "mountPath": DATA_VOLUME}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [{"name": "sqgan-data", "mountPath": spec.data_mount.rstrip("/")},
+              {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes = [{"name": "sqgan-data", "emptyDir": {}}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     fetch = {
         "name": "fetch-data",
         "image": spec.image,
-        "command": ["sqgan", "data", "fetch", "--uri", spec.data_uri, "--out", DATA_DIR],
+        "command": ["sqgan", "data", "fetch", "--uri", spec.data_uri, "--out", pod_path(spec, "dataset")],
         "env": env,
         "envFrom": env_from,
         "volumeMounts": mounts[:1],
@@ -131,7 +143,8 @@ def rayjob_manifest(spec: RayJobSpec) -> dict[str, Any]:
     worker_pod = pod(worker)
     if spec.worker_gpus:
         worker_pod["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    entrypoint = ENTRYPOINT.format(params=PARAMS_FILE, data=DATA_DIR, out=SWEEP_DIR,
+    entrypoint = ENTRYPOINT.format(params=pod_path(spec, "params.yaml"), data=pod_path(spec, "dataset"),
+                                   out=pod_path(spec, "sweep"),
                                    gpu=" --set tune.use_gpu=true" if spec.worker_gpus else "")
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
