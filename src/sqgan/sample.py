@@ -358,17 +358,19 @@ def _batches(z: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
 def _tracked_run(target: tuple[str, str] | None) -> tuple[tuple[str, str] | None, str]:
     """(target or None, why not) for the run a checkpoint's tracking.json names: None when the store or the run is
     gone (a sqlite file that no longer exists is not recreated)."""
-    from sqgan.evaluate import _existing_run
-    from sqgan.tracking import check_tracking
+    from sqgan.tracking import open_existing
 
     if target is None:
         return None, ("not logged to MLflow: no --run was given and the checkpoint's run folder has no "
                       "tracking.json")
     uri, run_id = target
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    try:  # a server that does not answer fails here, in seconds, before any work
+        client = open_existing(uri, "")
+    except FileNotFoundError:
         return None, f"not logged to MLflow: tracking.json names run {run_id} in {uri}, whose database is gone"
-    check_tracking(uri)  # a server that does not answer fails here, in seconds, before any work
-    if _existing_run(target) is None:
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types for a missing run
         return None, f"not logged to MLflow: tracking.json names run {run_id}, which {uri} no longer has"
     return target, f"logged to MLflow run {run_id} ({uri})"
 
