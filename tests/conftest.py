@@ -42,16 +42,20 @@ def ray_session():
     free port, so a second Ray started by a test gets the default one): Ray Train V2's placement-group cleaner asks
     it whether a controller is alive; without it, the workers' CPUs of a trial that ASHA stopped are never freed and
     later trials time out waiting for workers."""
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=port, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on right now (bound to port 0, then released)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_overrides(**extra: object) -> list[str]:

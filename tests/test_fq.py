@@ -212,12 +212,9 @@ def _ddp_rank(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_ranks_keep_one_dictionary_and_a_diverged_rank_fails_loudly(tmp_path):
-    import socket
+    from conftest import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         msg = (tmp_path / f"rank{rank}.txt").read_text()
         assert msg.startswith("FQ dictionaries / SQ codebook diverged across DDP ranks at step 4"), msg

@@ -4,13 +4,12 @@ exact resume, DDP ranks kept equal although the MixDL phases bypass DDP, a sweep
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 from sqgan.config import ConfigError, default_params
 from sqgan.train.loop import (
@@ -170,10 +169,7 @@ def test_ddp_ranks_stay_equal_through_mixdl_steps(demo_dir, tmp_path, extra):
     so G, D and the heads stay equal although each rank sees other images and draws other mixes. (plain-r1-pl: lazy
     R1 and path length under DDP, which waited forever for D's last bias and SQ's codebook before they were put in
     the graph with weight 0.)"""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(port, str(demo_dir), str(tmp_path), extra), nprocs=2, join=True)
+    mp.spawn(_ddp_rank, args=(free_port(), str(demo_dir), str(tmp_path), extra), nprocs=2, join=True)
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
 
 
@@ -227,10 +223,7 @@ def _all_reduce_rank(rank: int, port: int, out: str) -> None:
 
 def test_ddp_all_reduce_grads_averages_the_ranks_gradients(tmp_path):
     """As DDP: the mean over the ranks, not the sum (a sum keeps the ranks equal too, at twice the step)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_all_reduce_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_all_reduce_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         g = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.equal(g["w"], torch.full((1, 2), 1.5)) and torch.equal(g["b"], torch.full((1,), 2.0))

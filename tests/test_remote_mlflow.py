@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,19 +13,12 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, free_port, tiny_overrides
 
 from sqgan.config import default_params
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 SERVER_START_TIMEOUT = 120.0  # ~8 s on an idle 2-core box, ~30 s at load average 14
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
