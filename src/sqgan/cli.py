@@ -504,6 +504,9 @@ def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("
     typer.echo(f"checkpoints:  {run_dir / 'checkpoints'}")
     for k, v in {**quality, **usage}.items():
         typer.echo(f"  {k:28s} {v:.4f}")
+    line = learning_verdict(m)
+    if line:
+        typer.echo(line)
     prov = next(iter(m.get("provenance", {}).values()), None)
     if prov:
         typer.echo(f"metrics by:   {prov.get('implementation')}; features: {prov.get('feature_extractor')}; "
@@ -514,6 +517,21 @@ def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("
         typer.echo(f"mlflow run:   {t['run_id']} in {t['tracking_uri']}")
     typer.echo("dashboard:    make ui  →  http://127.0.0.1:5000 (the project's mlflow.db; for another tracking URI "
                "run `mlflow ui --backend-store-uri URI`)")
+
+
+def learning_verdict(m: dict) -> str | None:
+    """One line on whether the run learned, from its metrics.json (the collapse watch's final evaluation)."""
+    if "diversity/pixel" not in m:
+        return None
+    pixel, nn = m["diversity/pixel"], m["diversity/nn_distinct"]
+    figures = (f"G_ema's fixed-z samples are {pixel:.3f}× as varied as the reals, {nn:.3f} of them distinct "
+               f"nearest reals")
+    if m.get("diversity/collapsed", 0.0) >= 1:
+        first = m.get("diversity/collapse_step")
+        since = f", first flagged at step {int(first)}" if first is not None else ""
+        return (f"NOT LEARNED: the run collapsed or did not learn ({figures} at step {m.get('step')}{since}); "
+                f"see the grid, and try other learning rates or more steps")
+    return f"learned:      {figures}"
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -302,6 +302,9 @@ class TrainParams(Section):
     pl_every: int = Field(4, ge=1, le=10000, description="steps between path-length terms (lazy)")
     amp: bool = Field(False, description="bf16 autocast of G and D on GPU (ignored on CPU)")
     g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="G_ema decay (ramped: min(decay, (1+t)/(10+t)))")
+    max_abs_logit: float = Field(
+        1e4, ge=0.0, description="stop the run as diverged when a logged window mean of D's logits or an adversarial "
+                                 "loss exceeds this in magnitude (divergence without NaN); 0 = never")
     diffaugment: list[Literal["color", "translation", "cutout"]] = Field(
         default_factory=lambda: ["color", "translation", "cutout"],
         description="DiffAugment policies applied to real and fake images before D ([] = off)",
@@ -355,6 +358,12 @@ class MetricsParams(Section):
                                "of D's penultimate features over the reals) and g/clip_similarity; 0 = off")
     diversity_images: int = Field(256, ge=2, description="images (reals for D, generated for CLIP) the diagnostics "
                                                          "average over")
+    collapse_pixel: float = Field(
+        0.25, ge=0.0, le=1.0, description="flag G_ema as collapsed when the pixel diversity of its 64 fixed-z samples "
+                                          "(diversity/pixel, × the reals') falls below this at an evaluation; 0 = off")
+    collapse_nn: float = Field(
+        0.1, ge=0.0, le=1.0, description="… or when the share of distinct nearest reals of those samples "
+                                         "(diversity/nn_distinct) falls below this; 0 = off")
     truncation: Literal["none", "global", "multimodal"] = Field(
         "none", description="evaluate truncated samples (training's evaluations and `sqgan eval`): ψ, assign, centres "
                             "and fit_samples from the sample section, recorded in each metric's provenance; none = "

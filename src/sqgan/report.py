@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqgan.metrics.collapse import COLLAPSE_TAG
 from sqgan.metrics.names import QUALITY_METRICS, MetricKey, parse_metric_key
 from sqgan.tracking import child_runs, search_all
 
@@ -312,8 +313,9 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 
 def plot_quality_curves(runs: list[Any], hist: dict[str, Any], path: Path) -> list[str]:
-    """One panel per quality metric (fid, kid, …), a series per run and name logged at more than one step; returns
-    the names plotted."""
+    """One panel per quality metric (fid, kid, …), a series per run and name logged at more than one step, and a
+    dotted vertical line at the step a run was flagged as collapsed (tag sqgan.collapse_step); returns the names
+    plotted."""
     curves = sorted({k for h in hist.values() for k, pts in h.items()
                      if quality_key(k) and quality_key(k).stat != "std" and len(pts) > 1}, key=_quality_order)
     if not curves:
@@ -332,6 +334,11 @@ def plot_quality_curves(runs: list[Any], hist: dict[str, Any], path: Path) -> li
                     ax.plot(*zip(*pts, strict=True), marker=".", color=colour[r.info.run_id],
                             linestyle=LINESTYLES[i % len(LINESTYLES)], label=f"{label(r)}: {k}")
                     n += 1
+            collapsed = r.data.tags.get(COLLAPSE_TAG)
+            if collapsed is not None:  # the step the collapse watch first flagged this run's G_ema
+                ax.axvline(int(collapsed), color=colour[r.info.run_id], linestyle=":", linewidth=1.5,
+                           label=f"{label(r)}: collapsed at step {collapsed}")
+                n += 1
         ax.set_xlabel("step")
         ax.set_ylabel(family)
         _legend(ax, n)

@@ -107,7 +107,7 @@ class GANLoss:
             with torch.no_grad():
                 fake = self._generate(b, gen).images
             out = self.D(self.augment(torch.cat([real, fake.to(real.dtype)]), gen),
-                         feed=step >= p.fq.feed_warmup_steps)
+                         feed=step >= p.fq.feed_warmup_steps, parts=(b, fake.shape[0]))
             real_logits, fake_logits = out.logits.float().split(b)
             adv = d_loss(real_logits, fake_logits, self.kind)
         alpha = alpha_at(step, p.fq.alpha, p.fq.alpha_warmup_steps)

@@ -7,7 +7,9 @@ A backbone provides two parts and nothing else:
     (random draws inside, e.g. StyleGAN2's noise inputs, come from `generator` so a step is a function of its seed;
     noise_mode="const" uses fixed buffers, for evaluation);
   - a discriminator trunk: `blocks` (ModuleList; FQ may follow any of them), `widths` (channels out of each
-    block) and `head(x) -> (logits [B], features [B, F])` (F = the penultimate features, for diagnostics).
+    block) and `head(x) -> (logits [B], features [B, F])` (F = the penultimate features, for diagnostics); a
+    trunk whose head mixes samples (StyleGAN2's minibatch stddev) sets `batch_statistics = True` and takes
+    `head(x, parts=(n1, n2, …))`, computing those statistics within each part.
 `Generator` and `Discriminator` below wrap them and put their quantizers' losses and statistics in one form, so
 the loop never asks which backbone or which quantizer it has.
 """
@@ -53,9 +55,11 @@ class Generator(nn.Module):
         self.z_dim, self.w_dim, self.num_ws = z_dim, w_dim, int(synthesis.num_ws)
         self.mapping, self.quantizer, self.synthesis = mapping, quantizer, synthesis
 
-    def map(self, z: torch.Tensor, truncation_psi: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(w fed on, its un-quantized w, quantizer outputs): z → w (→ truncated → quantized)."""
-        w = z if self.mapping is None else self.mapping(z, update_w_avg=self.training)
+    def map(self, z: torch.Tensor, truncation_psi: float = 1.0,
+            update_w_avg: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(w fed on, its un-quantized w, quantizer outputs): z → w (→ truncated → quantized). In training mode the
+        mapping's w_avg tracks these w unless `update_w_avg` is False (style mixing's second z)."""
+        w = z if self.mapping is None else self.mapping(z, update_w_avg=self.training and update_w_avg)
         if truncation_psi != 1.0:
             if self.mapping is None or not hasattr(self.mapping, "w_avg"):
                 raise ValueError("truncation needs a mapping network with w_avg (StyleGAN2, or SQ on)")
@@ -75,7 +79,7 @@ class Generator(nn.Module):
         loss = sum((q.loss for q in quant.values()), z.new_zeros(()))
         ws = w[:, None, :].expand(-1, self.num_ws, -1)
         if mix_z is not None:
-            w2, _, quant2 = self.map(mix_z, truncation_psi)
+            w2, _, quant2 = self.map(mix_z, truncation_psi, update_w_avg=False)  # as stylegan2-ada's skip_w_avg_update
             loss = loss + sum((q.loss for q in quant2.values()), z.new_zeros(()))
             layer = torch.arange(self.num_ws, device=z.device)[None, :, None]
             ws = torch.where(layer >= mix_cutoff[:, None, None], w2[:, None, :], ws)
@@ -101,9 +105,13 @@ class Discriminator(nn.Module):
             for i in fq_layers
         })
 
-    def forward(self, x: torch.Tensor, feed: bool = True, update: bool = True) -> DiscriminatorOutput:
+    def forward(self, x: torch.Tensor, feed: bool = True, update: bool = True,
+                parts: tuple[int, ...] | None = None) -> DiscriminatorOutput:
         """`feed=False` passes h on even in feed mode (the warm-up that feeds h before h′); `update=False` keeps
-        the FQ dictionaries as they are (assignments and loss still computed)."""
+        the FQ dictionaries as they are (assignments and loss still computed). `parts` (sizes summing to the batch,
+        e.g. (reals, fakes)) keeps batch statistics within each part — StyleGAN2's minibatch stddev groups must not
+        mix reals and fakes (stylegan2-ada scores them in separate calls); the FQ dictionaries still learn from
+        the whole batch in one EMA step."""
         quant: dict[str, QuantizerOutput] = {}
         loss = x.new_zeros(())
         for i, block in enumerate(self.trunk.blocks):
@@ -115,5 +123,8 @@ class Discriminator(nn.Module):
                 loss = loss + out.loss
                 if q.feeds and feed:
                     x = out.quantized
-        logits, features = self.trunk.head(x)
+        if parts is not None and getattr(self.trunk, "batch_statistics", False):
+            logits, features = self.trunk.head(x, parts=parts)
+        else:
+            logits, features = self.trunk.head(x)
         return DiscriminatorOutput(logits, features, loss, quant)

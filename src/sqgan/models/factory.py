@@ -77,23 +77,43 @@ BACKBONES: dict[str, Backbone] = {
 
 
 class MappingMLP(nn.Module):
-    """The small mapping network z → w added to DCGAN/SNGAN so their latent can be style-quantized: z normalised
-    by its second moment (as StyleGAN2's), then `layers` linear + LeakyReLU(0.2) layers; tracks w_avg too."""
+    """The small mapping network z → w added to DCGAN/SNGAN so their latent can be style-quantized:
+    w = ẑ + f(ẑ), ẑ = z normalised by its second moment (as StyleGAN2's), f = `layers` linear layers with
+    LeakyReLU(0.2) between them, the last one zero at init, so w starts as ẑ and f learns what to add (w_dim ≠ z_dim:
+    a fixed variance-preserving projection of ẑ instead of ẑ); tracks w_avg.
+
+    Why residual (issue 25): a plain MLP with PyTorch's default init gives w ~7× smaller spread than z and a mean as
+    large as that spread. DCGAN's first layer (N(0, 0.02) weights) then sees a faint input, its learned bias — one
+    constant 4×4 map — soon outweighs it, and the synthesis ignores w: the demo's 64 samples were one texture (pixel
+    diversity 0.07× the reals', one distinct nearest real), with or without quantization, even with f frozen. With
+    w = ẑ + f(ẑ) the same run covers the data (0.79×, 26 distinct nearest reals of 64). A variance-preserving init
+    of the plain MLP (He, zero bias, linear output) was not enough (0.22×, 2)."""
 
     def __init__(self, z_dim: int, w_dim: int, layers: int = 2, w_avg_beta: float = 0.995) -> None:
         super().__init__()
+        if layers < 1:
+            raise ValueError(f"model.mapping_layers must be ≥ 1 for the DCGAN/SNGAN mapping, got {layers}")
+        # the skip: ẑ itself, or (w_dim ≠ z_dim) a fixed projection with orthonormal rows/columns scaled so every
+        # coordinate of w keeps unit variance
+        skip = None
+        if w_dim != z_dim:
+            q, _ = torch.linalg.qr(torch.randn(max(z_dim, w_dim), min(z_dim, w_dim)))
+            skip = (q if w_dim > z_dim else q.t()) * math.sqrt(w_dim / z_dim if w_dim > z_dim else 1.0)
+        self.register_buffer("skip", skip)
         mods: list[nn.Module] = []
-        dim = z_dim
-        for _ in range(layers):
-            mods += [nn.Linear(dim, w_dim), nn.LeakyReLU(0.2)]
-            dim = w_dim
-        self.net = nn.Sequential(*mods)
+        for i in range(layers):
+            mods.append(nn.Linear(z_dim if i == 0 else w_dim, w_dim))
+            if i < layers - 1:
+                mods.append(nn.LeakyReLU(0.2))
+        nn.init.zeros_(mods[-1].weight)
+        nn.init.zeros_(mods[-1].bias)
+        self.residual = nn.Sequential(*mods)
         self.w_avg_beta = w_avg_beta
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def forward(self, z: torch.Tensor, update_w_avg: bool = False) -> torch.Tensor:
         z = z * (z.square().mean(1, keepdim=True) + 1e-8).rsqrt()
-        w = self.net(z)
+        w = (z if self.skip is None else z @ self.skip.t()) + self.residual(z)
         if update_w_avg:
             with torch.no_grad():
                 self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
@@ -111,12 +131,23 @@ def adversarial_loss(params: Params) -> str:
 
 def r1_gamma(params: Params) -> float:
     """train.r1_gamma, with unset resolved as stylegan2-ada's `auto` config does for StyleGAN2
-    (γ = 0.0002 · R² / batch) and to 0 (no R1) for DCGAN/SNGAN."""
+    (γ = 0.0002 · R² / batch, the total batch of all workers) and to 0 (no R1) for DCGAN/SNGAN."""
     if params.train.r1_gamma is not None:
         return params.train.r1_gamma
     if params.model.arch == "stylegan2":
-        return 0.0002 * params.model.resolution**2 / params.train.batch_size
+        return 0.0002 * params.model.resolution**2 / (params.train.batch_size * params.train.workers)
     return 0.0
+
+
+def lazy_ratios(params: Params) -> tuple[float, float]:
+    """(G, D) ratios k/(k+1) of lazy regularisation (StyleGAN2 App. B, stylegan2-ada's `mb_ratio`): a network whose
+    regulariser runs every k steps trains at lr·ratio and betas^ratio, so its Adam sees the same averages as if
+    every step carried the term. 1 where no lazy term runs."""
+    t = params.train
+    d = t.r1_every / (t.r1_every + 1) if r1_gamma(params) > 0 and t.r1_every > 1 else 1.0
+    pl_on = t.pl_weight > 0 and params.model.arch == "stylegan2"
+    g = t.pl_every / (t.pl_every + 1) if pl_on and t.pl_every > 1 else 1.0
+    return g, d
 
 
 def mapping_layers(params: Params) -> int:

@@ -431,7 +431,12 @@ class MinibatchStdLayer(nn.Module):
             g -= 1
         return g
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, parts: tuple[int, ...] | None = None) -> torch.Tensor:
+        """`parts`: sizes of sub-batches whose samples never share a group (reals and fakes of one D call)."""
+        if parts is not None and len(parts) > 1:
+            if sum(parts) != x.shape[0]:
+                raise ValueError(f"mbstd: parts {parts} do not add up to the batch of {x.shape[0]}")
+            return torch.cat([self(chunk) for chunk in x.split(list(parts))])
         n, c, h, w = x.shape
         g, f = self.group_for(n), self.num_channels
         if c % f:
@@ -457,20 +462,22 @@ class DiscriminatorHead(nn.Module):
         self.fc = FullyConnectedLayer(in_channels * resolution**2, in_channels, activation="lrelu")
         self.out = FullyConnectedLayer(in_channels, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, parts: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[2:] != (self.resolution, self.resolution):
             raise ValueError(f"discriminator head expects {self.resolution}×{self.resolution} maps, got "
                              f"{list(x.shape)}")
         x = x.to(torch.float32)
         if self.mbstd is not None:
-            x = self.mbstd(x)
+            x = self.mbstd(x, parts)
         features = self.fc(self.conv(x).flatten(1))
         return self.out(features).squeeze(1), features
 
 
 class DiscriminatorTrunk(nn.Module):
     """StyleGAN2's "resnet" discriminator (config F) as base.py's trunk: `blocks` R → … → 4×4 (block 0 holds fromRGB),
-    `widths` (channels out of each block), `head(x) -> (logits [B], features [B, C4])`."""
+    `widths` (channels out of each block), `head(x, parts=None) -> (logits [B], features [B, C4])`."""
+
+    batch_statistics = True  # the head's minibatch stddev mixes samples: D calls pass parts=(reals, fakes)
 
     def __init__(self, resolution: int, channel_base: int = 32768, channel_max: int = 512, mbstd_group_size: int = 4,
                  mbstd_num_channels: int = 1, img_channels: int = 3, conv_clamp: float | None = None,

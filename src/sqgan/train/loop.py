@@ -38,12 +38,14 @@ from sqgan.data.diffaugment import diff_augment
 from sqgan.io import atomic_path, mark_output, read_torch_file, write_json_atomic
 from sqgan.losses.gan import GANLoss, Phase, alpha_at, unwrap
 from sqgan.metrics.codebook import perplexity, utilisation
+from sqgan.metrics.collapse import COLLAPSE_TAG, collapse_stats, mean_pairwise_rms
 from sqgan.metrics.diversity import mean_pairwise_cosine
-from sqgan.models.factory import build_discriminator, build_generator
+from sqgan.models.factory import build_discriminator, build_generator, lazy_ratios
 
 __all__ = ["alpha_at", "build_discriminator", "build_generator", "train"]
 
-CHECKPOINT_FORMAT = 2  # 2: G = mapping/quantizer/synthesis, D = trunk + quantizers, ADA and path-length state
+CHECKPOINT_FORMAT = 3  # 2: G = mapping/quantizer/synthesis, D = trunk + quantizers, ADA and path-length state;
+#                        3: the DCGAN/SNGAN mapping MLP is residual (issue 25)
 GRID_SIZE = 64  # fixed-z samples in each grid (8 × 8)
 
 
@@ -148,6 +150,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     pick = "pass a step_NNNNNN.pt file from a run's checkpoints/ folder"
     state = read_torch_file(path, "checkpoint", pick)
+    if isinstance(state, dict) and state.get("format") == 2:
+        p = state.get("params") or {}
+        if p.get("model", {}).get("arch") in ("dcgan", "sngan") and p.get("sq", {}).get("enabled"):
+            raise ValueError(f"{path}: a DCGAN/SNGAN + SQ checkpoint from before the residual mapping network (format "
+                             f"2; its mapping MLP made the generator ignore z, issue 25): it cannot be loaded into "
+                             f"this version; train it again")
+        state["format"] = CHECKPOINT_FORMAT  # nothing else changed between 2 and 3
     if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: an sqgan checkpoint of format {state['format']}, from before the model factory "
                          f"(format {CHECKPOINT_FORMAT}); its networks cannot be loaded into this version: start a new "
@@ -258,6 +267,14 @@ class Augmenter:
         return diff_augment(x, self.policies, gen) if self.policies else x
 
 
+def set_optimiser_settings(params: Params, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> None:
+    """Learning rates and betas from params, corrected for lazy regularisation (lr·k/(k+1), betas^(k/(k+1)))."""
+    tp = params.train
+    for opt, lr, ratio in zip((opt_g, opt_d), (tp.lr_g, tp.lr_d), lazy_ratios(params), strict=True):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr * ratio, (tp.beta1**ratio, tp.beta2**ratio)
+
+
 def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> TrainState:
     """Build G, D, G_ema, the optimisers, the loss and ADA; load the checkpoint `resume` when given; wrap in DDP."""
     tp, device = params.train, rt.device
@@ -273,9 +290,9 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         from sqgan.losses.mixdl import MixDLHeads
 
         heads = MixDLHeads(D, params).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), lr=tp.lr_g, betas=(tp.beta1, tp.beta2))
     d_params = list(D.parameters()) + (list(heads.parameters()) if heads is not None else [])
-    opt_d = torch.optim.Adam(d_params, lr=tp.lr_d, betas=(tp.beta1, tp.beta2))
+    opt_g, opt_d = torch.optim.Adam(G.parameters()), torch.optim.Adam(d_params)
+    set_optimiser_settings(params, opt_g, opt_d)
     ada = None
     if params.ada.enabled:
         from sqgan.data.ada import AdaController
@@ -293,6 +310,9 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         G_ema.load_state_dict(ckpt["G_ema"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
+        # Adam's moments come from the checkpoint, its settings from params: a resume with lower learning rates
+        # (the advice after a divergence) must train at them, not at the ones load_state_dict brought back
+        set_optimiser_settings(params, opt_g, opt_d)
         if heads is not None:
             heads.load_state_dict(ckpt["mixdl_heads"])
         if ada is not None and ckpt.get("ada") is not None:
@@ -480,6 +500,83 @@ class Diversity:
         return out
 
 
+class TrainingDiverged(FloatingPointError):
+    """The losses went non-finite or past train.max_abs_logit: the message names the step and the checkpoint to
+    resume from."""
+
+
+ADVERSARIAL_KEYS = ("d/real_logit", "d/fake_logit", "loss/d_adv", "loss/g_adv", "mixdl/d_patch", "mixdl/g_patch")
+
+
+def check_divergence(metrics: dict[str, float], step: int, params: Params, last: Path | None) -> None:
+    """Raise TrainingDiverged when a loss of the window is non-finite or an adversarial value is past the bound."""
+    bad = {k: v for k, v in metrics.items() if k.startswith(("loss/", "d/", "mixdl/")) and not math.isfinite(v)}
+    bound = params.train.max_abs_logit
+    if not bad and bound > 0:
+        bad = {k: v for k, v in metrics.items() if k in ADVERSARIAL_KEYS and abs(v) > bound}
+        what = f"diverged (|value| > train.max_abs_logit = {bound:g})"
+    else:
+        what = "non-finite loss"
+    if not bad:
+        return
+    values = ", ".join(f"{k}={v:.4g}" for k, v in sorted(bad.items()))
+    tp = params.train
+    lower = f"--set train.lr_g={tp.lr_g / 10:g} --set train.lr_d={tp.lr_d / 10:g}"
+    if last is None:
+        where = f"no checkpoint was written before it: train again with lower learning rates ({lower})"
+    else:
+        where = f"the last finite checkpoint is {last}: continue from it with lower learning rates: " \
+                f"sqgan train --resume {last} {lower}"
+    raise TrainingDiverged(f"step {step}: {what} ({values}); {where}")
+
+
+class CollapseWatch:
+    """At each evaluation: the pixel diversity of G_ema's fixed-z samples relative to the reals' and the share of
+    distinct nearest reals (sqgan.metrics.collapse), and whether they fell below metrics.collapse_pixel /
+    collapse_nn. `first` is the first step flagged (the run's `sqgan.collapse_step` tag)."""
+
+    MAX_REALS = 1000  # reals compared against (evenly spaced over the split): a few seconds at any dataset size
+
+    def __init__(self, params: Params, dataset: ManifestDataset, z: torch.Tensor) -> None:
+        images = dataset.images
+        if len(images) > self.MAX_REALS:
+            images = images[torch.linspace(0, len(images) - 1, self.MAX_REALS).long()]
+        self.reals, self.z, self.mp = images, z, params.metrics
+        self.real_diversity = mean_pairwise_rms(images) if len(images) >= 2 else 0.0
+        self.first: int | None = None
+
+    @torch.no_grad()
+    def __call__(self, g_ema: nn.Module, step: int) -> tuple[dict[str, float], str | None]:
+        """(metrics, a warning when this evaluation is flagged)."""
+        if self.real_diversity <= 0:  # one real image (or identical ones): nothing to measure spread against
+            return {}, None
+        g_ema.eval()
+        fake = torch.cat([g_ema(self.z[i : i + 64], noise_mode="const").images.cpu()
+                          for i in range(0, len(self.z), 64)])
+        st = collapse_stats(fake, self.reals, self.real_diversity)
+        collapsed = st.pixel < self.mp.collapse_pixel or st.nn_distinct < self.mp.collapse_nn
+        metrics = {**st.as_metrics(), "diversity/collapsed": float(collapsed)}
+        if not collapsed:
+            return metrics, None
+        if self.first is None:
+            self.first = step
+        return metrics, (f"warning: step {step}: G_ema collapsed: its {len(fake)} fixed-z samples are "
+                         f"{st.pixel:.3f}× as varied as the reals in pixels (metrics.collapse_pixel = "
+                         f"{self.mp.collapse_pixel:g}) and have {st.nn_count} distinct nearest reals "
+                         f"(share {st.nn_distinct:.3f}, metrics.collapse_nn = {self.mp.collapse_nn:g})")
+
+
+def watch_collapse(watch: CollapseWatch, g_ema: nn.Module, step: int, hooks: Hooks) -> dict[str, float]:
+    """Run the collapse watch, log its warning and tag the first collapse on the run (rank 0)."""
+    first = watch.first
+    metrics, warning = watch(g_ema, step)
+    if warning is not None:
+        tqdm.write(warning)
+        if first is None:
+            hooks.set_tags({COLLAPSE_TAG: str(step)})
+    return metrics
+
+
 def train(
     params: Params,
     data_dir: str | Path,
@@ -504,13 +601,16 @@ def train(
     fixed_z = fixed_z.to(device)
     diversity = Diversity(params, dataset, rt)
     evaluator = make_evaluator(params, data_dir, dataset, device) if rt.is_main else None
+    watch = CollapseWatch(params, dataset, fixed_z) if rt.is_main else None
     window = Window()
+    last = {"checkpoint": Path(resume) if resume is not None else None}  # the last checkpoint known finite
 
     def checkpoint() -> Path | None:
         check_dictionaries_agree(state.D, rt, state.step, state.G)
         if not rt.is_main:
             return None
-        return save_checkpoint(ckpt_dir / f"step_{state.step:06d}.pt", checkpoint_state(state, params))
+        last["checkpoint"] = save_checkpoint(ckpt_dir / f"step_{state.step:06d}.pt", checkpoint_state(state, params))
+        return last["checkpoint"]
 
     progress = tqdm(total=tp.steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
                     mininterval=5.0)
@@ -522,8 +622,7 @@ def train(
         report: dict[str, float] | None = None
         if done % tp.log_every == 0 or done == tp.steps:
             metrics = window.flush(rt)
-            if not all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("loss/", "d/"))):
-                raise FloatingPointError(f"non-finite loss by step {done}: {metrics}; lower the learning rates")
+            check_divergence(metrics, done, params, last["checkpoint"])
             metrics["fq/alpha"] = alpha_at(done - 1, params.fq.alpha, params.fq.alpha_warmup_steps)
             if state.ada is not None:
                 metrics.update({"ada/p": float(state.ada.p), "ada/rt": float(state.ada.rt)})
@@ -546,22 +645,27 @@ def train(
             if rt.is_main:  # eval_num_fake images: their own names (fid200_…), a fixed seed like the final one
                 report.update(evaluate(params, evaluator, state.G_ema, params.metrics.eval_num_fake, hooks,
                                        done).metrics)
+                diversity_now = watch_collapse(watch, state.G_ema, done, hooks)
+                hooks.log_metrics(diversity_now, done)
+                report.update(diversity_now)
 
         path: Path | None = None
         if done % tp.checkpoint_every == 0 and done != tp.steps:
             if not window.finite():
-                raise FloatingPointError(f"non-finite loss by step {done}; lower the learning rates")
+                check_divergence({"loss/window": math.nan}, done, params, last["checkpoint"])
             path = checkpoint()
             report = dict(state.metrics) if report is None else report
         if report is not None and done != tp.steps:
             hooks.report(report, done, path)
     progress.close()
-    return finish(params, state, evaluator, out_dir, fixed_z, rt, hooks, checkpoint)
+    return finish(params, state, evaluator, out_dir, fixed_z, rt, hooks, checkpoint, watch)
 
 
 def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fixed_z: torch.Tensor,
-           rt: Runtime, hooks: Hooks, checkpoint: Callable[[], Path | None]) -> TrainResult:
-    """The last checkpoint, the grid, the full evaluation and metrics.json (rank 0), and the final report."""
+           rt: Runtime, hooks: Hooks, checkpoint: Callable[[], Path | None],
+           watch: CollapseWatch | None = None) -> TrainResult:
+    """The last checkpoint, the grid, the full evaluation, the collapse watch and metrics.json (rank 0), and the
+    final report."""
     tp = params.train
     final = dict(state.metrics)
     ckpt_path = checkpoint()
@@ -570,6 +674,12 @@ def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fix
         hooks.log_artifact(grid, "samples")
         ev = evaluate(params, evaluator, state.G_ema, params.metrics.num_fake, hooks, tp.steps)
         final.update(ev.metrics)
+        if watch is not None:
+            diversity_now = watch_collapse(watch, state.G_ema, tp.steps, hooks)
+            hooks.log_metrics(diversity_now, tp.steps)
+            final.update(diversity_now)
+            if watch.first is not None:
+                final["diversity/collapse_step"] = float(watch.first)
         summary = {k: v for k, v in final.items() if not k.startswith("time/")}  # keep the file reproducible
         write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **summary, "provenance": ev.provenance})
         hooks.log_artifact(out_dir / "metrics.json", "")
@@ -626,6 +736,7 @@ def reported_metrics(params: Params) -> set[str]:
         names.add("g/clip_similarity")
     mp = params.metrics
     names |= set(quality_keys(params, mp.num_fake))
+    names |= {"diversity/pixel", "diversity/nn_distinct", "diversity/collapsed"}  # the collapse watch's
     if mp.eval_every and mp.eval_every < params.train.steps:
         names |= set(quality_keys(params, mp.eval_num_fake))
     return names

@@ -198,19 +198,29 @@ def build_scheduler(params: Params, base: Params) -> Any:
 
 
 # ------------------------------------------------------------------------------------- trial
-def _report_callback(metric: str, final_key: str, interim: str) -> Any:
+COLLAPSED_VALUE = {"min": float("inf"), "max": float("-inf")}  # what Tune sees of a collapsed trial's metric
+
+
+def _report_callback(metric: str, final_key: str, interim: str, mode: str = "min") -> Any:
     """A Train callback (built inside the trial) that hands each report with the ranked metric to Tune, the
     alias (kid, fid) filled from the final evaluation or else the interim one. Reports without it are not passed
-    on: ASHA and the searchers need the metric in every result."""
+    on: ASHA and the searchers need the metric in every result. From an evaluation that flagged G_ema as collapsed
+    (diversity/collapsed) until one that does not, the metric is reported as the worst value, so ASHA stops the
+    trial and the searcher ranks it last."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ReportToTune(TuneReportCallback):
+        collapsed = False  # the latest evaluation's verdict of the collapse watch
+
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             m = dict(metrics[0])
             if metric in METRIC_ALIASES:
                 value = m.get(final_key, m.get(interim))
                 if value is not None:
                     m[metric] = value
+            self.collapsed = bool(m.get("diversity/collapsed", self.collapsed))
+            if self.collapsed and metric in m:  # a collapsed generator ranks last, whatever its FID says
+                m[metric] = COLLAPSED_VALUE[mode]
             if metric in m:
                 super().after_report(run_context, [m], None)  # Train keeps the checkpoints; Tune needs none
 
@@ -241,7 +251,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         params, data_dir, out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
         storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
         callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric),
-                                    loop.interim_key(params, metric_key(params, spec.metric)))],
+                                    loop.interim_key(params, metric_key(params, spec.metric)), params.tune.mode)],
     )
     try:
         result = trainer.fit()

@@ -1,6 +1,8 @@
-"""A sweep's report, read from MLflow alone: the trial table (CSV + markdown, sorted by the metric, with each
-trial's status and the step it stopped at), the metric against each axis, every trial's metric-over-steps curve,
-and `best_params.yaml` (the best completed trial's resolved params, which `sqgan train --params` takes as is).
+"""A sweep's report, read from MLflow alone: the trial table (CSV + markdown, sorted by the metric among the trials
+whose generator did not collapse — a `collapsed` column gives the step the collapse watch flagged, and those trials
+follow the others — with each trial's status and the step it stopped at), the metric against each axis, every
+trial's metric-over-steps curve, and `best_params.yaml` (the best completed trial's resolved params, which
+`sqgan train --params` takes as is; never a collapsed trial's).
 
 `sqgan tune` writes it into the sweep folder and logs it to the parent run when the sweep ends;
 `sqgan tune --report PARENT_RUN_ID` renders it again from the tracking server.
@@ -14,6 +16,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from sqgan.metrics.collapse import COLLAPSE_TAG
 
 REPORT_FILES = ("trials.csv", "trials.md", "metric_vs_axes.png", "curves.png", "best_params.yaml")
 
@@ -95,13 +99,17 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
             value, source = math.nan, "-"
         status = tags.get("sqgan.trial_status") or {"RUNNING": "running", "FINISHED": "completed"}.get(
             run.info.status, run.info.status.lower())
+        # collapsed: the step the collapse watch first flagged G_ema, while its latest evaluation still does
+        collapsed = tags.get(COLLAPSE_TAG, "-") if m.get("diversity/collapsed", 0.0) >= 1 else "-"
         row = {"trial": tags.get("sqgan.trial_id", ""), "status": status, "step": _last_step(client, run),
-               metric: value, "from": source}
+               metric: value, "from": source, "collapsed": collapsed}
         row.update({a: _parse(p.get(a)) for a in axes})
         row["run_id"] = run.info.run_id
         rows.append(row)
     sign = 1 if mode == "min" else -1
-    rows.sort(key=lambda r: (math.isnan(r[metric]), sign * r[metric] if not math.isnan(r[metric]) else 0, r["trial"]))
+    # ranked on quality among the trials not flagged as collapsed; the collapsed ones follow, then those without a value
+    rows.sort(key=lambda r: (math.isnan(r[metric]), r["collapsed"] != "-",
+                             sign * r[metric] if not math.isnan(r[metric]) else 0, r["trial"]))
     return rows, ptags, axes
 
 
@@ -199,8 +207,9 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
             Path(tmp).write_text(text)
     _plots(client, rows, ptags, axes, out)
     metric = ptags["sqgan.tune.metric"]
-    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r[metric])]
-    best = done[0] if done else next((r for r in rows if not math.isnan(r[metric])), None)
+    healthy = [r for r in rows if r["collapsed"] == "-" and not math.isnan(r[metric])]
+    done = [r for r in healthy if r["status"] == "completed"]
+    best = done[0] if done else next(iter(healthy), None)  # never a collapsed trial
     best_file = out / "best_params.yaml"
     if best is not None:
         import tempfile

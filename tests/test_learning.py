@@ -1,0 +1,240 @@
+"""A GAN that learns (issue 25): the ground-truth modes data and its classifier, the collapse watch, divergence that
+stops a run with the checkpoint to resume, the fixes that made the generator use its input, and the small mode
+benchmark (slow) that proves DCGAN + FQ + SQ and StyleGAN2 + FQ + SQ cover a known distribution."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from sqgan.config import default_params
+from sqgan.data.dataset import ManifestDataset
+from sqgan.data.modes import build_modes, classify_modes, mode_coverage, render_mode
+from sqgan.metrics.collapse import COLLAPSE_TAG, collapse_stats, mean_pairwise_rms
+from sqgan.models.factory import MappingMLP, build_discriminator, build_generator, lazy_ratios, r1_gamma
+from sqgan.train.loop import CollapseWatch, Hooks, Runtime, TrainingDiverged, load_checkpoint, setup, train
+
+
+@pytest.fixture(scope="module")
+def modes_dir(tmp_path_factory):
+    return build_modes(tmp_path_factory.mktemp("modes") / "modes", resolution=32, shapes=4, colours=4, per_mode=16)
+
+
+# ------------------------------------------------------------------------------------------- modes data
+def test_the_classifier_reads_back_every_image_of_the_modes_data(modes_dir):
+    ds = ManifestDataset(modes_dir, 32)
+    reading = classify_modes(ds.images)
+    assert (reading.mode == ds.manifest["mode"].to_numpy()).all()
+    assert reading.clean.all()
+    cov = mode_coverage(ds.images)
+    assert (cov.covered, cov.clean, cov.histogram) == (16, 1.0, [16] * 16)
+    assert cov.kl == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mode_coverage_of_one_mode_noise_and_a_blank_canvas():
+    rng = np.random.default_rng(0)
+    one = np.stack([render_mode(5, 32, rng) for _ in range(40)])
+    cov = mode_coverage(one)
+    assert cov.covered == 1 and cov.histogram[5] == 40
+    assert cov.kl == pytest.approx(math.log(16))  # all mass on one of 16 modes
+    noise = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    assert mode_coverage(noise).clean == 0.0
+    assert mode_coverage(np.zeros((8, 32, 32, 3), np.uint8)).clean == 0.0
+    # two shapes in one image is not a clean mode
+    two = np.maximum(render_mode(0, 32, rng), np.roll(render_mode(4, 32, rng), 14, axis=1))
+    assert not classify_modes(two[None]).clean[0]
+
+
+def test_modes_data_is_seeded_and_refuses_a_size_it_cannot_draw(tmp_path):
+    a = build_modes(tmp_path / "a", per_mode=2, shapes=2, colours=2, seed=3)
+    b = build_modes(tmp_path / "b", per_mode=2, shapes=2, colours=2, seed=3)
+    assert (a / "manifest.parquet").read_bytes() == (b / "manifest.parquet").read_bytes()
+    with pytest.raises(ValueError, match="resolution must be ≥ 16"):
+        build_modes(tmp_path / "c", resolution=8)
+    with pytest.raises(ValueError, match="shapes must be in 1..4"):
+        build_modes(tmp_path / "d", shapes=5)
+
+
+# --------------------------------------------------------------------------------------- collapse watch
+def test_collapse_stats_of_the_reals_themselves_are_those_of_a_covering_generator(demo_dir):
+    reals = ManifestDataset(demo_dir, 32).images
+    st = collapse_stats(reals[:64], reals)
+    assert st.pixel == pytest.approx(1.0, abs=0.15) and st.nn_count == 64 and st.nn_distinct == 1.0
+    one = reals[7:8].expand(64, -1, -1, -1)
+    st = collapse_stats(one, reals)
+    assert st.pixel == pytest.approx(0.0, abs=1e-6) and st.nn_count == 1
+    with pytest.raises(ValueError, match="at least 2 images"):
+        mean_pairwise_rms(reals[:1])
+
+
+class _Planted(torch.nn.Module):
+    """A 'generator' for the watch: `ignore_z` draws one image for every z (a collapsed G); otherwise it returns the
+    real image that z picks (the identity of the reals)."""
+
+    def __init__(self, reals: torch.Tensor, ignore_z: bool) -> None:
+        super().__init__()
+        self.reals, self.ignore_z = reals.float() / 127.5 - 1, ignore_z
+
+    def forward(self, z, noise_mode="random"):
+        if self.ignore_z:
+            return SimpleNamespace(images=self.reals[:1].expand(len(z), -1, -1, -1) + 0.001 * z[:, :1, None, None])
+        idx = (z[:, 0].abs() * 1e4).long() % len(self.reals)
+        return SimpleNamespace(images=self.reals[idx])
+
+
+def test_the_collapse_watch_fires_on_a_generator_that_ignores_z_and_not_on_the_reals(demo_dir):
+    params = default_params()
+    ds = ManifestDataset(demo_dir, 32)
+    z = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    tags: dict = {}
+    hooks = Hooks(set_tags=tags.update)
+    from sqgan.train.loop import watch_collapse
+
+    healthy = CollapseWatch(params, ds, z)
+    m = watch_collapse(healthy, _Planted(ds.images, ignore_z=False), 250, hooks)
+    assert m["diversity/collapsed"] == 0.0 and m["diversity/pixel"] > 0.7 and healthy.first is None and not tags
+    watch = CollapseWatch(params, ds, z)
+    m = watch_collapse(watch, _Planted(ds.images, ignore_z=True), 250, hooks)
+    assert m["diversity/collapsed"] == 1.0 and m["diversity/pixel"] < 0.01 and m["diversity/nn_distinct"] == 1 / 64
+    assert watch.first == 250 and tags == {COLLAPSE_TAG: "250"}
+    watch_collapse(watch, _Planted(ds.images, ignore_z=True), 500, hooks)
+    assert watch.first == 250 and tags == {COLLAPSE_TAG: "250"}  # the first step, tagged once
+    off = CollapseWatch(default_params(["metrics.collapse_pixel=0", "metrics.collapse_nn=0"]), ds, z)
+    assert off(_Planted(ds.images, ignore_z=True), 250)[0]["diversity/collapsed"] == 0.0
+
+
+def test_a_run_that_cannot_learn_says_so_in_its_metrics_and_summary(demo_dir, tmp_path):
+    """lr_g tiny: G stays at its init (near-constant images); the final watch flags it, metrics.json and the
+    summary line say so with the figure."""
+    from sqgan.cli import learning_verdict
+
+    tags: dict = {}
+    p = default_params(tiny_overrides(**{"train.lr_g": 1e-9, "metrics.eval_every": 10}))
+    result = train(p, demo_dir, tmp_path / "run", hooks=Hooks(set_tags=tags.update))
+    assert result.metrics["diversity/collapsed"] == 1.0 and tags[COLLAPSE_TAG] == "10"
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["diversity/collapse_step"] == 10.0
+    line = learning_verdict(m)
+    assert line.startswith("NOT LEARNED") and f"{m['diversity/pixel']:.3f}×" in line and "step 10" in line
+
+
+# ------------------------------------------------------------------------------------------ divergence
+def test_a_nan_at_step_k_stops_the_run_naming_the_last_checkpoint_which_resumes_at_a_lower_lr(
+        demo_dir, tmp_path, monkeypatch):
+    from sqgan.losses.gan import GANLoss
+
+    k = 3  # the 4th step (0-based 3) makes the NaN: checkpoints 1..3 were written, step 4's must not be
+    original = GANLoss.d_main
+
+    def poisoned(self, real, gen, step):
+        phase = original(self, real, gen, step)
+        if step == k:
+            phase.loss = phase.loss * float("nan")
+        return phase
+
+    monkeypatch.setattr(GANLoss, "d_main", poisoned)
+    p = default_params(tiny_overrides(**{"train.steps": 8, "train.log_every": 1, "train.checkpoint_every": 1}))
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"step 4: non-finite loss \(.*=nan.*\); the last finite "
+                                               r"checkpoint is .*step_000003\.pt.*--resume .*step_000003\.pt "
+                                               r"--set train\.lr_g=1e-05 --set train\.lr_d=4e-05"):
+        train(p, demo_dir, run)
+    assert sorted(x.name for x in (run / "checkpoints").iterdir()) == [f"step_00000{i}.pt" for i in (1, 2, 3)]
+    last = load_checkpoint(run / "checkpoints" / "step_000003.pt")
+    assert all(torch.isfinite(v).all() for v in last["G"].values() if v.is_floating_point())
+    monkeypatch.setattr(GANLoss, "d_main", original)
+    lower = default_params(tiny_overrides(**{"train.steps": 8, "train.log_every": 1, "train.checkpoint_every": 1,
+                                             "train.lr_g": 1e-5, "train.lr_d": 4e-5}))
+    done = train(lower, demo_dir, tmp_path / "resumed", resume=run / "checkpoints" / "step_000003.pt")
+    final = load_checkpoint(done.checkpoint)
+    assert final["step"] == 8
+    assert final["opt_g"]["param_groups"][0]["lr"] == 1e-5 and final["opt_d"]["param_groups"][0]["lr"] == 4e-5
+
+
+def test_divergence_without_nan_stops_at_train_max_abs_logit(demo_dir, tmp_path):
+    p = default_params(tiny_overrides(**{"train.max_abs_logit": 1e-6, "train.log_every": 5}))
+    with pytest.raises(TrainingDiverged, match=r"step 5: diverged \(\|value\| > train.max_abs_logit = 1e-06\).*"
+                                               r"no checkpoint was written before it"):
+        train(p, demo_dir, tmp_path / "run")
+    train(default_params(tiny_overrides(**{"train.max_abs_logit": 0, "train.steps": 5})), demo_dir,
+          tmp_path / "off")  # 0 = never
+
+
+# -------------------------------------------------------------------------------- the fixes, one by one
+def test_the_dcgan_mapping_starts_as_the_identity_of_normalised_z_and_keeps_its_spread():
+    z = torch.randn(2048, 64, generator=torch.Generator().manual_seed(0))
+    m = MappingMLP(64, 64, layers=2)
+    zn = z * z.square().mean(1, keepdim=True).add(1e-8).rsqrt()
+    assert torch.allclose(m(z), zn)
+    wide = MappingMLP(64, 128, layers=2)(z).detach()  # w_dim ≠ z_dim: a variance-preserving projection
+    assert wide.std(0).mean() == pytest.approx(1.0, abs=0.05) and wide.mean(0).abs().mean() < 0.05
+
+
+def test_the_dcgan_sq_generator_output_depends_on_z_at_init():
+    """The cause of the demo's collapse: before the fix its mapping gave DCGAN a w 7× fainter than z."""
+    G = build_generator(default_params(["sq.enabled=true", "model.arch=dcgan"]))
+    z = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    w, _, _ = G.eval().map(z)
+    assert w.std(0).mean() > 0.3  # codes of unit sub-vectors: ≈ 0.5 per coordinate
+
+
+def test_minibatch_stddev_keeps_reals_and_fakes_apart():
+    p = default_params(["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "fq.enabled=false"])
+    D = build_discriminator(p).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    real, fake = x[:4], x[4:] * 3
+    together = D(torch.cat([real, fake]), parts=(4, 4)).logits
+    assert torch.allclose(together, torch.cat([D(real).logits, D(fake).logits]), atol=1e-5)
+    assert not torch.allclose(D(torch.cat([real, fake])).logits, together, atol=1e-5)  # mixed groups differ
+
+
+def test_style_mixing_z_does_not_move_w_avg():
+    p = default_params(["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16",
+                        "sq.enabled=false"])
+    G = build_generator(p).train()
+    z, mix = torch.randn(4, 128), torch.randn(4, 128) * 5
+    G(z, mix_z=mix, mix_cutoff=torch.full((4,), 2))
+    expect = torch.zeros(128).lerp(G.mapping(z).mean(0), 1 - G.mapping.w_avg_beta)
+    assert torch.allclose(G.mapping.w_avg, expect, atol=1e-6)
+
+
+def test_r1_gamma_uses_the_total_batch_and_adam_is_corrected_for_lazy_regularisation():
+    p = default_params(["model.arch=stylegan2", "model.resolution=64", "train.batch_size=16", "train.workers=2",
+                        "train.r1_every=16", "train.pl_weight=2", "train.pl_every=4", "model.channel_base=256",
+                        "model.channel_max=16"])
+    assert r1_gamma(p) == pytest.approx(0.0002 * 64**2 / 32)
+    assert lazy_ratios(p) == (pytest.approx(4 / 5), pytest.approx(16 / 17))
+    state = setup(p, Runtime())
+    g, d = state.opt_g.param_groups[0], state.opt_d.param_groups[0]
+    assert d["lr"] == pytest.approx(p.train.lr_d * 16 / 17) and d["betas"][1] == pytest.approx(0.999 ** (16 / 17))
+    assert g["lr"] == pytest.approx(p.train.lr_g * 4 / 5)
+    assert lazy_ratios(default_params()) == (1.0, 1.0)  # DCGAN: no lazy term, Adam as set
+
+
+# ------------------------------------------------------------------------------ the small mode benchmark
+SMALL_MODES = {"shapes": 4, "colours": 2, "per_mode": 32}  # 8 modes at 32²
+SMALL_RUNS = {
+    "dcgan-fq-sq": ["model.arch=dcgan", "model.g_channels=32", "model.d_channels=32", "train.steps=400"],
+    "stylegan2-fq-sq": ["model.arch=stylegan2", "model.channel_base=1024", "model.channel_max=64",
+                        "model.mapping_layers=2", "train.lr_g=0.0025", "train.lr_d=0.0025", "train.beta1=0",
+                        "train.beta2=0.99", "train.steps=400"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SMALL_RUNS))
+def test_the_small_mode_benchmark_is_covered(name, tmp_path):
+    from sqgan.train.learning import train_and_measure
+
+    data = build_modes(tmp_path / "modes", resolution=32, **SMALL_MODES)
+    p = default_params(["fq.enabled=true", "sq.enabled=true", "metrics.eval_every=0", "metrics.names=[fid]",
+                        "metrics.num_fake=64", "metrics.diversity_every=0", "train.checkpoint_every=100000",
+                        *SMALL_RUNS[name]])
+    got = train_and_measure(p, data, tmp_path / "run", num=512)
+    assert got.covered >= 7 and got.kl <= 0.3 and got.clean >= 0.6, got
