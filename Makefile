@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test ui bench lint pipelines clean
+.PHONY: setup demo test ui bench bench-learning lint pipelines clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,13 @@ bench: setup
 	$(BIN)/python benchmarks/metrics_pipeline.py
 	$(BIN)/python benchmarks/metrics_pipeline.py --inception --n 300 --rounds 2
 	$(BIN)/python benchmarks/truncation.py --resolution 32 --channel-base 2048 --channel-max 128 --sq --n-sample 256
+	$(MAKE) bench-learning
+
+# Does every backbone and method learn? The ground-truth mode benchmark (K = 16 known modes; exits 1 when a row misses
+# its target) and the learning ablation on the demo data (~1.5 h together on 2 CPU cores).
+bench-learning: setup
+	$(BIN)/python benchmarks/modes.py
+	$(BIN)/python benchmarks/ablation.py
 
 # Kubeflow: compile pipelines/*.py into pipelines/compiled/ (tests/test_kfp.py fails while the committed YAML is stale).
 pipelines: setup

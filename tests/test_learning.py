@@ -238,3 +238,58 @@ def test_the_small_mode_benchmark_is_covered(name, tmp_path):
                         *SMALL_RUNS[name]])
     got = train_and_measure(p, data, tmp_path / "run", num=512)
     assert got.covered >= 7 and got.kl <= 0.3 and got.clean >= 0.6, got
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+def test_a_sweep_ranks_only_trials_that_did_not_collapse(tmp_path):
+    """Three trials in MLflow: the best FID is a collapsed one; the table puts it after the healthy ones, says so
+    in its `collapsed` column, and the best trial is the best healthy one."""
+    from mlflow.tracking import MlflowClient
+
+    from sqgan.train.tune_report import best_trial, trial_table
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("sweep", artifact_location=str(tmp_path / "art"))
+    key = "kid500_train_randcnn_mean"
+    parent = client.create_run(exp, tags={"sqgan.stage": "sweep", "sqgan.tune.axes": json.dumps(["fq.decay"]),
+                                          "sqgan.tune.metric": "kid", "sqgan.tune.metric_key": key,
+                                          "sqgan.tune.mode": "min", "sqgan.tune.steps": "60"})
+    trials = {"a": (0.10, 1.0, "20"), "b": (0.30, 0.0, None), "c": (0.20, 0.0, None), "d": (0.05, 0.0, "20")}
+    for name, (kid, collapsed, tag) in trials.items():
+        tags = {"mlflow.parentRunId": parent.info.run_id, "sqgan.trial_id": name, "sqgan.trial_status": "completed"}
+        if tag:
+            tags[COLLAPSE_TAG] = tag
+        run = client.create_run(exp, tags=tags)
+        client.log_param(run.info.run_id, "fq.decay", "0.9")
+        client.log_metric(run.info.run_id, key, kid, step=60)
+        client.log_metric(run.info.run_id, "loss/d", 1.0, step=60)
+        client.log_metric(run.info.run_id, "diversity/collapsed", collapsed, step=60)  # d recovered by the end
+        client.set_terminated(run.info.run_id)
+    rows, _, _ = trial_table(uri, parent.info.run_id)
+    assert [(r["trial"], r["collapsed"]) for r in rows] == [("d", "-"), ("c", "-"), ("b", "-"), ("a", "20")]
+    assert best_trial(rows, "kid")["trial"] == "d"
+    only_collapsed = [r for r in rows if r["trial"] == "a"]
+    assert best_trial(only_collapsed, "kid")["trial"] == "a"  # every trial collapsed: the best of them, flagged
+    assert best_trial([{**rows[0], "kid": math.nan}], "kid") is None
+
+
+def test_tune_sees_a_collapsed_trial_as_the_worst_until_it_recovers(monkeypatch):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sqgan.train.tune import _report_callback
+
+    seen: list[dict] = []
+    monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # outside a Tune session
+    monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, metrics, ckpt: seen.append(metrics[0]))
+    cb = _report_callback("kid", "kid500_train_randcnn_mean", "kid200_train_randcnn_mean", "min")
+    for m in ({"kid200_train_randcnn_mean": 0.3, "diversity/collapsed": 0.0},
+              {"kid200_train_randcnn_mean": 0.1, "diversity/collapsed": 1.0},
+              {"loss/d": 1.0},  # no evaluation in this report: not passed on
+              {"kid200_train_randcnn_mean": 0.1, "step": 60},  # a report between evaluations keeps the verdict
+              {"kid500_train_randcnn_mean": 0.2, "diversity/collapsed": 0.0}):
+        cb.after_report(None, [m], None)
+    assert [s["kid"] for s in seen] == [0.3, math.inf, math.inf, 0.2]
+    cb = _report_callback("g/score", "-", "-", "max")  # any logged metric, ranked high-is-good
+    cb.after_report(None, [{"g/score": 3.0, "diversity/collapsed": 1.0}], None)
+    assert seen[-1]["g/score"] == -math.inf

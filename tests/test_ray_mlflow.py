@@ -141,11 +141,13 @@ def test_two_ddp_workers_survive_a_killed_rank_and_track_a_one_worker_run_on_the
     one_run = run_training(single, demo_dir, tmp_path / "one", project_dir=ROOT)
     one = client.get_metric_history(one_run.run_id, "loss/d")
     diffs = [abs(a.value - b.value) for a, b in zip(two, one, strict=True)]
-    assert max(diffs) < LOSS_TOLERANCE, diffs
+    assert max(diffs[:4]) < LOSS_TOLERANCE, diffs  # steps 2–8; later the two z streams drive the runs apart
 
 
 # Measured on this machine: the 2-worker and 1-worker loss/d window means (≈ 2.0) differ by at most 0.0055 over the
-# first 12 steps (without DiffAugment; z and BatchNorm statistics still differ by rank); 0.02 leaves ~4× room.
+# first 12 steps (without DiffAugment; z and BatchNorm statistics still differ by rank); 0.02 leaves ~4× room. Since
+# the generator uses z (issue 25: before, its mapping made it ignore z, so the z streams hardly mattered) the runs
+# part faster: 0.0003, 0.0005, 0.0005, 0.0023 over steps 2–8, then 0.008 and 0.028, so steps 2–8 are compared.
 LOSS_TOLERANCE = 0.02
 
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from sqgan.data.manifest import write_manifest
 from sqgan.io import stage_output
 
-SHAPES = ("square", "disc", "triangle", "plus")
+SHAPES = ("disc", "plus", "triangle", "square")  # in this order: a 2-shape set is the two least alike
 PALETTE = {  # far apart in RGB, none near the black background
     "red": (230, 40, 40),
     "green": (40, 200, 60),

@@ -215,9 +215,11 @@ def make_evaluator(params: Params, data_dir: str | Path, dataset: ManifestDatase
                      device)
 
 
-def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, hooks: Hooks, step: int):
+def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, hooks: Hooks, step: int,
+             extra: dict[str, float] | None = None):
     """Training's evaluation (interim: eval_num_fake images, final: num_fake): metrics.names on G_ema (truncated when
-    metrics.truncation is set), each value logged with its provenance as the tag `sqgan.metric.<name>`."""
+    metrics.truncation is set), each value logged with its provenance as the tag `sqgan.metric.<name>`; `extra`
+    (the collapse watch's) is logged in the same call."""
     import json
 
     from sqgan.sample import eval_generator
@@ -227,7 +229,7 @@ def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, ho
     if truncation is not None:
         for prov in ev.provenance.values():
             prov["truncation"] = truncation
-    hooks.log_metrics(ev.metrics, step)
+    hooks.log_metrics({**ev.metrics, **(extra or {})}, step)
     hooks.set_tags({f"{PROVENANCE_TAG}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
     return ev
 
@@ -643,10 +645,9 @@ def train(
         if eval_every and done % eval_every == 0 and done != tp.steps:  # the end has the full evaluation
             report = dict(state.metrics) if report is None else report
             if rt.is_main:  # eval_num_fake images: their own names (fid200_…), a fixed seed like the final one
-                report.update(evaluate(params, evaluator, state.G_ema, params.metrics.eval_num_fake, hooks,
-                                       done).metrics)
                 diversity_now = watch_collapse(watch, state.G_ema, done, hooks)
-                hooks.log_metrics(diversity_now, done)
+                report.update(evaluate(params, evaluator, state.G_ema, params.metrics.eval_num_fake, hooks,
+                                       done, diversity_now).metrics)
                 report.update(diversity_now)
 
         path: Path | None = None
@@ -672,14 +673,12 @@ def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fix
     if rt.is_main:
         grid = sample_grid(state.G_ema, fixed_z, out_dir / "grid.png")
         hooks.log_artifact(grid, "samples")
-        ev = evaluate(params, evaluator, state.G_ema, params.metrics.num_fake, hooks, tp.steps)
+        diversity_now = watch_collapse(watch, state.G_ema, tp.steps, hooks) if watch is not None else {}
+        ev = evaluate(params, evaluator, state.G_ema, params.metrics.num_fake, hooks, tp.steps, diversity_now)
         final.update(ev.metrics)
-        if watch is not None:
-            diversity_now = watch_collapse(watch, state.G_ema, tp.steps, hooks)
-            hooks.log_metrics(diversity_now, tp.steps)
-            final.update(diversity_now)
-            if watch.first is not None:
-                final["diversity/collapse_step"] = float(watch.first)
+        final.update(diversity_now)
+        if watch is not None and watch.first is not None:
+            final["diversity/collapse_step"] = float(watch.first)
         summary = {k: v for k, v in final.items() if not k.startswith("time/")}  # keep the file reproducible
         write_json_atomic(out_dir / "metrics.json", {"step": tp.steps, **summary, "provenance": ev.provenance})
         hooks.log_artifact(out_dir / "metrics.json", "")

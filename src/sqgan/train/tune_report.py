@@ -113,6 +113,16 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
     return rows, ptags, axes
 
 
+def best_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The first row (rows are sorted best first) that has the metric and is not collapsed, completed trials before
+    stopped ones; only when every trial collapsed, the best collapsed one (its `collapsed` column says so, and
+    best_params.yaml's header); None when no trial has a value."""
+    valued = [r for r in rows if not math.isnan(r[metric])]
+    healthy = [r for r in valued if r["collapsed"] == "-"] or valued
+    done = [r for r in healthy if r["status"] == "completed"]
+    return done[0] if done else next(iter(healthy), None)
+
+
 def _parse(value: str | None) -> Any:
     if value is None:
         return None
@@ -207,16 +217,17 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
             Path(tmp).write_text(text)
     _plots(client, rows, ptags, axes, out)
     metric = ptags["sqgan.tune.metric"]
-    healthy = [r for r in rows if r["collapsed"] == "-" and not math.isnan(r[metric])]
-    done = [r for r in healthy if r["status"] == "completed"]
-    best = done[0] if done else next(iter(healthy), None)  # never a collapsed trial
+    best = best_trial(rows, metric)
     best_file = out / "best_params.yaml"
     if best is not None:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="sqgan-best-") as d:
             text = Path(client.download_artifacts(best["run_id"], "params.yaml", d)).read_text()
-        header = (f"# best trial {best['trial']} of sweep run {parent_run_id} "
+        warn = (f"# WARNING: every trial was flagged as collapsed (this one at step {best['collapsed']}): the sweep "
+                f"found no configuration that learned; look at the grids before training it\n"
+                if best["collapsed"] != "-" else "")
+        header = (f"{warn}# best trial {best['trial']} of sweep run {parent_run_id} "
                   f"({best['status']} at step {best['step']}): {metric} = {_fmt(best[metric])} ({best['from']})\n"
                   f"# its values: {json.dumps({a: best[a] for a in axes})}\n"
                   f"# train it: sqgan train --params best_params.yaml (add --set train.steps=N for a longer run)\n")
