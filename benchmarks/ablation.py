@@ -27,8 +27,9 @@ import torch
 from sqgan.config import default_params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.demo import LFW_SOURCE, build_demo
+from sqgan.evaluate import load_generator
 from sqgan.metrics.collapse import nearest_real
-from sqgan.train.learning import generator_of, train_and_measure
+from sqgan.train.learning import train_and_measure
 
 ROWS = {
     "plain": ["fq.enabled=false", "sq.enabled=false", "train.diffaugment=[]"],
@@ -83,7 +84,7 @@ def main() -> None:
             params = default_params(sets)
             out = work / "runs" / row.replace(" ", "_")
             got = train_and_measure(params, data, out, num=64)
-            G = generator_of(sorted((out / "checkpoints").glob("step_*.pt"))[-1])
+            G = load_generator(sorted((out / "checkpoints").glob("step_*.pt"))[-1], torch.device("cpu"))[0]
             faces = face_share(G, dataset, params.model.z_dim)
             q = got.quality or {}
             fid = next((v for k, v in q.items() if k.startswith("fid")), float("nan"))

@@ -43,15 +43,6 @@ class Learned:
         return asdict(self)
 
 
-def generator_of(checkpoint: str | Path) -> torch.nn.Module:
-    """G_ema of a checkpoint, in eval mode on the CPU."""
-    state = load_checkpoint(checkpoint)
-    params = Params.model_validate(state["params"])
-    G = build_generator(params)
-    G.load_state_dict(state["G_ema"])
-    return G.eval()
-
-
 def measure(G: torch.nn.Module, dataset: ManifestDataset, z_dim: int, num: int = 1024, seed: int = 0,
             grid: Path | None = None) -> dict[str, float | int | str | None]:
     """The learning numbers of generator `G` on `dataset` (uint8 samples from fixed seeds)."""
@@ -77,7 +68,9 @@ def train_and_measure(params: Params, data_dir: str | Path, out_dir: str | Path,
     result = train(params, data_dir, out_dir)
     seconds = time.perf_counter() - t0
     dataset = ManifestDataset(data_dir, params.model.resolution, split="train")
-    numbers = measure(generator_of(result.checkpoint), dataset, params.model.z_dim, num,
+    G = build_generator(params)  # the params it was just trained with
+    G.load_state_dict(load_checkpoint(result.checkpoint)["G_ema"])
+    numbers = measure(G.eval(), dataset, params.model.z_dim, num,
                       grid=Path(out_dir) / "samples_measured.png")
     quality = {k: v for k, v in result.metrics.items() if is_quality_metric(k)}
     return Learned(steps=params.train.steps, seconds=seconds, quality=quality, **numbers)  # type: ignore[arg-type]
