@@ -264,10 +264,10 @@ def test_a_sweep_ranks_only_trials_that_did_not_collapse(tmp_path):
         client.set_terminated(run.info.run_id)
     rows, _, _ = trial_table(uri, parent.info.run_id)
     assert [(r["trial"], r["collapsed"]) for r in rows] == [("d", "-"), ("c", "-"), ("b", "-"), ("a", "20")]
-    assert best_trial(rows, "kid")["trial"] == "d"
+    assert best_trial(rows, key)["trial"] == "d"
     only_collapsed = [r for r in rows if r["trial"] == "a"]
-    assert best_trial(only_collapsed, "kid")["trial"] == "a"  # every trial collapsed: the best of them, flagged
-    assert best_trial([{**rows[0], "kid": math.nan}], "kid") is None
+    assert best_trial(only_collapsed, key)["trial"] == "a"  # every trial collapsed: the best of them, flagged
+    assert best_trial([{**rows[0], key: math.nan}], key) is None
 
 
 def test_tune_sees_a_collapsed_trial_as_the_worst_until_it_recovers(monkeypatch):

@@ -77,6 +77,26 @@ def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exact
     assert k.info.status == "FINISHED" and k.data.tags["sqgan.resume.1.status_before"] == "RUNNING"
     assert [m.step for m in client.get_metric_history(killed_id, "loss/d")] == [4, 8, 12]  # one curve
 
+    # Resuming from a checkpoint older than the last one Ray holds for that run (Ray kept step 12; the run is marked
+    # KILLED, as after Ctrl-C) continues from exactly that checkpoint (issue 26: it used to restore Ray's latest).
+    again_dir = tmp_path / "again"
+    import shutil
+
+    shutil.copytree(tmp_path / "run", again_dir)
+    client.set_terminated(run.run_id, status="KILLED")
+    (again_dir / "tracking.json").write_text(json.dumps({"tracking_uri": uri, "run_id": run.run_id}))
+    before = (again_dir / "checkpoints" / "step_000006.pt").stat().st_mtime_ns
+    redo = run_training(params, demo_dir, again_dir, resume=again_dir / "checkpoints" / "step_000006.pt",
+                        project_dir=ROOT)
+    r2 = client.get_run(run.run_id)
+    assert redo.run_id == run.run_id and r2.info.status == "FINISHED"
+    assert "sqgan.restarted_from_step" not in r2.data.tags and redo.metrics["step"] == 12
+    assert (again_dir / "checkpoints" / "step_000006.pt").stat().st_mtime_ns == before  # not re-run
+    a = torch.load(tmp_path / "run" / "checkpoints" / "step_000012.pt", weights_only=True)
+    b = torch.load(again_dir / "checkpoints" / "step_000012.pt", weights_only=True)
+    assert b["step"] == 12 and all(torch.equal(a["G"][k], b["G"][k]) for k in a["G"])
+    assert [m.step for m in client.get_metric_history(run.run_id, "loss/d")] == [4, 8, 12]  # each step once
+
     # Resuming a finished run (here into another folder) starts a child run linked to it by id.
     ckpt = tmp_path / "run" / "checkpoints" / "step_000006.pt"
     again = run_training(params, demo_dir, tmp_path / "resumed", resume=ckpt, project_dir=ROOT)

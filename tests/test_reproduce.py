@@ -46,10 +46,13 @@ def tiny_params(store, **extra):
     }))
 
 
-def record_only(params, data_dir, stage="train"):
-    """A finished MLflow run with the params and provenance tags `sqgan train` records, without training (for the
-    checks that must refuse before anything trains)."""
+def record_only(params, data_dir, stage="train", metrics=None):
+    """A finished MLflow run with the params and provenance tags `sqgan train` records (and `metrics` at step 10, as
+    its training logged them), without training (for the checks that must refuse before anything trains)."""
     uri, run_id = tracking.start_run(params, data_dir, ROOT, tags={"sqgan.stage": stage})
+    if metrics:
+        tracking.MlflowLogger(uri, run_id).log_metrics(metrics, 10)
+    time.sleep(0.01)
     tracking.end_run(uri, run_id)
     return run_id
 
@@ -157,9 +160,10 @@ def test_reproduce_lists_each_differing_metric_tags_the_new_run_and_exits_1(
 
     uri, _ = store
     params = tiny_params(store, **{"mlflow.experiment": "changed-numbers"})
-    old = record_only(params, demo_dir)
     logged = {"loss/d": 1.5, "fid40_train_randcnn": 8.0, "time/steps_per_s": 3.0}
-    tracking.MlflowLogger(uri, old).log_metrics(logged, 10)
+    old = record_only(params, demo_dir, metrics=logged)
+    time.sleep(0.01)  # what `sqgan eval` adds to the finished run later is not the training's: listed, not compared
+    tracking.MlflowLogger(uri, old).log_metrics({"fid5000_train_randcnn": 7.0, "fid40_train_randcnn": 9.0}, 10)
 
     def training_with_other_numbers(p, data_dir, out_dir, **kw):
         _, run_id = tracking.open_run(p, data_dir, out_dir, ROOT, tags={"sqgan.stage": "train"})
@@ -175,6 +179,9 @@ def test_reproduce_lists_each_differing_metric_tags_the_new_run_and_exits_1(
     assert "+0.25" in res.output and "only one run" in res.output
     report = json.loads((out / "reproduce.json").read_text())
     assert report["equal"] is False and report["only_new"] == ["loss/g"] and report["only_recorded"] == []
+    assert report["added_after_training"] == ["fid5000_train_randcnn"]
+    assert "not compared, logged into the recorded run after its training (sqgan eval, sqgan sample): " \
+           "fid5000_train_randcnn" in res.output
     fid = report["metrics"]["fid40_train_randcnn"]
     assert (fid["recorded"], fid["new"], fid["difference"], fid["equal"]) == (8.0, 8.25, 0.25, False)
     assert report["metrics"]["loss/d"]["equal"] is True and "time/steps_per_s" not in report["metrics"]
@@ -196,9 +203,14 @@ def test_verify_provenance_names_a_different_git_sha_and_cannot_verify_a_dirty_o
     message = refusal_message("RUN", [git], tags)
     assert f"git_sha: recorded {'a' * 40}, now {'b' * 40}" in message and f"git switch --detach {'a' * 40}" in message
 
-    tags["git_sha"] = "b" * 40 + "-dirty"  # the same commit plus changes nobody recorded
+    tags["git_sha"], tags["git_dirty"] = "b" * 40 + "-dirty", "src/sqgan/x.py"  # the same commit plus code changes
     git = {c.item: c for c in verify_provenance(tags, ROOT)}["git_sha"]
-    assert git.status == "unverifiable" and git.counts and "cannot be verified" in git.note
+    assert git.status == "unverifiable" and git.counts and "changes to src/sqgan/x.py" in git.note
+    assert "git switch" not in refusal_message("RUN", [git], tags)  # it is this commit: switching does not help
+    tags["git_dirty"] = "README.md,dvc.lock"  # dirty only outside the code (`make demo` rewrites dvc.lock): verifiable
+    git = {c.item: c for c in verify_provenance(tags, ROOT)}["git_sha"]
+    assert git.status == "same" and "only outside the code (README.md, dvc.lock)" in git.note
+    tags["git_dirty"] = ""
 
     tags["git_sha"] = "b" * 40
     tags["version.torch"], tags["version.mlflow"] = "0.0.1", "0.0.2"

@@ -65,9 +65,15 @@ def test_a_stage_never_replaces_a_folder_it_did_not_write(tmp_path, demo_dir, st
     # the advice names a folder that does not exist yet: following it as written is safe
     suggested = re.search(r"e\.g\. --out (\S+)", r.output).group(1)
     assert not (tmp_path / suggested).exists() and suggested.endswith("mine-2")
-    # a second run of the same stage replaces its own output; --force is the only way over a foreign folder
-    assert runner.invoke(app, ["data", stage, *src, "--out", str(out), "--force"]).exit_code == 0
+    # --force replaces only what a sqgan stage wrote: over a foreign folder it names the files and the second switch
+    r = runner.invoke(app, ["data", stage, *src, "--out", str(out), "--force"])
+    assert r.exit_code == 1 and "thesis.tex" in r.output and "--delete-unknown" in r.output, r.output
+    assert (out / "thesis.tex").exists()
+    assert runner.invoke(app, ["data", stage, *src, "--out", str(out), "--delete-unknown"]).exit_code == 2
+    assert runner.invoke(app, ["data", stage, *src, "--out", str(out), "--force", "--delete-unknown"]).exit_code == 0
     assert not (out / "thesis.tex").exists()
+    # a second run of the same stage replaces its own output, and so does --force
+    assert runner.invoke(app, ["data", stage, *src, "--out", str(out), "--force"]).exit_code == 0
     assert runner.invoke(app, ["data", stage, *src, "--out", str(out)]).exit_code == 0
 
 
@@ -423,7 +429,9 @@ def test_rerun_refuses_an_earlier_output_to_which_files_were_added(tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 1 and "files were added to or removed from it" in r.output
     assert (out / "mywork" / "analysis.ipynb").exists()
-    assert runner.invoke(app, [*args, "--force"]).exit_code == 0 and not (out / "mywork").exists()
+    r = runner.invoke(app, [*args, "--force"])  # the notebook is not the stage's: --force alone keeps it
+    assert r.exit_code == 1 and "mywork/analysis.ipynb" in r.output and (out / "mywork" / "analysis.ipynb").exists()
+    assert runner.invoke(app, [*args, "--force", "--delete-unknown"]).exit_code == 0 and not (out / "mywork").exists()
 
 
 def test_the_current_folder_is_never_an_output_even_with_force(tmp_path, monkeypatch):

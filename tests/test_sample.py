@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sqgan.config import default_params
-from sqgan.io import UnsafeOutput
+from sqgan.io import DELETE_UNKNOWN, UnsafeOutput
 from sqgan.sample import TruncatedGenerator, run_sample
 from sqgan.train.loop import train
 
@@ -252,8 +252,11 @@ def test_bad_inputs_are_refused_with_the_fix_named(trained, tmp_path):
     with pytest.raises(UnsafeOutput, match="no sqgan stage wrote"):
         sample(tmp_path, "sample.num=2", "sample.truncation=none", checkpoint=trained["ckpt4"], out=foreign)
     assert (foreign / "notes.txt").read_text() == "mine"  # untouched
+    with pytest.raises(UnsafeOutput, match=r"no sqgan stage wrote it \(notes.txt\).*--delete-unknown"):
+        sample(tmp_path, "sample.num=2", "sample.truncation=none", checkpoint=trained["ckpt4"], out=foreign,
+               force=True)  # --force replaces only what a sqgan stage wrote
     forced = sample(tmp_path, "sample.num=2", "sample.truncation=none", checkpoint=trained["ckpt4"], out=foreign,
-                    force=True)
+                    force=DELETE_UNKNOWN)
     assert forced.images == 2 and not (foreign / "notes.txt").exists()
     with pytest.raises(UnsafeOutput, match="input"):  # the run folder holds the checkpoint: never written to
         sample(tmp_path, "sample.num=2", "sample.truncation=none", checkpoint=trained["ckpt4"],

@@ -34,7 +34,12 @@ NoParamsOpt = Annotated[
     bool, typer.Option("--no-params-file", help="use the built-in defaults (= the shipped params.yaml) on purpose")
 ]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="replace an existing --out even if another stage or no stage wrote it")
+    bool, typer.Option("--force", help="replace an existing --out that a sqgan stage wrote, whichever (add "
+                                "--delete-unknown for one holding files no stage wrote)")
+]
+DeleteUnknownOpt = Annotated[
+    bool, typer.Option("--delete-unknown", help="with --force: also delete files in --out that no sqgan stage wrote "
+                                                "(by default --force refuses, naming them)")
 ]
 SrcOpt = Annotated[Path, typer.Option(help="input folder (never written to)")]
 OutOpt = Annotated[Path, typer.Option(help="output folder: written atomically; refused if it is or holds the input, "
@@ -64,15 +69,30 @@ def stage_errors() -> Iterator[None]:
     except (OSError, ValueError, RuntimeError) as e:
         _err(f"error: {e}")
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the stage's own line (what was kept, how to go on), status 130
+        _err(str(e) if str(e) and str(e) != "SIGTERM" else "interrupted; nothing was left looking finished")
+        raise typer.Exit(130) from None
+
+
+def force_value(force: bool, delete_unknown: bool) -> bool | str:
+    """What stage outputs take as `force`: --force replaces a sqgan output; with --delete-unknown, any folder."""
+    from sqgan.io import DELETE_UNKNOWN
+
+    if delete_unknown and not force:
+        _err("error: --delete-unknown only widens --force; pass both to replace a folder holding files no sqgan "
+             "stage wrote")
+        raise typer.Exit(2)
+    return DELETE_UNKNOWN if delete_unknown else force
 
 
 def run_data_stage(
     name: str, src: Path | None, out: Path | None, force: bool, params: Path | None, set_: list[str] | None,
-    no_params_file: bool, **options: object,
+    no_params_file: bool, delete_unknown: bool = False, **options: object,
 ) -> None:
     """Options given on the command line are `--set <section>.<option>` overrides; the stage table does the rest."""
     from sqgan.stages import get_stage, run_stage
 
+    force = force_value(force, delete_unknown)  # type: ignore[assignment]
     stage = get_stage(name)
     sets = list(set_ or []) + [f"{stage.section}.{k}={v}" for k, v in options.items() if v is not None]
     p = resolve(params, sets, no_params_file)
@@ -97,9 +117,9 @@ def config_validate(params: ParamsOpt = None, set_: SetOpt = None, no_params_fil
 
 @data_app.command("demo")
 def data_demo(out: OutOpt, force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None,
-              no_params_file: NoParamsOpt = False) -> None:
+              no_params_file: NoParamsOpt = False, delete_unknown: DeleteUnknownOpt = False) -> None:
     """The offline demo dataset from images bundled in scikit-image (data.demo.*, model.resolution)."""
-    run_data_stage("demo", None, out, force, params, set_, no_params_file)
+    run_data_stage("demo", None, out, force, params, set_, no_params_file, delete_unknown)
 
 
 @data_app.command("download")
@@ -144,9 +164,10 @@ def data_curate(
     src: SrcOpt, out: OutOpt,
     min_images: Annotated[int | None, typer.Option(help="fail when fewer usable images remain [data.curate]")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """Decode, convert to RGB, drop exact duplicates, quarantine unusable files (listed with reasons)."""
-    run_data_stage("curate", src, out, force, params, set_, no_params_file, min_images=min_images)
+    run_data_stage("curate", src, out, force, params, set_, no_params_file, delete_unknown, min_images=min_images)
 
 
 @data_app.command("brecahad")
@@ -155,9 +176,10 @@ def data_brecahad(
     crop: Annotated[int | None, typer.Option(help="crop side in px [data.brecahad.crop]")] = None,
     stride: Annotated[int | None, typer.Option(help="crop stride in px [data.brecahad.stride]")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """Crop every slide on the BreCaHAD grid (x outer, y inner): 12 crops per 1360×1024 slide."""
-    run_data_stage("brecahad", src, out, force, params, set_, no_params_file, crop=crop, stride=stride)
+    run_data_stage("brecahad", src, out, force, params, set_, no_params_file, delete_unknown, crop=crop, stride=stride)
 
 
 @data_app.command("subset")
@@ -167,9 +189,10 @@ def data_subset(
     n: Annotated[int | None, typer.Option(help="images in the subset, 10/100/1000-shot [data.subset.n]")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the choice [data.subset.seed]")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """A seeded n-image subset of a curated dataset's train split (few-shot)."""
-    run_data_stage("subset", src, out, force, params, set_, no_params_file, n=n, seed=seed)
+    run_data_stage("subset", src, out, force, params, set_, no_params_file, delete_unknown, n=n, seed=seed)
 
 
 @data_app.command("selffilter")
@@ -183,11 +206,12 @@ def data_selffilter(
                           ] = None,
     seed: Annotated[int | None, typer.Option(help="seed [data.selffilter.seed]")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """Self-filtering: a StyleGAN2 and an encoder learn to invert the images; the worst-reconstructed fraction goes to
     quarantine/ with its score (scores.csv, scores.png histogram), the rest to a new manifest."""
-    run_data_stage("selffilter", src, out, force, params, set_, no_params_file, fraction=fraction, steps=steps,
-                   resolution=resolution, seed=seed)
+    run_data_stage("selffilter", src, out, force, params, set_, no_params_file, delete_unknown, fraction=fraction,
+                   steps=steps, resolution=resolution, seed=seed)
 
 
 @data_app.command("ffhq2k5")
@@ -200,10 +224,11 @@ def data_ffhq2k5(
     pretrained: Annotated[str | None, typer.Option(help="CLIP weights: local file or open_clip tag")] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per feature batch")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """FFHQ-2.5k: features of every image → KMeans → the smallest cluster, with size and t-SNE plots."""
-    run_data_stage("ffhq2k5", src, out, force, params, set_, no_params_file, features=features, k=k, seed=seed,
-                   model=model, pretrained=pretrained, batch_size=batch_size)
+    run_data_stage("ffhq2k5", src, out, force, params, set_, no_params_file, delete_unknown, features=features, k=k,
+                   seed=seed, model=model, pretrained=pretrained, batch_size=batch_size)
 
 
 @data_app.command("dogface")
@@ -215,10 +240,11 @@ def data_dogface(
     detector_steps: Annotated[int | None, typer.Option(help="training steps of the head-box detector")] = None,
     detector_weights: Annotated[Path | None, typer.Option(help="ResNet-18 weights to start the detector")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """Dog faces: head boxes from the VOC XMLs (a trained detector for the rest), centred square crops."""
-    run_data_stage("dogface", src, out, force, params, set_, no_params_file, size=size, margin=margin, seed=seed,
-                   detector_steps=detector_steps, detector_weights=detector_weights)
+    run_data_stage("dogface", src, out, force, params, set_, no_params_file, delete_unknown, size=size, margin=margin,
+                   seed=seed, detector_steps=detector_steps, detector_weights=detector_weights)
 
 
 @data_app.command("prepare")
@@ -226,6 +252,7 @@ def data_prepare(
     name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | subset | selffilter")],
     out: Annotated[Path | None, typer.Option(help="output folder (default: data.root/NAME)")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
     """Build a real dataset from params alone (source: data.<name>.url+sha256 or .path)."""
     from sqgan.stages import PREPARABLE
@@ -234,14 +261,16 @@ def data_prepare(
         _err(f"error: unknown dataset {name!r} for prepare; choose one of {', '.join(PREPARABLE)} "
              f"(the demo: sqgan data demo --out DIR)")
         raise typer.Exit(2)
-    run_data_stage(name, None, out, force, params, set_, no_params_file)
+    run_data_stage(name, None, out, force, params, set_, no_params_file, delete_unknown)
 
 
 @app.command("train")
 def train_cmd(
     data: Annotated[Path | None, typer.Option(help="curated dataset folder (default: data.root/data.dataset)")] = None,
     out: Annotated[Path | None, typer.Option(help="run folder (default: train.out_dir)")] = None,
-    resume: Annotated[Path | None, typer.Option(help="checkpoint .pt to continue from (and its MLflow run)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="run folder (its latest checkpoint) or checkpoint .pt to "
+                                                     "continue from exactly, in its MLflow run; --out defaults to that "
+                                                     "folder")] = None,
     force: Annotated[bool, typer.Option("--force", help="write into an existing --out that no training wrote")] = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
@@ -254,11 +283,18 @@ def train_cmd(
 
     p = resolve(params, set_, no_params_file)
     data_dir = data or Path(p.data.root) / p.data.dataset
-    out_dir = out or Path(p.train.out_dir)
     with stage_errors():
+        out_dir = out or (run_folder_of(resume) if resume is not None else Path(p.train.out_dir))
         run = run_training(p, data_dir, out_dir, resume=resume, force=force)
     typer.echo(f"mlflow run {run.run_id} ({run.tracking_uri})")
     summary(out_dir)
+
+
+def run_folder_of(resume: Path) -> Path:
+    """The run folder --resume names: the folder itself, or the one whose checkpoints/ holds the file."""
+    if resume.is_dir():
+        return resume.parent if resume.name == "checkpoints" else resume
+    return resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
 
 
 @app.command("prior")
@@ -378,6 +414,7 @@ def sample_cmd(
     out: Annotated[Path | None, typer.Option(help="output folder, written atomically (default: <run folder>/sampled/"
                                                   "<mode>-psi<ψ>[-cluster<j>], or runs/sample/<run id>/…)")] = None,
     force: ForceOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     no_params_file: NoParamsOpt = False,
@@ -395,7 +432,8 @@ def sample_cmd(
     sets = list(set_ or []) + [f"sample.{k}={v}" for k, v in options.items() if v is not None]
     p = resolve(params, sets, no_params_file)
     with stage_errors(), sigterm_as_interrupt():
-        r = run_sample(p, checkpoint=checkpoint, run_id=run, out=out, force=force, progress=True)
+        r = run_sample(p, checkpoint=checkpoint, run_id=run, out=out, force=force_value(force, delete_unknown),
+                       progress=True)
     typer.echo(f"{r.images} images of {r.checkpoint} (step {r.step}) → {r.out} (grid.png, sample.json); {r.mlflow}")
     if r.cluster is not None:
         c = r.cluster
@@ -451,6 +489,7 @@ def report_cmd(
                                                              "parent for one sweep, else a new sqgan.stage=report "
                                                              "run)")] = True,
     force: ForceOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
     params: ParamsOpt = None,
     set_: SetOpt = None,
     no_params_file: NoParamsOpt = False,
@@ -467,6 +506,7 @@ def report_cmd(
     p = resolve(params, set_, no_params_file)
     uri = tracking_uri or resolve_tracking_uri(p)
     default = p.mlflow.experiment
+    force = force_value(force, delete_unknown)  # type: ignore[assignment]
     with stage_errors(), sigterm_as_interrupt():
         if table is not None:
             where = out or Path("runs/table")

@@ -312,6 +312,8 @@ class TrainParams(Section):
     log_every: int = Field(10, ge=1, description="steps between metric logs (also the FQ utilisation window)")
     sample_every: int = Field(100, ge=1, description="steps between fixed-z sample grids")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=0, description="checkpoints/ keeps the newest N step_*.pt and the one whose "
+                                                       "interim FID/KID was best (0 = keep every one)")
     seed: int = Field(0, ge=0, description="seed of init, batches, z and augmentation")
     workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="train on GPU: auto = when Ray sees one")

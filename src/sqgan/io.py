@@ -209,10 +209,41 @@ def stage_output(
 ) -> Iterator[Path]:
     """`atomic_dir(out)` after `check_output`; the finished folder carries the stage's marker with the listing of
     what it wrote. `out` is resolved first, so a symlink's target is what gets replaced."""
-    check_output(out, stage, inputs, force)
+    check_output(out, stage, inputs, bool(force))
+    if force is True:
+        refuse_unknown_files(out, stage)
     with atomic_dir(Path(out).resolve()) as tmp:
         yield tmp
         mark_output(tmp, stage, listing(tmp))
+
+
+DELETE_UNKNOWN = "delete-unknown"  # `force` value of --force --delete-unknown: replace what no sqgan stage wrote too
+
+
+def refuse_unknown_files(out: str | Path, stage: str) -> None:
+    """--force replaces only what a sqgan stage wrote: refuse (naming the files and the switch) an `out` that holds
+    files no stage wrote, or to which files were added since its stage wrote it."""
+    out_path = Path(out)
+    out_r = out_path.resolve()
+    if not out_r.exists() or (out_r.is_dir() and not any(out_r.iterdir())):
+        return
+    owner = stage_of(out_r) if out_r.is_dir() else None
+    recorded = _marker(out_r).get("listing") if owner is not None else None
+    if owner is not None and (recorded is None or recorded == listing(out_r)):
+        return
+    if out_r.is_dir():  # files changed after the stage's marker first: what the user added
+        marked = (out_r / MARKER).stat().st_mtime if (out_r / MARKER).exists() else -1.0
+        found = [p for p in out_r.rglob("*") if p.is_file() and p.name != MARKER]
+        found.sort(key=lambda p: (p.stat().st_mtime <= marked, p.relative_to(out_r).as_posix()))
+        files = [p.relative_to(out_r).as_posix() for p in found]
+    else:
+        files = [out_r.name]
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    why = (f"files were added to or removed from the '{owner}' output since it was written" if owner is not None
+           else "no sqgan stage wrote it")
+    raise UnsafeOutput(f"--force replaces only what a sqgan stage wrote, but {why} ({shown}); nothing was deleted. "
+                       f"Move what you want to keep, write to a new folder (e.g. --out {_suggest(out_path)}), or add "
+                       f"--delete-unknown as well to delete everything in {out_path} and write the '{stage}' output")
 
 
 def mark_output(folder: str | Path, stage: str, files: str | None = None) -> None:
@@ -239,6 +270,46 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def sigint_observed() -> Iterator[list[int]]:
+    """Record each SIGINT delivered inside the block, whichever handler a library installs meanwhile: Ray Train's
+    fit() installs its own graceful-abort handler, after which an interrupted fit ends with SystemExit or an actor
+    error rather than KeyboardInterrupt. Outside the main thread signals are left alone (and nothing is seen)."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    install = signal.signal
+
+    def observed(handler: Any) -> Any:
+        if not callable(handler):
+            return handler
+
+        def wrapper(signum: int, frame: Any) -> Any:
+            seen.append(signum)
+            return handler(signum, frame)
+
+        return wrapper
+
+    def interrupt(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def patched(signum: int, handler: Any) -> Any:
+        return install(signum, observed(handler) if signum == signal.SIGINT else handler)
+
+    previous = install(signal.SIGINT, interrupt)
+    signal.signal = patched  # type: ignore[assignment]
+    try:
+        yield seen
+    finally:
+        signal.signal = install  # type: ignore[assignment]
+        install(signal.SIGINT, previous)
 
 
 class UniqueNames:

@@ -92,6 +92,7 @@ class MetricRow:
 @dataclass
 class Comparison:
     rows: list[MetricRow]
+    later: list[str] = field(default_factory=list)  # logged into the recorded run after its training: not compared
 
     @property
     def shared(self) -> list[MetricRow]:
@@ -126,6 +127,9 @@ class Comparison:
             d = r.difference
             diff = "only one run" if d is None else ("0" if r.equal else f"{d:+.3g}")
             lines.append(f"{r.key:34s} {step:>6s} {rec:>18s} {new:>18s} {diff:>12s}")
+        if self.later:
+            lines.append(f"not compared, logged into the recorded run after its training (sqgan eval, sqgan sample): "
+                         f"{', '.join(self.later)}")
         return "\n".join(lines)
 
     def as_json(self) -> dict[str, Any]:
@@ -134,6 +138,7 @@ class Comparison:
             "differing": self.differing,
             "only_recorded": self.only_recorded,
             "only_new": self.only_new,
+            "added_after_training": self.later,
             "metrics": {r.key: {"recorded_step": r.recorded_step, "recorded": r.recorded, "new_step": r.new_step,
                                 "new": r.new, "difference": r.difference, "equal": r.equal} for r in self.rows},
         }
@@ -238,7 +243,9 @@ def _schema_changed(msg: str) -> str:
 # ------------------------------------------------------------------------------------------- verification
 def verify_provenance(tags: dict[str, str], project_dir: str | Path = ".") -> list[Check]:
     """The recorded git sha, data hashes and package versions against this checkout, one Check each."""
-    checks = [_check_git(tags.get("git_sha"), tracking.git_sha(project_dir))]
+    now = tracking.git_sha(project_dir)
+    checks = [_check_git(tags.get("git_sha"), now, tags.get("git_dirty"),
+                         tracking.git_dirty_files(project_dir) if now.endswith("-dirty") else [])]
     checks += _check_data(tags, Path(project_dir))
     now = tracking.package_versions()
     recorded = {k.removeprefix("version."): v for k, v in tags.items() if k.startswith("version.")}
@@ -251,20 +258,41 @@ def verify_provenance(tags: dict[str, str], project_dir: str | Path = ".") -> li
     return checks
 
 
-def _check_git(recorded: str | None, now: str) -> Check:
+# tracked files that cannot change a run's numbers: a checkout (or a run) dirty only in these is its commit
+NOT_CODE = ("dvc.lock", "*.md", "docs/*", "benchmarks/results/*", ".gitignore", ".dvcignore")
+
+
+def _not_code(files: list[str]) -> bool:
+    from fnmatch import fnmatch
+
+    return all(any(fnmatch(f, pattern) for pattern in NOT_CODE) for f in files)
+
+
+def _check_git(recorded: str | None, now: str, recorded_dirty: str | None = None,
+               now_dirty: list[str] | None = None) -> Check:
+    """The recorded commit against the checkout's. A -dirty side is verifiable when the files it changed are known
+    and none of them is code (NOT_CODE: dvc.lock, docs); otherwise the note names the changed files."""
+    now_dirty = now_dirty or []
+    rec_files = [f for f in (recorded_dirty or "").split(",") if f]
     if not recorded or recorded == "unknown":
         return Check("git_sha", recorded or "not recorded", now, "unverifiable", True,
                      "the run recorded no commit")
-    if recorded.endswith("-dirty"):
+    if recorded.endswith("-dirty") and not (rec_files and _not_code(rec_files) and "…" not in recorded_dirty):
+        what = f" to {', '.join(rec_files)}" if rec_files else ""
         return Check("git_sha", recorded, now, "unverifiable", True,
-                     "the run had uncommitted changes, which git does not record: its code cannot be verified")
+                     f"the run had uncommitted changes{what}, which git does not record: its code cannot be verified")
     if now == "unknown":
         return Check("git_sha", recorded, now, "unverifiable", True, "this folder is not a git checkout")
-    if now == recorded:
-        return Check("git_sha", recorded, now, "same", True)
-    if now.removesuffix("-dirty") == recorded:
+    base, now_base = recorded.removesuffix("-dirty"), now.removesuffix("-dirty")
+    if now_base == base and (now == now_base or _not_code(now_dirty)):
+        changed = sorted(set(rec_files) | set(now_dirty))
+        return Check("git_sha", recorded, now, "same", True,
+                     f"the same commit; uncommitted changes only outside the code ({', '.join(changed)})"
+                     if changed else "")
+    if now_base == base:
         return Check("git_sha", recorded, now, "differs", True,
-                     "this checkout has uncommitted changes to tracked files; commit or stash them")
+                     f"this checkout has uncommitted changes to {', '.join(now_dirty) or 'tracked files'}; "
+                     f"commit or stash them")
     return Check("git_sha", recorded, now, "differs", True)
 
 
@@ -305,11 +333,19 @@ def refusal_message(run_id: str, blocking: list[Check], tags: dict[str, str]) ->
     fixes = []
     recorded = tags.get("git_sha", "")
     sha = recorded.removesuffix("-dirty")
-    if any(c.item == "git_sha" for c in blocking) and len(sha) == 40:
+    git = next((c for c in blocking if c.item == "git_sha"), None)
+    if git is not None and git.now.removesuffix("-dirty") == sha and git.status == "differs":
+        fixes.append("commit or stash this checkout's uncommitted changes (" + git.note.split(" to ", 1)[-1].split(
+            ";")[0] + ")")
+    elif git is not None and len(sha) == 40 and git.now.removesuffix("-dirty") != sha:
         fixes.append(f"check out the recorded commit (`git switch --detach {sha}`)" + (
             "; the run's uncommitted changes on top of it are recorded nowhere, so only you can tell whether this "
             "checkout has them (train from committed code to make runs verifiable)" if recorded.endswith("-dirty")
             else ""))
+    elif git is not None and git.now.removesuffix("-dirty") == sha:
+        fixes.append("this is the run's commit, but its uncommitted changes are recorded nowhere (" +
+                     (tags.get("git_dirty") or "files unknown") + "): only you can tell whether this checkout has "
+                     "them; if so add --force (train from committed code to make runs verifiable)")
     if any(c.item.startswith("data.") for c in blocking):
         fixes.append(f"restore the recorded data in {tags.get('data.dir')} (`dvc checkout` or `dvc pull` at that "
                      f"commit, or `dvc repro` of its stage)")
@@ -320,24 +356,34 @@ def refusal_message(run_id: str, blocking: list[Check], tags: dict[str, str]) ->
 
 
 # ------------------------------------------------------------------------------------------- comparison
-def final_metrics(tracking_uri: str, run_id: str) -> dict[str, tuple[int, float]]:
-    """Every metric of the run but timings, as (last step, the value logged last at that step)."""
+def final_metrics(tracking_uri: str, run_id: str, later: list[str] | None = None) -> dict[str, tuple[int, float]]:
+    """Every metric the run's training logged but timings, as (last step, the value logged last at that step). A
+    finished run's points logged after it ended (`sqgan eval`, `sqgan sample --cluster` add theirs to the run) are
+    not the training's: their keys go to `later` instead."""
     client = tracking._client(tracking_uri)
-    keys = [k for k in client.get_run(run_id).data.metrics if not is_timing(k)]
+    run = client.get_run(run_id)
+    end = run.info.end_time if run.info.status != "RUNNING" else None
+    keys = [k for k in run.data.metrics if not is_timing(k)]
     out = {}
     for key in keys:
-        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        during = [m for m in client.get_metric_history(run_id, key) if end is None or m.timestamp <= end]
+        if not during:
+            if later is not None:
+                later.append(key)
+            continue
+        last = max(during, key=lambda m: (m.step, m.timestamp))
         out[key] = (int(last.step), float(last.value))
     return out
 
 
-def compare(recorded: dict[str, tuple[int, float]], new: dict[str, tuple[int, float]]) -> Comparison:
+def compare(recorded: dict[str, tuple[int, float]], new: dict[str, tuple[int, float]],
+            later: list[str] | None = None) -> Comparison:
     rows = []
     for key in sorted(set(recorded) | set(new)):
         rs, rv = recorded.get(key, (None, None))
         ns, nv = new.get(key, (None, None))
         rows.append(MetricRow(key, rs, rv, ns, nv))
-    return Comparison(rows)
+    return Comparison(rows, sorted(set(later or [])))
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -402,7 +448,8 @@ def reproduce(
                 tags["mlflow.runName"] = f"reproduce-{run_id[:8]}"
             tracking.MlflowLogger(uri, new_id).set_tags(tags)
 
-    comparison = compare(final_metrics(uri, run_id), final_metrics(uri, new_id))
+    later: list[str] = []
+    comparison = compare(final_metrics(uri, run_id, later), final_metrics(uri, new_id), later)
     result = Reproduction(run_id, new_id, uri, out_dir, checks, [c.item for c in blocking], comparison,
                           time.perf_counter() - t0, changed)
     write_json_atomic(out_dir / REPORT_FILE, report_json(result))

@@ -127,6 +127,25 @@ def git_sha(project_dir: str | Path = ".") -> str:
         return "unknown"
 
 
+def git_dirty_files(project_dir: str | Path = ".") -> list[str]:
+    """The tracked files with uncommitted changes (what makes git_sha end in -dirty)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_dir,
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted(line[3:].split(" -> ")[-1].strip() for line in out.splitlines() if len(line) > 3)
+
+
+def dirty_tag(files: list[str], limit: int = 2000) -> str:
+    """The git_dirty tag: the changed files, comma-separated, cut at `limit` characters with a count."""
+    text = ",".join(files)
+    if len(text) <= limit:
+        return text
+    kept = text[:limit].rsplit(",", 1)[0]
+    return f"{kept},…+{len(files) - kept.count(',') - 1} more"
+
+
 def dvc_lock_hash(data_dir: Path, project_dir: Path) -> str | None:
     """The md5 that dvc.lock records for `data_dir` as a stage output, if any."""
     lock = project_dir / "dvc.lock"
@@ -177,6 +196,7 @@ def provenance_tags(data_dir: str | Path, project_dir: str | Path = ".") -> dict
     locked = dvc_lock_hash(data_dir, project_dir)
     tags = {
         "git_sha": git_sha(project_dir),
+        "git_dirty": dirty_tag(git_dirty_files(project_dir)),  # which tracked files the -dirty is about
         "data.dir": str(data_dir),
         "data.manifest_sha256": sha256_file(manifest) if manifest.exists() else "missing",
         "data.md5": on_disk,  # of the data on disk, the way DVC hashes a folder

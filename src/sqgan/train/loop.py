@@ -145,6 +145,35 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+class BestCheckpoint:
+    """The checkpoint saved at the interim evaluation with the lowest FID/KID so far (the first of metrics.names that
+    is fid or kid), which pruning keeps."""
+
+    def __init__(self, params: Params) -> None:
+        from sqgan.metrics.names import parse_metric_key
+
+        interim = quality_keys(params, params.metrics.eval_num_fake) if params.metrics.eval_every else []
+        self.key = next((k for k in interim if (p := parse_metric_key(k)) is not None
+                         and p.metric in ("fid", "kid") and p.stat in (None, "mean")), None)
+        self.value, self.path = math.inf, None
+
+    def offer(self, metrics: dict[str, float], path: Path) -> None:
+        value = metrics.get(self.key, math.nan) if self.key else math.nan
+        if value < self.value:  # nan never is
+            self.value, self.path = value, path
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` step_*.pt in `ckpt_dir` (0: none deleted) and `keep`; returns what went."""
+    if keep_last <= 0:
+        return []
+    found = sorted(ckpt_dir.glob("step_*.pt"))
+    gone = [p for p in found[:-keep_last] if keep is None or p.resolve() != Path(keep).resolve()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's state (weights_only=True); any file that is not one is a one-line ValueError."""
     path = Path(path)
@@ -607,11 +636,15 @@ def train(
     window = Window()
     last = {"checkpoint": Path(resume) if resume is not None else None}  # the last checkpoint known finite
 
-    def checkpoint() -> Path | None:
+    best = BestCheckpoint(params)
+
+    def checkpoint(evaluated: dict[str, float] | None = None) -> Path | None:
         check_dictionaries_agree(state.D, rt, state.step, state.G)
         if not rt.is_main:
             return None
         last["checkpoint"] = save_checkpoint(ckpt_dir / f"step_{state.step:06d}.pt", checkpoint_state(state, params))
+        best.offer(evaluated or {}, last["checkpoint"])
+        prune_checkpoints(ckpt_dir, tp.keep_checkpoints, keep=best.path)
         return last["checkpoint"]
 
     progress = tqdm(total=tp.steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
@@ -654,7 +687,7 @@ def train(
         if done % tp.checkpoint_every == 0 and done != tp.steps:
             if not window.finite():
                 check_divergence({"loss/window": math.nan}, done, params, last["checkpoint"])
-            path = checkpoint()
+            path = checkpoint(report if eval_every and done % eval_every == 0 else None)
             report = dict(state.metrics) if report is None else report
         if report is not None and done != tp.steps:
             hooks.report(report, done, path)

@@ -11,6 +11,7 @@ marked KILLED, one that raises FAILED.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -109,24 +110,45 @@ def check_resources(params: Params, available: dict[str, float], where: str) -> 
     return params.train.use_gpu == "true" or (params.train.use_gpu == "auto" and gpus >= w)
 
 
-def fit_tracked(trainer: Any, tracking_uri: str, run_id: str) -> Any:
-    """`trainer.fit()`, ending the MLflow run as KILLED (Ctrl-C, SIGTERM), FAILED (an error) or FINISHED."""
-    from sqgan.io import sigterm_as_interrupt
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a training; the message says how to continue it."""
+
+
+def fit_tracked(trainer: Any, tracking_uri: str, run_id: str, out_dir: Path | None = None) -> Any:
+    """`trainer.fit()`, ending the MLflow run as KILLED (Ctrl-C, SIGTERM: raises `TrainingInterrupted` naming
+    `--resume` and the last checkpoint), FAILED (an error) or FINISHED. Ray Train answers SIGINT itself (it aborts
+    its controller and ends fit() with SystemExit or an actor error), so the signal is observed, not inferred."""
+    from sqgan.io import sigint_observed, sigterm_as_interrupt
     from sqgan.tracking import end_run
 
+    seen: list[int] = []
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), sigint_observed() as seen:
             result = trainer.fit()
-    except KeyboardInterrupt:
-        end_run(tracking_uri, run_id, "KILLED")
-        raise
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or seen:
+            end_run(tracking_uri, run_id, "KILLED")
+            raise TrainingInterrupted(interrupted_message(out_dir)) from None
         end_run(tracking_uri, run_id, "FAILED")
         raise
+    if seen:
+        end_run(tracking_uri, run_id, "KILLED")
+        raise TrainingInterrupted(interrupted_message(out_dir))
     if result.error is not None:
         end_run(tracking_uri, run_id, "FAILED")
         raise RuntimeError(f"training failed: {result.error}") from result.error
     return result
+
+
+def interrupted_message(out_dir: Path | None) -> str:
+    """The one line an interrupted training prints: what was kept and the command that continues it."""
+    found = checkpoints_in(out_dir) if out_dir is not None else []
+    if found:
+        return (f"interrupted: the MLflow run is marked KILLED; its last checkpoint is {found[-1]}; continue with "
+                f"`sqgan train --resume {out_dir}`")
+    where = f" into {out_dir}" if out_dir is not None else ""
+    return (f"interrupted before the first checkpoint: the MLflow run is marked KILLED; start again{where} with "
+            f"--force")
 
 
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "fuse.")
@@ -182,6 +204,7 @@ class WorkerConfig:
     run_id: str
     threads: int
     resume: str | None = None  # checkpoint to start from (a restart after a failure uses Ray's latest instead)
+    reference: bool = False  # Ray's checkpoints name the run folder's file (a local Ray) instead of copying it
     fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT): "RANK:STEP:FLAG_FILE", that rank exits once
 
 
@@ -198,13 +221,29 @@ def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
         os._exit(1)
 
 
+REFERENCE_FILE = "sqgan_checkpoint.json"  # a Ray checkpoint that names the run folder's file instead of holding it
+
+
+def restored_checkpoint(folder: Path, local_tmp: Path) -> str:
+    """The checkpoint file a Ray checkpoint folder stands for: its copy, or the run-folder file its reference names
+    (checked to be there and the size it had)."""
+    if (folder / CHECKPOINT_FILE).exists():
+        return str(shutil.copy2(folder / CHECKPOINT_FILE, local_tmp / CHECKPOINT_FILE))
+    ref = json.loads((folder / REFERENCE_FILE).read_text())
+    path = Path(ref["path"])
+    if not path.is_file() or path.stat().st_size != ref["bytes"]:
+        raise FileNotFoundError(f"Ray's checkpoint of step {ref['step']} names {path}, which is gone or changed "
+                                f"(raise train.keep_checkpoints, or resume by hand with --resume)")
+    return str(path)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """`train_loop_per_worker`: one DDP rank of the training loop; reports every `hooks.report` to Ray Train."""
     import ray.train
     import ray.train.torch  # noqa: F401  (get_device)
     import torch
 
-    from sqgan.io import link_or_copy
+    from sqgan.io import link_or_copy, write_json_atomic
     from sqgan.tracking import MlflowLogger
     from sqgan.train.loop import Hooks, Runtime, train
 
@@ -220,7 +259,7 @@ def train_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:  # a restart after a failure: continue from Ray's latest checkpoint
         with restored.as_directory() as d:
-            resume = str(shutil.copy2(Path(d) / CHECKPOINT_FILE, local_tmp / CHECKPOINT_FILE))
+            resume = restored_checkpoint(Path(d), local_tmp)
 
     # A resumed, restarted or retried run replays steps (those after its checkpoint, or all when it had none): the
     # points its MLflow run already holds are not logged twice.
@@ -237,7 +276,11 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(payload, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
-            link_or_copy(path, Path(d) / CHECKPOINT_FILE)  # Ray copies the folder into storage
+            if cfg.reference:  # the run folder holds the file: Ray keeps where it is, not a second copy
+                write_json_atomic(Path(d) / REFERENCE_FILE, {"path": str(Path(path).resolve()), "step": step,
+                                                             "bytes": Path(path).stat().st_size})
+            else:  # Ray copies the folder into (shared) storage
+                link_or_copy(path, Path(d) / CHECKPOINT_FILE)
             ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     hooks = Hooks(
@@ -276,6 +319,7 @@ def build_trainer(
     worker = WorkerConfig(params=params.model_dump(mode="json"), data_dir=str(data_dir), out_dir=str(out_dir),
                           tracking_uri=tracking_uri, run_id=run_id, threads=threads,
                           resume=str(resume) if resume else None,
+                          reference=not params.ray.address and "://" not in storage_path,
                           fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
     return TorchTrainer(
         train_worker,
@@ -306,7 +350,7 @@ def run_training(
     from sqgan.tracking import MlflowLogger, end_run, open_run
 
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    resume = Path(resume).resolve() if resume is not None else None
+    resume = resolve_resume(resume) if resume is not None else None
     use_gpu, storage = preflight(params, data_dir, out_dir, resume, project_dir, force)
 
     init_ray(params)
@@ -315,9 +359,12 @@ def run_training(
         tags["resumed_from"] = str(resume)
     tracking_uri, run_id = open_run(params, data_dir, out_dir, project_dir, tags=tags, parent_run_id=parent_run_id,
                                     resume=resume)
+    # One Ray run name per invocation: Ray Train restores a run name it already holds from *its* latest checkpoint,
+    # which would override the checkpoint --resume names (a killed run's Ray state ends at its last report).
+    name = f"train-{run_id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = build_trainer(params, data_dir, out_dir, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
-                            storage_path=storage, name=f"train-{run_id[:12]}", resume=resume)
-    result = fit_tracked(trainer, tracking_uri, run_id)
+                            storage_path=storage, name=name, resume=resume)
+    result = fit_tracked(trainer, tracking_uri, run_id, out_dir)
     MlflowLogger(tracking_uri, run_id).set_tags({"ray.run_path": result.path})
     end_run(tracking_uri, run_id, "FINISHED")
     return TrainRun(run_id, tracking_uri, out_dir, dict(result.metrics or {}), result.path)
@@ -329,14 +376,20 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
     from sqgan.data.manifest import read_manifest
     from sqgan.io import check_output, free_sibling
+    from sqgan.tracking import TRACKING_FILE
 
     read_manifest(data_dir)
-    check_output(out_dir, "train", (data_dir,), force)
-    earlier = sorted((out_dir / "checkpoints").glob("step_*.pt"))
-    if resume is None and earlier and not force:
-        raise RuntimeError(f"--out {out_dir} holds the checkpoints of an earlier run (up to {earlier[-1].name}); "
-                           f"continue it with --resume {earlier[-1]}, write to a new folder (e.g. --out "
-                           f"{free_sibling(out_dir)}), or add --force to train over it")
+    earlier = checkpoints_in(out_dir)
+    if resume is None and not force and out_dir.is_dir() and (earlier or (out_dir / TRACKING_FILE).exists()):
+        # an earlier run's folder, finished or killed (a run killed while Ray started has only tracking.json)
+        if earlier:
+            raise RuntimeError(f"--out {out_dir} holds the checkpoints of an earlier run (up to {earlier[-1].name}); "
+                               f"continue it with --resume {out_dir}, write to a new folder (e.g. --out "
+                               f"{free_sibling(out_dir)}), or add --force to train over it")
+        raise RuntimeError(f"--out {out_dir} holds what a killed run left ({TRACKING_FILE}, no checkpoint: nothing "
+                           f"to resume); add --force to train over it")
+    # a killed run's folder (tracking.json, maybe checkpoints) is sqgan's even before the loop marked it
+    check_output(out_dir, "train", (data_dir,), force or (out_dir / TRACKING_FILE).exists())
     if resume is not None:
         from sqgan.train.loop import check_resume, load_checkpoint
 
@@ -344,6 +397,27 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     check_prior_file(params)
     use_gpu, storage, _ = check_environment(params, project_dir)
     return use_gpu, storage
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """A run folder's complete checkpoints, oldest first (written atomically: a step_*.pt file is whole)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+
+
+def resolve_resume(resume: str | Path) -> Path:
+    """What --resume names, as a checkpoint file: a step_NNNNNN.pt file itself, or a run folder's (or its
+    checkpoints/ folder's) latest checkpoint."""
+    path = Path(resume).resolve()
+    if path.is_dir():
+        found = checkpoints_in(path) or (sorted(path.glob("step_*.pt")) if path.name == "checkpoints" else [])
+        if not found:
+            raise FileNotFoundError(f"--resume {resume}: the folder holds no checkpoints/step_NNNNNN.pt (the run was "
+                                    f"stopped before its first checkpoint); start it again with --force")
+        return found[-1]
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume} not found; pass a run folder or one of its "
+                                f"checkpoints/step_NNNNNN.pt files")
+    return path
 
 
 def check_prior_file(params: Params) -> None:

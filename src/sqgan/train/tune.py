@@ -435,22 +435,54 @@ def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> A
     )
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a sweep; the message says what was kept and how to continue."""
+
+
+class _NoRayRestoreHint:
+    """Drops Ray Tune's "Resume experiment with: Tuner.restore(…)" line: `sqgan tune --resume DIR` is the way."""
+
+    def filter(self, record: Any) -> bool:
+        return "Tuner.restore" not in record.getMessage()
+
+
 def _fit_and_report(tuner: Any, params: Params, spec: SweepSpec, sweep_dir: Path) -> Sweep:
-    from sqgan.io import sigterm_as_interrupt
+    """`tuner.fit()` and the report. Ray Tune answers the first Ctrl-C itself (it saves its state, stops the trials
+    and returns normally), so the signal is observed: an interrupted sweep settles its trials as killed, writes its
+    table with every planned trial's state but no best_params.yaml, marks the parent run KILLED and raises
+    `SweepInterrupted` (status 130: a DVC stage never records it)."""
+    import logging
+
+    from sqgan.io import sigint_observed, sigterm_as_interrupt
     from sqgan.tracking import end_run
     from sqgan.train.tune_report import settle_trials, write_report
 
+    grid: Any = None
+    seen: list[int] = []
+    hint = _NoRayRestoreHint()
+    logging.getLogger("ray.tune.tune").addFilter(hint)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), sigint_observed() as seen:
             grid = tuner.fit()
-    except KeyboardInterrupt:
-        end_run(spec.tracking_uri, spec.parent_run_id, "KILLED")
-        raise
+    except KeyboardInterrupt:  # SIGTERM, or a Ctrl-C outside Tune's own handler
+        seen = seen or [2]
     except BaseException:
         end_run(spec.tracking_uri, spec.parent_run_id, "FAILED")
         raise
-    settle_trials(spec.tracking_uri, spec.parent_run_id, grid, params)
-    table = write_report(spec.tracking_uri, spec.parent_run_id, sweep_dir)
+    finally:
+        logging.getLogger("ray.tune.tune").removeFilter(hint)
+    interrupted = bool(seen)
+    settle_trials(spec.tracking_uri, spec.parent_run_id, grid, params, interrupted=interrupted)
+    table = write_report(spec.tracking_uri, spec.parent_run_id, sweep_dir, partial=interrupted)
+    if interrupted:
+        end_run(spec.tracking_uri, spec.parent_run_id, "KILLED")
+        states: dict[str, int] = {}
+        for row in table:
+            states[row["status"]] = states.get(row["status"], 0) + 1
+        counts = ", ".join(f"{n} {state}" for state, n in states.items())
+        raise SweepInterrupted(f"interrupted: {len(table)} planned trials ({counts}); the sweep run is marked KILLED, "
+                               f"{sweep_dir / 'trials.md'} lists every trial's state and no best_params.yaml was "
+                               f"written. Continue with `sqgan tune --resume {sweep_dir}`")
     errors = [r for r in grid if r.error is not None]
     end_run(spec.tracking_uri, spec.parent_run_id, "FAILED" if errors and len(errors) == len(grid) else "FINISHED")
     return Sweep(sweep_dir, spec.parent_run_id, spec.tracking_uri, table)

@@ -41,15 +41,19 @@ def _last_step(client: Any, run: Any) -> int:
     return max((m.step for m in client.get_metric_history(run.info.run_id, "loss/d")), default=0)
 
 
-def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any) -> None:
+def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any, interrupted: bool = False) -> None:
     """After `Tuner.fit()`: give each nested run its final status — completed (FINISHED), stopped by the scheduler
-    before train.steps (KILLED, its actor was ended mid-run) or error (FAILED) — and the step it stopped at."""
+    before train.steps (KILLED, its actor was ended mid-run), killed by the sweep's interruption (KILLED; Ray still
+    had it running or paused; `grid` is None when Tune did not return) or error (FAILED) — and the step it stopped
+    at."""
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
     import re
 
     errors: dict[str, str] = {}
-    for result in grid:
+    analysis = getattr(grid, "_experiment_analysis", None)  # Ray's own trial states (TERMINATED: the scheduler's stop)
+    terminated = {t.trial_id for t in getattr(analysis, "trials", []) if t.status == "TERMINATED"}
+    for result in grid or []:
         trial_id = (result.metrics or {}).get("trial_id")
         if not trial_id and result.path:  # a trial that never reported: its id is in its folder's name
             found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
@@ -72,6 +76,9 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any)
             client.set_tag(run.info.run_id, "sqgan.trial_status", "error")
             client.set_tag(run.info.run_id, "sqgan.trial_error", errors[trial_id])
             client.set_terminated(run.info.run_id, status="FAILED")
+        elif interrupted and trial_id not in terminated:
+            client.set_tag(run.info.run_id, "sqgan.trial_status", "killed")
+            client.set_terminated(run.info.run_id, status="KILLED")
         else:
             client.set_tag(run.info.run_id, "sqgan.trial_status", f"stopped by {params.tune.scheduler}")
             client.set_terminated(run.info.run_id, status="KILLED")
@@ -86,38 +93,112 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
         raise ValueError(f"run {parent_run_id} in {tracking_uri} is not a sweep's parent run (its sqgan.stage tag is "
                          f"{ptags.get('sqgan.stage')!r}); pass the run id `sqgan tune` printed")
     axes = json.loads(ptags["sqgan.tune.axes"])
-    metric, key, mode = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"], ptags["sqgan.tune.mode"]
+    key, mode = ptags["sqgan.tune.metric_key"], ptags["sqgan.tune.mode"]
     interim = ptags.get("sqgan.tune.interim_key", key)
     rows = []
     for run in _children(client, parent):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
-        if key in m:
-            value, source = m[key], "final"
-        elif interim in m:
-            value, source = m[interim], "interim"
-        else:
-            value, source = math.nan, "-"
         status = tags.get("sqgan.trial_status") or {"RUNNING": "running", "FINISHED": "completed"}.get(
             run.info.status, run.info.status.lower())
         # collapsed: the step the collapse watch first flagged G_ema, while its latest evaluation still does
         collapsed = tags.get(COLLAPSE_TAG, "-") if m.get("diversity/collapsed", 0.0) >= 1 else "-"
+        # the final and the last interim evaluation are separate columns, named with their N (never one mixed column)
         row = {"trial": tags.get("sqgan.trial_id", ""), "status": status, "step": _last_step(client, run),
-               metric: value, "from": source, "collapsed": collapsed}
+               key: m.get(key, math.nan), **({interim: m.get(interim, math.nan)} if interim != key else {}),
+               "collapsed": collapsed}
         row.update({a: _parse(p.get(a)) for a in axes})
         row["run_id"] = run.info.run_id
         rows.append(row)
+    rows += _not_started(client, parent_run_id, rows, axes, [key, interim])
     sign = 1 if mode == "min" else -1
-    # ranked on quality among the trials not flagged as collapsed; the collapsed ones follow, then those without a value
-    rows.sort(key=lambda r: (math.isnan(r[metric]), r["collapsed"] != "-",
-                             sign * r[metric] if not math.isnan(r[metric]) else 0, r["trial"]))
+    # ranked among the trials not flagged as collapsed: on the final evaluation, then (stopped trials) on the last
+    # interim one; the collapsed ones follow, then those without a value
+    rows.sort(key=lambda r: (math.isnan(rank_value(r, key, interim)), r["collapsed"] != "-", math.isnan(r[key]),
+                             sign * rank_value(r, key, interim) if not math.isnan(rank_value(r, key, interim)) else 0,
+                             r["trial"]))
     return rows, ptags, axes
 
 
-def best_trial(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The first row (rows are sorted best first) that has the metric and is not collapsed, completed trials before
-    stopped ones; only when every trial collapsed, the best collapsed one (its `collapsed` column says so, and
-    best_params.yaml's header); None when no trial has a value."""
-    valued = [r for r in rows if not math.isnan(r[metric])]
+def rank_value(row: dict[str, Any], key: str, interim: str | None = None) -> float:
+    """What a row is ranked on: its final evaluation, else (a stopped trial) its last interim one."""
+    value = row.get(key, math.nan)
+    return row.get(interim, math.nan) if math.isnan(value) and interim else value
+
+
+def planned_trials(params: Any) -> list[dict[str, Any]]:
+    """Every trial the sweep will run, as its axis values: the grid axes' product (× tune.num_samples); an axis
+    that is drawn (choice, uniform, …) is None until its trial starts. The trial table lists the ones that did not."""
+    import itertools
+
+    axes = params.tune.axes()
+    grid = {k: args for k, (name, args) in axes.items() if name == "grid"}
+    combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    drawn = {k: None for k in axes if k not in grid}
+    return [{**drawn, **c} for _ in range(params.tune.num_samples) for c in combos]
+
+
+def _not_started(client: Any, parent_run_id: str, rows: list[dict[str, Any]], axes: list[str],
+                 keys: list[str]) -> list[dict[str, Any]]:
+    """Rows for the planned trials (the sweep's params.yaml on its parent run) that have no run yet."""
+    params = _sweep_params(client, parent_run_id)
+    if params is None:  # a parent run without its params: the table has the trials that ran
+        return []
+    left = planned_trials(params)
+    for row in rows:
+        for i, plan in enumerate(left):
+            if all(v is None or row.get(k) == v for k, v in plan.items()):
+                del left[i]
+                break
+    return [{"trial": "-", "status": "not started", "step": 0, **dict.fromkeys(keys, math.nan), "collapsed": "-",
+             **{a: plan.get(a) for a in axes}, "run_id": "-"} for plan in left]
+
+
+def _sweep_params(client: Any, parent_run_id: str) -> Any:
+    """The sweep's own params (its parent run's params.yaml), or None."""
+    import tempfile
+
+    import yaml
+
+    from sqgan.config import Params
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="sqgan-sweep-") as d:
+            return Params.model_validate(yaml.safe_load(
+                Path(client.download_artifacts(parent_run_id, "params.yaml", d)).read_text()))
+    except Exception:  # noqa: BLE001 - deleted artifacts, a run that is not a sweep's
+        return None
+
+
+# the trials' short schedule (tune.fixed) that best_params.yaml replaces by the sweep's own: a full training of the
+# best configuration, not another 60-step trial checkpointing every 20 steps
+SCHEDULE_KEYS = ("train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every",
+                 "metrics.eval_every", "metrics.eval_num_fake", "metrics.num_fake", "metrics.diversity_every")
+
+
+def with_base_schedule(text: str, sweep: Any) -> tuple[str, dict[str, Any]]:
+    """A trial's params.yaml with the schedule keys tune.fixed set put back to the sweep's values; (the text, what
+    was put back)."""
+    import yaml
+
+    from sqgan.config import Params, flatten
+
+    data = yaml.safe_load(text)
+    if sweep is None:
+        return text, {}
+    base = sweep.flat()
+    restored = {k: base[k] for k in flatten(sweep.tune.fixed) if k in SCHEDULE_KEYS and k in base}
+    for k, v in restored.items():
+        section, name = k.split(".", 1)
+        data[section][name] = v
+    Params.model_validate(data)  # still params `sqgan train --params` takes
+    return yaml.safe_dump(data, sort_keys=False), restored
+
+
+def best_trial(rows: list[dict[str, Any]], key: str, interim: str | None = None) -> dict[str, Any] | None:
+    """The first row (rows are sorted best first) that has a value (`key`, the final evaluation, else `interim`)
+    and is not collapsed, completed trials before stopped ones; only when every trial collapsed, the best collapsed
+    one (its `collapsed` column says so, and best_params.yaml's header); None when no trial has a value."""
+    valued = [r for r in rows if not math.isnan(rank_value(r, key, interim))]
     healthy = [r for r in valued if r["collapsed"] == "-"] or valued
     done = [r for r in healthy if r["status"] == "completed"]
     return done[0] if done else next(iter(healthy), None)
@@ -158,6 +239,9 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes: list[str], out: Path) -> None:
+    """metric_vs_axes.png (a row of panels per evaluation: the final one, then the last interim one of the trials
+    that have no final) and curves.png (the interim evaluations over steps and the final values, side by side):
+    evaluations of different N never share an axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,45 +251,54 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
 
     metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
     interim = ptags.get("sqgan.tune.interim_key", key)
-    fig, axs = plt.subplots(1, len(axes), figsize=(4 * len(axes), 3.4), squeeze=False)
-    for ax, axis in zip(axs[0], axes, strict=True):
-        for status, marker in (("completed", "o"), (None, "x")):
-            pts = [(r[axis], r[metric]) for r in rows if (r["status"] == "completed") == (status == "completed")
-                   and isinstance(r[axis], (int, float)) and not math.isnan(r[metric])]
+    series = [(key, "final", [r for r in rows if not math.isnan(r[key])])]
+    if interim != key:
+        series.append((interim, "last interim, trials stopped before the end",
+                       [r for r in rows if math.isnan(r[key]) and not math.isnan(r[interim])]))
+    series = [s for s in series if s[2]] or series[:1]
+    fig, axs = plt.subplots(len(series), len(axes), figsize=(4 * len(axes), 3.2 * len(series)), squeeze=False)
+    for (name, what, subset), panel in zip(series, axs, strict=True):
+        for ax, axis in zip(panel, axes, strict=True):
+            pts = [(r[axis], r[name]) for r in subset if isinstance(r[axis], (int, float))]
             if pts:
-                ax.scatter(*zip(*pts, strict=True), marker=marker, label="completed" if status else "stopped early")
-        values = [r[axis] for r in rows if isinstance(r[axis], (int, float)) and r[axis] > 0]
-        if axis == "fq.codebook_size" or (values and max(values) / min(values) >= 100):
-            ax.set_xscale("log", base=2 if axis == "fq.codebook_size" else 10)
-        ax.set_xlabel(axis)
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{metric} ({key}) per trial against each axis", fontsize=9)
+                ax.scatter(*zip(*pts, strict=True), marker="o" if what == "final" else "x", label=f"{name} ({what})")
+                ax.legend(fontsize=7)
+            values = [r[axis] for r in rows if isinstance(r[axis], (int, float)) and r[axis] > 0]
+            if axis == "fq.codebook_size" or (values and max(values) / min(values) >= 100):
+                ax.set_xscale("log", base=2 if axis == "fq.codebook_size" else 10)
+            ax.set_xlabel(axis)
+            ax.set_ylabel(name, fontsize=7)
+    fig.suptitle(f"{metric} per trial against each axis", fontsize=9)
     fig.tight_layout()
     with atomic_path(out / "metric_vs_axes.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        names = list(dict.fromkeys([interim, key]))  # interim (eval_num_fake images), then final
-        pts = sorted((m.step, m.value) for n in names for m in client.get_metric_history(r["run_id"], n))
-        if pts:
-            label = f"{r['trial']} " + " ".join(f"{a.split('.')[-1]}={_fmt(r[a])}" for a in axes)
-            ax.plot(*zip(*pts, strict=True), marker=".", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{metric} (interim, then final)" if metric in ("kid", "fid") else metric)
-    ax.legend(fontsize=6)
+    ran = [r for r in rows if r["run_id"] != "-"]
+    panels = [interim, key] if interim != key else [key]
+    fig, axs = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, name in zip(axs[0], panels, strict=True):
+        for r in ran:
+            pts = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], name))
+            if pts:
+                label = f"{r['trial']} " + " ".join(f"{a.split('.')[-1]}={_fmt(r[a])}" for a in axes)
+                ax.plot(*zip(*pts, strict=True), marker="." if name == interim != key else "*", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.set_title("interim evaluations" if name == interim != key else "final evaluation", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     with atomic_path(out / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
-def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bool = True) -> list[dict[str, Any]]:
-    """Render the sweep report into `out` (atomically, file by file) and, with `log`, onto the parent run."""
-    import yaml
-
+def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bool = True,
+                 partial: bool = False) -> list[dict[str, Any]]:
+    """Render the sweep report into `out` (atomically, file by file) and, with `log`, onto the parent run. A
+    `partial` report (an interrupted sweep) has no best_params.yaml: the best of the trials that ran is not the
+    sweep's answer."""
     from sqgan.io import atomic_path
 
     out = Path(out)
@@ -216,8 +309,9 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(text)
     _plots(client, rows, ptags, axes, out)
-    metric = ptags["sqgan.tune.metric"]
-    best = best_trial(rows, metric)
+    metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
+    interim = ptags.get("sqgan.tune.interim_key", key)
+    best = None if partial else best_trial(rows, key, interim)
     best_file = out / "best_params.yaml"
     if best is not None:
         import tempfile
@@ -228,10 +322,14 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
                 f"found no configuration that learned; look at the grids before training it\n"
                 if best["collapsed"] != "-" else "")
         header = (f"{warn}# best trial {best['trial']} of sweep run {parent_run_id} "
-                  f"({best['status']} at step {best['step']}): {metric} = {_fmt(best[metric])} ({best['from']})\n"
+                  f"({best['status']} at step {best['step']}): {metric} = {_fmt(rank_value(best, key, interim))} "
+                  f"({key if not math.isnan(best[key]) else interim})\n"
                   f"# its values: {json.dumps({a: best[a] for a in axes})}\n"
                   f"# train it: sqgan train --params best_params.yaml (add --set train.steps=N for a longer run)\n")
-        yaml.safe_load(text)  # what MLflow holds must still be params
+        text, restored = with_base_schedule(text, _sweep_params(client, parent_run_id))
+        if restored:
+            header += ("# schedule: the sweep's own (" + ", ".join(f"{k} {v}" for k, v in restored.items()) +
+                       "), not the trials' short one from tune.fixed\n")
         with atomic_path(best_file) as tmp:
             Path(tmp).write_text(header + text)
     elif best_file.exists():
@@ -243,5 +341,5 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
         if best is not None:
             client.set_tag(parent_run_id, "sqgan.tune.best_trial", best["trial"])
             client.set_tag(parent_run_id, "sqgan.tune.best_run_id", best["run_id"])
-            client.log_metric(parent_run_id, f"best_{metric}", float(best[metric]))
+            client.log_metric(parent_run_id, f"best_{metric}", float(rank_value(best, key, interim)))
     return rows
