@@ -183,18 +183,20 @@ def build_searcher(params: Params, metric: str, concurrency: int) -> Any:
     return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
 
 
-def build_scheduler(params: Params, base: Params) -> Any:
+def build_scheduler(params: Params, base: Params, tracking_uri: str, parent_run_id: str) -> Any:
+    """FIFO, or ASHA recording each early stop on the trial's run (`sqgan.train.scheduler`)."""
     t = params.tune
     if t.scheduler == "fifo":
         from ray.tune.schedulers import FIFOScheduler
 
         return FIFOScheduler()
-    from ray.tune.schedulers import ASHAScheduler
+    from sqgan.train.scheduler import RecordingASHA
 
     grace = asha_grace(params, base)
     # stop_last_trials=False: a trial that reaches train.steps ends by itself (its run marked completed), not killed
-    return ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=grace,
-                         reduction_factor=t.reduction_factor, stop_last_trials=False)
+    return RecordingASHA(tracking_uri=tracking_uri, parent_run_id=parent_run_id, time_attr="step",
+                         max_t=base.train.steps, grace_period=grace, reduction_factor=t.reduction_factor,
+                         stop_last_trials=False)
 
 
 # ------------------------------------------------------------------------------------- trial
@@ -426,7 +428,8 @@ def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> A
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples,
             max_concurrent_trials=concurrency if t.searcher == "optuna" else None,  # grid/random: in the generator
-            search_alg=build_searcher(params, t.metric, concurrency), scheduler=build_scheduler(params, base),
+            search_alg=build_searcher(params, t.metric, concurrency),
+            scheduler=build_scheduler(params, base, spec.tracking_uri, spec.parent_run_id),
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=spec.storage, failure_config=tune.FailureConfig(max_failures=t.max_failures),

@@ -43,16 +43,14 @@ def _last_step(client: Any, run: Any) -> int:
 
 def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any, interrupted: bool = False) -> None:
     """After `Tuner.fit()`: give each nested run its final status — completed (FINISHED), stopped by the scheduler
-    before train.steps (KILLED, its actor was ended mid-run), killed by the sweep's interruption (KILLED; Ray still
-    had it running or paused; `grid` is None when Tune did not return) or error (FAILED) — and the step it stopped
-    at."""
+    before train.steps (KILLED, its actor was ended mid-run; ASHA tags the run when it decides), killed by the
+    sweep's interruption (KILLED; `grid` is None when Tune did not return) or error (FAILED) — and the step it
+    stopped at."""
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
     import re
 
     errors: dict[str, str] = {}
-    analysis = getattr(grid, "_experiment_analysis", None)  # Ray's own trial states (TERMINATED: the scheduler's stop)
-    terminated = {t.trial_id for t in getattr(analysis, "trials", []) if t.status == "TERMINATED"}
     for result in grid or []:
         trial_id = (result.metrics or {}).get("trial_id")
         if not trial_id and result.path:  # a trial that never reported: its id is in its folder's name
@@ -76,7 +74,9 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any,
             client.set_tag(run.info.run_id, "sqgan.trial_status", "error")
             client.set_tag(run.info.run_id, "sqgan.trial_error", errors[trial_id])
             client.set_terminated(run.info.run_id, status="FAILED")
-        elif interrupted and trial_id not in terminated:
+        elif tags.get("sqgan.trial_status", "").startswith("stopped by"):  # the scheduler's stop, recorded then
+            client.set_terminated(run.info.run_id, status="KILLED")
+        elif interrupted:
             client.set_tag(run.info.run_id, "sqgan.trial_status", "killed")
             client.set_terminated(run.info.run_id, status="KILLED")
         else:
