@@ -375,12 +375,15 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     """Everything that can fail, checked before Ray starts: the dataset, the run folder, the checkpoint, the
     resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
     from sqgan.data.manifest import read_manifest
-    from sqgan.io import check_output, free_sibling
+    from sqgan.io import check_output, free_sibling, stage_of
     from sqgan.tracking import TRACKING_FILE
 
     read_manifest(data_dir)
     earlier = checkpoints_in(out_dir)
-    if resume is None and not force and out_dir.is_dir() and (earlier or (out_dir / TRACKING_FILE).exists()):
+    # a killed run's folder: checkpoints, or tracking.json without the loop's marker (killed while Ray started); an
+    # earlier run whose checkpoints DVC removed before re-running its stage keeps the marker and is trained over
+    killed = (out_dir / TRACKING_FILE).exists() and stage_of(out_dir) != "train"
+    if resume is None and not force and out_dir.is_dir() and (earlier or killed):
         # an earlier run's folder, finished or killed (a run killed while Ray started has only tracking.json)
         if earlier:
             raise RuntimeError(f"--out {out_dir} holds the checkpoints of an earlier run (up to {earlier[-1].name}); "
