@@ -47,7 +47,11 @@ def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30
 
 # ------------------------------------------------------------------------------------------- no Ray
 def test_resume_takes_a_run_folder_and_a_killed_runs_folder_names_resume_or_force(demo_dir, tmp_path):
-    from sqgan.train.ray_train import preflight, resolve_resume
+    from sqgan.evaluate import latest_checkpoint
+    from sqgan.train.ray_train import preflight
+
+    def resolve_resume(path):
+        return latest_checkpoint(path, "--resume")
 
     params = default_params(_sets(tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2}))
     run = tmp_path / "run"
@@ -62,7 +66,7 @@ def test_resume_takes_a_run_folder_and_a_killed_runs_folder_names_resume_or_forc
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "tracking.json").write_text(json.dumps({"tracking_uri": "sqlite:///x.db", "run_id": "abc"}))
-    with pytest.raises(FileNotFoundError, match=r"holds no checkpoints/step_NNNNNN.pt .* again with --force"):
+    with pytest.raises(FileNotFoundError, match=r"--resume .*killed: no step_NNNNNN.pt under .* again with --force"):
         resolve_resume(killed)
     with pytest.raises(RuntimeError, match=r"what a killed run left \(tracking.json, no checkpoint.*--force") as e:
         preflight(params, demo_dir.resolve(), killed.resolve(), None, ROOT, False)
@@ -72,7 +76,7 @@ def test_resume_takes_a_run_folder_and_a_killed_runs_folder_names_resume_or_forc
     shutil.copy(run / "checkpoints" / "step_000002.pt", killed / "checkpoints")
     with pytest.raises(RuntimeError, match=rf"continue it with --resume {killed.resolve()},"):
         preflight(params, demo_dir.resolve(), killed.resolve(), None, ROOT, False)
-    with pytest.raises(FileNotFoundError, match="pass a run folder or one of its"):
+    with pytest.raises(FileNotFoundError, match="--resume .*nothing not found; pass a step_NNNNNN.pt file or a run"):
         resolve_resume(tmp_path / "nothing")
 
 
@@ -140,7 +144,7 @@ def _report_db(tmp_path: Path, fixed: str = "{train: {steps: 60, checkpoint_ever
 
 
 def test_a_sweep_report_keeps_interim_and_final_apart_lists_unstarted_trials_and_a_full_schedule(tmp_path):
-    from sqgan.train.tune_report import write_report
+    from sqgan.train.tune_report import axis_series, write_report
 
     uri, parent, final, interim = _report_db(tmp_path)
     rows = write_report(uri, parent, tmp_path / "out", log=False)
@@ -153,6 +157,8 @@ def test_a_sweep_report_keeps_interim_and_final_apart_lists_unstarted_trials_and
     assert c["fq.decay"] == 0.8 and c["run_id"] == "-"
     header = next(csv.reader((tmp_path / "out" / "trials.csv").open()))
     assert final in header and interim in header and "kid" not in header and "from" not in header
+    series = axis_series(rows, final, interim)  # metric_vs_axes.png: one panel row per evaluation, named with its N
+    assert [(name, [r["trial"] for r in subset]) for name, _, subset in series] == [(final, ["a"]), (interim, ["b"])]
     best = (tmp_path / "out" / "best_params.yaml").read_text()
     assert "best trial a " in best and "kid = 0.2 (kid500_train_randcnn_mean)" in best
     p = yaml.safe_load(best)

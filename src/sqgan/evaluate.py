@@ -36,17 +36,24 @@ class EvalResult:
     real_cache_hit: bool | None
 
 
-def latest_checkpoint(path: str | Path) -> Path:
-    """`path` itself when a file; the last checkpoints/step_NNNNNN.pt of a run folder."""
+def checkpoints_in(run_dir: str | Path) -> list[Path]:
+    """A run folder's complete checkpoints, oldest first (written atomically: a step_*.pt file is whole)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+
+
+def latest_checkpoint(path: str | Path, option: str = "--checkpoint") -> Path:
+    """`path` itself when a file; the last checkpoints/step_NNNNNN.pt of a run folder (or of a checkpoints/ folder).
+    `option` names the command-line option in the errors (`--checkpoint`, `--resume`)."""
     path = Path(path)
     if path.is_dir():
-        found = sorted((path / "checkpoints").glob("step_*.pt")) or sorted(path.glob("step_*.pt"))
+        found = checkpoints_in(path) or sorted(path.glob("step_*.pt"))
         if not found:
-            raise FileNotFoundError(f"--checkpoint {path}: no step_NNNNNN.pt under {path}/checkpoints; pass a run "
-                                    f"folder that `sqgan train` wrote, or a checkpoint file")
+            raise FileNotFoundError(f"{option} {path}: no step_NNNNNN.pt under {path}/checkpoints; pass a run "
+                                    f"folder that `sqgan train` wrote, or a checkpoint file (a run stopped before "
+                                    f"its first checkpoint has none: train it again with --force)")
         return found[-1]
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint {path} not found; pass a step_NNNNNN.pt file or a run folder")
+        raise FileNotFoundError(f"{option} {path} not found; pass a step_NNNNNN.pt file or a run folder")
     return path
 
 

@@ -142,6 +142,8 @@ def fit_tracked(trainer: Any, tracking_uri: str, run_id: str, out_dir: Path | No
 
 def interrupted_message(out_dir: Path | None) -> str:
     """The one line an interrupted training prints: what was kept and the command that continues it."""
+    from sqgan.evaluate import checkpoints_in
+
     found = checkpoints_in(out_dir) if out_dir is not None else []
     if found:
         return (f"interrupted: the MLflow run is marked KILLED; its last checkpoint is {found[-1]}; continue with "
@@ -350,7 +352,10 @@ def run_training(
     from sqgan.tracking import MlflowLogger, end_run, open_run
 
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
-    resume = resolve_resume(resume) if resume is not None else None
+    if resume is not None:
+        from sqgan.evaluate import latest_checkpoint
+
+        resume = latest_checkpoint(resume, "--resume").resolve()
     use_gpu, storage = preflight(params, data_dir, out_dir, resume, project_dir, force)
 
     init_ray(params)
@@ -375,23 +380,23 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     """Everything that can fail, checked before Ray starts: the dataset, the run folder, the checkpoint, the
     resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
     from sqgan.data.manifest import read_manifest
+    from sqgan.evaluate import checkpoints_in
     from sqgan.io import check_output, free_sibling, stage_of
     from sqgan.tracking import TRACKING_FILE
 
     read_manifest(data_dir)
     earlier = checkpoints_in(out_dir)
-    # a killed run's folder: checkpoints, or tracking.json without the loop's marker (killed while Ray started); an
-    # earlier run whose checkpoints DVC removed before re-running its stage keeps the marker and is trained over
+    # an earlier run's folder: its checkpoints, or tracking.json without the loop's marker (killed while Ray started);
+    # a run whose checkpoints DVC removed before re-running its stage keeps the marker and is trained over
     killed = (out_dir / TRACKING_FILE).exists() and stage_of(out_dir) != "train"
     if resume is None and not force and out_dir.is_dir() and (earlier or killed):
-        # an earlier run's folder, finished or killed (a run killed while Ray started has only tracking.json)
         if earlier:
             raise RuntimeError(f"--out {out_dir} holds the checkpoints of an earlier run (up to {earlier[-1].name}); "
                                f"continue it with --resume {out_dir}, write to a new folder (e.g. --out "
                                f"{free_sibling(out_dir)}), or add --force to train over it")
         raise RuntimeError(f"--out {out_dir} holds what a killed run left ({TRACKING_FILE}, no checkpoint: nothing "
                            f"to resume); add --force to train over it")
-    # a killed run's folder (tracking.json, maybe checkpoints) is sqgan's even before the loop marked it
+    # a run's folder (tracking.json) is sqgan's even before the loop marked it
     check_output(out_dir, "train", (data_dir,), force or (out_dir / TRACKING_FILE).exists())
     if resume is not None:
         from sqgan.train.loop import check_resume, load_checkpoint
@@ -400,27 +405,6 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     check_prior_file(params)
     use_gpu, storage, _ = check_environment(params, project_dir)
     return use_gpu, storage
-
-
-def checkpoints_in(run_dir: Path) -> list[Path]:
-    """A run folder's complete checkpoints, oldest first (written atomically: a step_*.pt file is whole)."""
-    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-
-
-def resolve_resume(resume: str | Path) -> Path:
-    """What --resume names, as a checkpoint file: a step_NNNNNN.pt file itself, or a run folder's (or its
-    checkpoints/ folder's) latest checkpoint."""
-    path = Path(resume).resolve()
-    if path.is_dir():
-        found = checkpoints_in(path) or (sorted(path.glob("step_*.pt")) if path.name == "checkpoints" else [])
-        if not found:
-            raise FileNotFoundError(f"--resume {resume}: the folder holds no checkpoints/step_NNNNNN.pt (the run was "
-                                    f"stopped before its first checkpoint); start it again with --force")
-        return found[-1]
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {resume} not found; pass a run folder or one of its "
-                                f"checkpoints/step_NNNNNN.pt files")
-    return path
 
 
 def check_prior_file(params: Params) -> None:

@@ -238,6 +238,16 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def axis_series(rows: list[dict[str, Any]], key: str, interim: str) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """metric_vs_axes.png's series, one panel row each: (metric name, what, rows) — the final evaluation of the
+    trials that have one, then the last interim one of those stopped before it; never one series of both."""
+    series = [(key, "final", [r for r in rows if not math.isnan(r[key])])]
+    if interim != key:
+        series.append((interim, "last interim, trials stopped before the end",
+                       [r for r in rows if math.isnan(r[key]) and not math.isnan(r[interim])]))
+    return [s for s in series if s[2]] or series[:1]
+
+
 def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes: list[str], out: Path) -> None:
     """metric_vs_axes.png (a row of panels per evaluation: the final one, then the last interim one of the trials
     that have no final) and curves.png (the interim evaluations over steps and the final values, side by side):
@@ -251,11 +261,7 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
 
     metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
     interim = ptags.get("sqgan.tune.interim_key", key)
-    series = [(key, "final", [r for r in rows if not math.isnan(r[key])])]
-    if interim != key:
-        series.append((interim, "last interim, trials stopped before the end",
-                       [r for r in rows if math.isnan(r[key]) and not math.isnan(r[interim])]))
-    series = [s for s in series if s[2]] or series[:1]
+    series = axis_series(rows, key, interim)
     fig, axs = plt.subplots(len(series), len(axes), figsize=(4 * len(axes), 3.2 * len(series)), squeeze=False)
     for (name, what, subset), panel in zip(series, axs, strict=True):
         for ax, axis in zip(panel, axes, strict=True):
