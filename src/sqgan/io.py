@@ -176,8 +176,7 @@ def check_output(out: str | Path, stage: str, inputs: tuple[str | Path | None, .
     owner = stage_of(out_r) if out_r.is_dir() else None
     safe = _suggest(out_path)
     if owner == stage:
-        recorded = _marker(out_r).get("listing")
-        if stage == "train" or recorded is None or recorded == listing(out_r):
+        if stage == "train" or _unchanged(out_r):
             return
         raise UnsafeOutput(
             f"--out {out_path} is an earlier '{stage}' output, but files were added to or removed from it since; "
@@ -194,6 +193,12 @@ def check_output(out: str | Path, stage: str, inputs: tuple[str | Path | None, .
         f"--out {out_path} is an existing {kind} that no sqgan stage wrote; nothing was changed (sqgan never "
         f"replaces what it did not write). Write to a new folder, e.g. --out {safe}"
     )
+
+
+def _unchanged(folder: Path) -> bool:
+    """A stage's output holds what its stage wrote: the listing its marker recorded (if any) is still the listing."""
+    recorded = _marker(folder).get("listing")
+    return recorded is None or recorded == listing(folder)
 
 
 def _marker(folder: Path) -> dict[str, Any]:
@@ -228,8 +233,7 @@ def refuse_unknown_files(out: str | Path, stage: str) -> None:
     if not out_r.exists() or (out_r.is_dir() and not any(out_r.iterdir())):
         return
     owner = stage_of(out_r) if out_r.is_dir() else None
-    recorded = _marker(out_r).get("listing") if owner is not None else None
-    if owner is not None and (recorded is None or recorded == listing(out_r)):
+    if owner is not None and _unchanged(out_r):
         return
     if out_r.is_dir():  # files changed after the stage's marker first: what the user added
         marked = (out_r / MARKER).stat().st_mtime if (out_r / MARKER).exists() else -1.0
