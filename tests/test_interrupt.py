@@ -242,7 +242,10 @@ def test_ctrl_c_on_dvc_repro_sweep_exits_130_lists_every_trial_and_dvc_records_n
                               "metrics.diversity_every": 0, "ray.num_cpus": 2})
     cmd = " ".join(_cli(["tune", "--data", str(demo_dir), "--out", "sweep"], [f"'{s}'" for s in sets]))
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sweep": {"cmd": cmd, "outs": ["sweep"]}}}))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # DVC runs a stage's cmd through $SHELL (else /bin/sh). bash waits for the stage and passes on its 130; dash, this
+    # machine's /bin/sh, dies of the SIGINT itself ("exited with -2", and the stage still finishing its report behind
+    # it), so the shell is pinned to see sqgan's own status: CI may run without $SHELL.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SHELL": "/bin/bash"}
     dvc = Path(sys.executable).parent / "dvc"
     subprocess.run([str(dvc), "init", "--no-scm", "-q"], cwd=tmp_path, check=True, env=env)
     log = tmp_path / "repro.log"
