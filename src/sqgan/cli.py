@@ -441,6 +441,34 @@ def sample_cmd(
                    f"{c.accuracy:.3f} vs {c.chance:.3f} unconditional; FID cost {c.fid_cost:+.3f}")
 
 
+@app.command("import")
+def import_cmd(
+    pkl: Annotated[Path, typer.Argument(help="a stylegan2-ada-pytorch network-snapshot-*.pkl")],
+    out: Annotated[Path, typer.Option(help="run folder to write (checkpoints/step_000000.pt, params.yaml, "
+                                           "tracking.json)")],
+    data: Annotated[Path | None, typer.Option(help="curated dataset the network is evaluated against / fine-tuned "
+                                                   "on (default: data.root/data.dataset)")] = None,
+    force: ForceOpt = False,
+    delete_unknown: DeleteUnknownOpt = False,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """A pretrained stylegan2-ada network (G, G_ema with w_avg, D) as an sqgan run: read without running the pickle's
+    code, its kwargs set model.*, every tensor checked; logged as an MLflow run (sqgan.stage=import, the pickle's
+    sha256, its kwargs as ada.* params). Then `sqgan sample --checkpoint OUT`, `sqgan eval --checkpoint OUT`, and
+    `sqgan train --set train.init_from=OUT` to fine-tune."""
+    from sqgan.pretrained import run_import
+
+    p = resolve(params, set_, no_params_file)
+    with stage_errors():
+        r = run_import(p, pkl, out, data_dir=data, force=force_value(force, delete_unknown))
+    m = r.model
+    typer.echo(f"{pkl} (sha256 {r.sha256[:12]}…) → {r.checkpoint}: StyleGAN2 {m['resolution']}px, z {m['z_dim']}, "
+               f"w {m['w_dim']}, {m['mapping_layers']} mapping layers, channel_base {m['channel_base']}, channel_max "
+               f"{m['channel_max']}, conv_clamp {m['conv_clamp']}; mlflow run {r.run_id} ({r.tracking_uri})")
+
+
 @app.command("reproduce")
 def reproduce_cmd(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a finished training run or sweep trial")],

@@ -152,6 +152,11 @@ class ModelParams(Section):
     channel_max: int = Field(512, ge=4, le=4096, description="StyleGAN2: most channels of any layer")
     style_mixing: float = Field(0.9, ge=0.0, le=1.0, description="StyleGAN2: share of G-step batches whose styles "
                                                                   "switch to a second z at a random layer")
+    conv_clamp: float | None = Field(None, gt=0.0, le=1e6, description="StyleGAN2: clamp of every conv's output "
+                                                                        "(stylegan2-ada trains with 256; unset = none)")
+    mbstd_group_size: int = Field(4, ge=1, le=256, description="StyleGAN2 D: minibatch-stddev group size")
+    mbstd_num_channels: int = Field(1, ge=0, le=64, description="StyleGAN2 D: minibatch-stddev channels (0 = "
+                                                                "no minibatch-stddev layer)")
 
     @field_validator("resolution")
     @classmethod
@@ -315,6 +320,10 @@ class TrainParams(Section):
     keep_checkpoints: int = Field(3, ge=0, description="checkpoints/ keeps the newest N step_*.pt and the one whose "
                                                        "interim FID/KID was best (0 = keep every one)")
     seed: int = Field(0, ge=0, description="seed of init, batches, z and augmentation")
+    init_from: str | None = Field(None, description="fine-tune: a run folder (its latest checkpoint) or checkpoint "
+                                                    "whose G, G_ema and D start this run at step 0, e.g. an `sqgan "
+                                                    "import` of a stylegan2-ada network; model.* must match it, FQ/SQ/"
+                                                    "MixDL may be switched on (their dictionaries start fresh)")
     workers: int = Field(1, ge=1, le=1024, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="train on GPU: auto = when Ray sees one")
     out_dir: str = Field("runs/demo", min_length=1, description="run folder: checkpoints/, samples/, metrics.json")

@@ -60,13 +60,16 @@ def _stylegan2_synthesis(p: Params, latent: int) -> nn.Module:
     from sqgan.models.stylegan2 import SynthesisNetwork
 
     return SynthesisNetwork(latent, p.model.resolution, channel_base=p.model.channel_base,
-                            channel_max=p.model.channel_max)
+                            channel_max=p.model.channel_max, conv_clamp=p.model.conv_clamp)
 
 
 def _stylegan2_trunk(p: Params) -> nn.Module:
     from sqgan.models.stylegan2 import DiscriminatorTrunk
 
-    return DiscriminatorTrunk(p.model.resolution, channel_base=p.model.channel_base, channel_max=p.model.channel_max)
+    m = p.model
+    return DiscriminatorTrunk(m.resolution, channel_base=m.channel_base, channel_max=m.channel_max,
+                              mbstd_group_size=m.mbstd_group_size, mbstd_num_channels=m.mbstd_num_channels,
+                              conv_clamp=m.conv_clamp)
 
 
 BACKBONES: dict[str, Backbone] = {

@@ -221,6 +221,40 @@ def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
 
 _unwrap = unwrap
 
+# what a fine-tuned run may add to (or drop from) the networks it starts from: FQ's and SQ's dictionaries
+FRESH_PREFIXES = ("quantizer.", "quantizers.")
+
+
+def init_source(params: Params) -> tuple[Path, dict[str, Any]]:
+    """train.init_from's checkpoint and state, checked: an sqgan checkpoint with the same model.* params."""
+    from sqgan.config import flatten
+    from sqgan.evaluate import latest_checkpoint
+
+    path = latest_checkpoint(params.train.init_from or "", "train.init_from")
+    state = load_checkpoint(path)
+    old = Params().flat() | flatten(state["params"])
+    new = params.flat()
+    diff = [k for k in new if k.startswith("model.") and k not in ARCH_EXEMPT and old.get(k) != new[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: {old.get(k)!r} (there) vs {new[k]!r}" for k in diff)
+        raise ValueError(f"train.init_from {params.train.init_from}: its networks were built with other model params "
+                         f"({pairs}); set them as it has them (its params.yaml)")
+    return path, state
+
+
+def init_weights(params: Params, G: nn.Module | None, D: nn.Module | None, G_ema: nn.Module | None) -> None:
+    """Start G, D and G_ema from train.init_from's (fine-tuning). Only FQ's and SQ's dictionaries may be missing
+    there (they start fresh) or extra (dropped); a checkpoint without D (an import of G only) leaves D as built."""
+    path, state = init_source(params)
+    for name, module in (("G", G), ("D", D), ("G_ema", G_ema)):
+        if module is None or state.get(name) is None:
+            continue
+        got = module.load_state_dict(state[name], strict=False)
+        wrong = [k for k in (*got.missing_keys, *got.unexpected_keys) if not k.startswith(FRESH_PREFIXES)]
+        if wrong:
+            raise ValueError(f"train.init_from {path}: its {name} does not fit this run's ({', '.join(wrong[:4])}); "
+                             f"only FQ's and SQ's dictionaries may differ")
+
 
 # ----------------------------------------------------------------------------------- samples
 @torch.no_grad()
@@ -311,11 +345,15 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
     tp, device = params.train, rt.device
     torch.manual_seed(tp.seed)  # same initial weights on every rank
     G, D = build_generator(params).to(device), build_discriminator(params).to(device)
+    if tp.init_from and resume is None:
+        init_weights(params, G, D, None)
     if params.sq.enabled and params.sq.prior and resume is None:
         from sqgan.quant.prior import load_prior, restore_codebook
 
         restore_codebook(G.quantizer, load_prior(params.sq.prior))
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    if tp.init_from and resume is None:
+        init_weights(params, None, None, G_ema)
     heads = None
     if params.mixdl.enabled:  # after G_ema's copy and every other init: a run without MixDL draws as before
         from sqgan.losses.mixdl import MixDLHeads

@@ -402,6 +402,10 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
         from sqgan.train.loop import check_resume, load_checkpoint
 
         check_resume(load_checkpoint(resume), params, resume)
+    if params.train.init_from and resume is None:
+        from sqgan.train.loop import init_source
+
+        init_source(params)
     check_prior_file(params)
     use_gpu, storage, _ = check_environment(params, project_dir)
     return use_gpu, storage
