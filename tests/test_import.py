@@ -108,12 +108,12 @@ def _tree(fake: _Fake, module: nn.Module):
 
 
 def ada_pickle_bytes(G: nn.Module, G_ema: nn.Module, D: nn.Module, p, *, c_dim: int = 0, extra_g: dict | None = None,
-                     synthesis_src: str = ADA_MODULE_SRC) -> bytes:
+                     synthesis_src: str = ADA_MODULE_SRC, mapping_kwargs: dict | None = None) -> bytes:
     m = p.model
     with _Fake() as fake:
         def generator(g: nn.Module):
             gk = fake.EasyDict(z_dim=m.z_dim, c_dim=c_dim, w_dim=m.w_dim, img_resolution=m.resolution, img_channels=3,
-                               mapping_kwargs=fake.EasyDict(num_layers=m.mapping_layers),
+                               mapping_kwargs=fake.EasyDict(mapping_kwargs or {"num_layers": m.mapping_layers}),
                                synthesis_kwargs=fake.EasyDict(channel_base=m.channel_base, channel_max=m.channel_max,
                                                               num_fp16_res=4, conv_clamp=int(m.conv_clamp)))
             mapping = _tree(fake, g.mapping)
@@ -280,6 +280,14 @@ def test_a_hostile_pickle_runs_nothing_and_other_kinds_are_named(source, tmp_pat
     _refused(tmp_path, ada_pickle_bytes(*args, synthesis_src="class SynthesisInput(torch.nn.Module): ..."),
              "StyleGAN3")
     _refused(tmp_path, pickle.dumps({"G": 1}), "no G_ema network in it")
+    _refused(tmp_path, ada_pickle_bytes(*args, mapping_kwargs={"num_layers": 3, "lr_multiplier": 0.1}),
+             "lr_multiplier is 0.1")
+    box = build_generator(p)
+    box.load_state_dict(source["G_ema"].state_dict())
+    for m in box.modules():
+        if "resample_filter" in m._buffers:
+            m._buffers["resample_filter"] = torch.full([4], 0.25)  # a box filter: same shape, other values
+    _refused(tmp_path, ada_pickle_bytes(box, box, source["D"], p), "resampling filter")
 
 
 def test_a_pickle_whose_tensors_do_not_fit_its_kwargs_is_refused_naming_the_tensor(source, tmp_path):
@@ -296,10 +304,7 @@ def test_train_init_from_an_import_fine_tunes_it_with_fq_and_sq_switched_on(sour
 
     monkeypatch.chdir(tmp_path)
     sets = [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"mlflow.artifact_root={tmp_path / 'art'}"]
-    p = source["params"]
-    pkl = tmp_path / "same.pkl"  # G = G_ema, so one step at a negligible learning rate leaves G_ema the source's
-    pkl.write_bytes(ada_pickle_bytes(source["G_ema"], source["G_ema"], source["D"], p))
-    run_import(default_params(sets), pkl, tmp_path / "imported", data_dir=demo_dir)
+    run_import(default_params(sets), source["pkl"], tmp_path / "imported", data_dir=demo_dir)
 
     model = [s for s in TINY if s.startswith("model.")]
     tune = default_params(model + ["fq.enabled=true", "sq.enabled=true", "fq.codebook_size=16", "sq.codebook_size=16",
@@ -309,11 +314,16 @@ def test_train_init_from_an_import_fine_tunes_it_with_fq_and_sq_switched_on(sour
                                    "train.sample_every=1", "model.style_mixing=0"])
     train(tune, demo_dir, tmp_path / "tuned")
     got = load_checkpoint(tmp_path / "tuned" / "checkpoints" / "step_000001.pt")
-    src = source["G_ema"].state_dict()
+    # one step at a negligible learning rate: G is the source's G, and G_ema = lerp(source G_ema, G, 1 − β₀), β₀ = 0.1
+    from sqgan.train.loop import ema_beta
+
+    src, src_g, beta = source["G_ema"].state_dict(), source["G"].state_dict(), ema_beta(0, tune.train.g_ema_decay)
     for k in ("synthesis.b32.conv1.weight", "mapping.fc0.weight", "synthesis.b4.const"):
-        assert torch.allclose(got["G_ema"][k], src[k], atol=1e-5), k
-    # w_avg went on from the imported one (one G step: 0.5 % of the way to the batch's mean w), not from zero
-    assert torch.allclose(got["G_ema"]["mapping.w_avg"], src["mapping.w_avg"], rtol=0.03, atol=0.02)
+        assert torch.allclose(got["G"][k], src_g[k], atol=1e-5), k
+        assert torch.allclose(got["G_ema"][k], beta * src[k] + (1 - beta) * src_g[k], atol=1e-5), k
+    # w_avg (a buffer: G_ema copies G's) went on from the imported G's (one G step: 0.5 % of the way to the batch's
+    # mean w), not from zero
+    assert torch.allclose(got["G_ema"]["mapping.w_avg"], src_g["mapping.w_avg"], rtol=0.03, atol=0.02)
     assert "quantizer.codebook" in got["G_ema"] and any(k.startswith("quantizers.") for k in got["D"])
     assert torch.allclose(got["D"]["trunk.head.out.weight"], source["D"].state_dict()["trunk.head.out.weight"],
                           atol=1e-5)

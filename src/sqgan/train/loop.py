@@ -225,6 +225,14 @@ _unwrap = unwrap
 FRESH_PREFIXES = ("quantizer.", "quantizers.")
 
 
+def absolute_init_from(params: Params) -> Params:
+    """train.init_from as an absolute path, so Ray's workers (whose working folder may differ) find it."""
+    if not params.train.init_from:
+        return params
+    train = params.train.model_copy(update={"init_from": str(Path(params.train.init_from).resolve())})
+    return params.model_copy(update={"train": train})
+
+
 def init_source(params: Params) -> tuple[Path, dict[str, Any]]:
     """train.init_from's checkpoint and state, checked: an sqgan checkpoint with the same model.* params."""
     from sqgan.config import flatten

@@ -350,7 +350,9 @@ def run_training(
 ) -> TrainRun:
     """Run one training as a Ray Train job, tracked in MLflow; returns where everything went."""
     from sqgan.tracking import MlflowLogger, end_run, open_run
+    from sqgan.train.loop import absolute_init_from
 
+    params = absolute_init_from(params)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     if resume is not None:
         from sqgan.evaluate import latest_checkpoint

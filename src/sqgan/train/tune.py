@@ -321,11 +321,15 @@ def run_sweep(
 ) -> Sweep:
     """Check everything, open the parent run, run the trials under Ray Tune, write and log the report."""
     from sqgan.io import check_output, mark_output, stage_of, write_json_atomic
+    from sqgan.train.loop import absolute_init_from, init_source
     from sqgan.train.ray_train import available_resources, init_ray
 
+    params = absolute_init_from(params)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     project_dir = Path(project_dir).resolve()
     base = check_sweep(params)
+    if params.train.init_from:
+        init_source(params)  # before Ray starts: a checkpoint that does not fit fails here, not in every trial
     check_output(out_dir, "sweep", (data_dir,), force)
     if (out_dir / SWEEP_FILE).exists() and not force:
         raise RuntimeError(f"--out {out_dir} holds an earlier sweep; continue it with `sqgan tune --resume {out_dir}`, "
