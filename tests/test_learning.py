@@ -184,8 +184,10 @@ def test_the_dcgan_sq_generator_output_depends_on_z_at_init():
     assert w.std(0).mean() > 0.3  # codes of unit sub-vectors: ≈ 0.5 per coordinate
 
 
-def test_minibatch_stddev_keeps_reals_and_fakes_apart():
-    p = default_params(["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16", "fq.enabled=false"])
+@pytest.mark.parametrize("arch", [["model.arch=stylegan2", "model.channel_base=256", "model.channel_max=16"],
+                                  ["model.arch=dcgan", "model.d_channels=8", "model.mbstd_num_channels=1"]])
+def test_minibatch_stddev_keeps_reals_and_fakes_apart(arch):
+    p = default_params([*arch, "fq.enabled=false"])
     D = build_discriminator(p).eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     real, fake = x[:4], x[4:] * 3
@@ -289,3 +291,11 @@ def test_tune_sees_a_collapsed_trial_as_the_worst_until_it_recovers(monkeypatch)
     cb = _report_callback("g/score", "-", "-", "max")  # any logged metric, ranked high-is-good
     cb.after_report(None, [{"g/score": 3.0, "diversity/collapsed": 1.0}], None)
     assert seen[-1]["g/score"] == -math.inf
+
+
+def test_minibatch_stddev_is_off_for_dcgan_unless_asked_and_refused_for_sngan():
+    plain = build_discriminator(default_params(["model.arch=dcgan", "fq.enabled=false"]))
+    assert plain.trunk.mbstd is None and not getattr(plain.trunk, "batch_statistics", False)
+    assert plain.trunk.fc.in_features == 256 * 16  # the DCGAN discriminator as it always was
+    with pytest.raises(ValueError, match="SNGAN discriminator has no minibatch-stddev"):
+        build_discriminator(default_params(["model.arch=sngan", "model.mbstd_num_channels=1", "fq.enabled=false"]))

@@ -154,9 +154,9 @@ class ModelParams(Section):
                                                                   "switch to a second z at a random layer")
     conv_clamp: float | None = Field(None, gt=0.0, le=1e6, description="StyleGAN2: clamp of every conv's output "
                                                                         "(stylegan2-ada trains with 256; unset = none)")
-    mbstd_group_size: int = Field(4, ge=1, le=256, description="StyleGAN2 D: minibatch-stddev group size")
-    mbstd_num_channels: int = Field(1, ge=0, le=64, description="StyleGAN2 D: minibatch-stddev channels (0 = "
-                                                                "no minibatch-stddev layer)")
+    mbstd_group_size: int = Field(4, ge=1, le=256, description="D's minibatch-stddev group size (StyleGAN2, DCGAN)")
+    mbstd_num_channels: int | None = Field(None, ge=0, le=64, description="D's minibatch-stddev channels (0 = none); "
+                                                                          "unset = 1 for stylegan2, 0 for dcgan/sngan")
 
     @field_validator("resolution")
     @classmethod

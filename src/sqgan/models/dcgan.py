@@ -62,9 +62,11 @@ class DCGANSynthesis(nn.Module):
 
 
 class DCGANTrunk(nn.Module):
-    """Strided convolutions down to 4×4; the head is one linear layer on the flattened 4×4 map (the features)."""
+    """Strided convolutions down to 4×4; the head is one linear layer on the flattened 4×4 map (the features), after
+    an optional minibatch-stddev layer (`mbstd_num_channels` > 0; Karras et al. 2018, §3, as StyleGAN2's head)."""
 
-    def __init__(self, resolution: int = 32, channels: int = 64) -> None:
+    def __init__(self, resolution: int = 32, channels: int = 64, mbstd_group_size: int = 4,
+                 mbstd_num_channels: int = 0) -> None:
         super().__init__()
         n = _blocks_for(resolution)
         self.resolution = resolution
@@ -76,8 +78,16 @@ class DCGANTrunk(nn.Module):
             self.blocks.append(nn.Sequential(nn.Conv2d(ch_in, out, 4, 2, 1), nn.LeakyReLU(0.2, True)))
             self.widths.append(out)
             ch_in = out
-        self.fc = nn.Linear(ch_in * 4 * 4, 1)
+        self.mbstd = None
+        if mbstd_num_channels > 0:
+            from sqgan.models.stylegan2 import MinibatchStdLayer
 
-    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels)
+            self.batch_statistics = True  # base.Discriminator passes parts=(reals, fakes): groups never mix them
+        self.fc = nn.Linear((ch_in + mbstd_num_channels) * 4 * 4, 1)
+
+    def head(self, x: torch.Tensor, parts: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mbstd is not None:
+            x = self.mbstd(x, parts)
         features = x.flatten(1)
         return self.fc(features).squeeze(1), features

@@ -35,7 +35,14 @@ def _dcgan_synthesis(p: Params, latent: int) -> nn.Module:
 def _dcgan_trunk(p: Params) -> nn.Module:
     from sqgan.models.dcgan import DCGANTrunk
 
-    return DCGANTrunk(p.model.resolution, p.model.d_channels)
+    return DCGANTrunk(p.model.resolution, p.model.d_channels, p.model.mbstd_group_size, mbstd_channels(p))
+
+
+def mbstd_channels(p: Params) -> int:
+    """model.mbstd_num_channels, unset resolved per backbone: 1 for StyleGAN2 (config F), 0 (none) otherwise."""
+    if p.model.mbstd_num_channels is not None:
+        return p.model.mbstd_num_channels
+    return 1 if p.model.arch == "stylegan2" else 0
 
 
 def _dcgan_init(m: nn.Module) -> None:
@@ -53,6 +60,9 @@ def _sngan_synthesis(p: Params, latent: int) -> nn.Module:
 def _sngan_trunk(p: Params) -> nn.Module:
     from sqgan.models.sngan import SNGANTrunk
 
+    if mbstd_channels(p):
+        raise ValueError("model.mbstd_num_channels: the SNGAN discriminator has no minibatch-stddev layer; unset it "
+                         "or use model.arch dcgan or stylegan2")
     return SNGANTrunk(p.model.resolution, p.model.d_channels)
 
 
@@ -68,7 +78,7 @@ def _stylegan2_trunk(p: Params) -> nn.Module:
 
     m = p.model
     return DiscriminatorTrunk(m.resolution, channel_base=m.channel_base, channel_max=m.channel_max,
-                              mbstd_group_size=m.mbstd_group_size, mbstd_num_channels=m.mbstd_num_channels,
+                              mbstd_group_size=m.mbstd_group_size, mbstd_num_channels=mbstd_channels(p),
                               conv_clamp=m.conv_clamp)
 
 
