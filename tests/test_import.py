@@ -168,8 +168,9 @@ def test_every_tensor_arrives_and_images_and_logits_equal_the_source(source):
     p, pkl = source["params"], source["pkl"]
     nets = networks_of(read_pickle(pkl), pkl)
     for k in ("resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "conv_clamp",
-              "mbstd_group_size", "mbstd_num_channels"):
+              "mbstd_group_size"):
         assert nets.model[k] == getattr(p.model, k), k
+    assert nets.model["mbstd_num_channels"] == 1 and p.model.mbstd_num_channels is None  # StyleGAN2's unset = 1
     for part in ("G", "G_ema"):
         own = source[part].state_dict()
         assert set(own) <= set(nets.__dict__[part]) and all(torch.equal(own[k], nets.__dict__[part][k]) for k in own)

@@ -233,16 +233,29 @@ def absolute_init_from(params: Params) -> Params:
     return params.model_copy(update={"train": train})
 
 
+def _resolved_model(p: Params) -> dict[str, Any]:
+    """p's model.* with the keys whose unset value means a per-backbone default filled in as the factory fills them
+    (an import sets them explicitly: 8 mapping layers and 1 mbstd channel equal unset for StyleGAN2)."""
+    from sqgan.models.factory import mapping_layers, mbstd_channels
+
+    flat = {k: v for k, v in p.flat().items() if k.startswith("model.")}
+    return flat | {"model.mapping_layers": mapping_layers(p), "model.mbstd_num_channels": mbstd_channels(p)}
+
+
 def init_source(params: Params) -> tuple[Path, dict[str, Any]]:
     """train.init_from's checkpoint and state, checked: an sqgan checkpoint with the same model.* params."""
-    from sqgan.config import flatten
     from sqgan.evaluate import latest_checkpoint
 
     path = latest_checkpoint(params.train.init_from or "", "train.init_from")
     state = load_checkpoint(path)
-    old = Params().flat() | flatten(state["params"])
-    new = params.flat()
-    diff = [k for k in new if k.startswith("model.") and k not in ARCH_EXEMPT and old.get(k) != new[k]]
+    raw = Params().model_dump(mode="json")
+    raw["model"] = raw["model"] | dict(state["params"].get("model") or {})
+    try:
+        old = _resolved_model(Params.model_validate(raw))
+    except ValueError as e:
+        raise ValueError(f"train.init_from {path}: its model params do not fit this sqgan version ({e})") from None
+    new = _resolved_model(params)
+    diff = [k for k in new if k not in ARCH_EXEMPT and old.get(k) != new[k]]
     if diff:
         pairs = ", ".join(f"{k}: {old.get(k)!r} (there) vs {new[k]!r}" for k in diff)
         raise ValueError(f"train.init_from {params.train.init_from}: its networks were built with other model params "
