@@ -136,6 +136,25 @@ def test_feed_mode_passes_quantized_features_and_regularize_passes_h():
         assert torch.equal(after_h, after) != changes, mode
 
 
+def test_the_shipped_discriminator_goes_on_with_h_as_the_official_code():
+    """The default (fq.mode regularize, issue 25: feed mode lost modes on the mode benchmark): D built from the
+    shipped params scores as the same D without FQ, and only the commitment loss carries FQ."""
+    from sqgan.config import default_params
+    from sqgan.models.factory import build_discriminator
+
+    torch.manual_seed(6)
+    with_fq = build_discriminator(default_params(["model.arch=dcgan", "model.d_channels=8"]))
+    without = build_discriminator(default_params(["model.arch=dcgan", "model.d_channels=8", "fq.enabled=false"]))
+    without.load_state_dict(with_fq.state_dict(), strict=False)  # same weights, no dictionaries
+    x = torch.randn(6, 3, 32, 32)
+    out = with_fq(x)
+    assert sorted(out.quant) == ["fq/layer1", "fq/layer2"]
+    assert torch.equal(out.logits, without(x).logits)
+    assert out.loss > 0
+    out.loss.backward()  # α·L_Q reaches the blocks before each quantized layer
+    assert with_fq.trunk.blocks[0][0].weight.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------ distributed
 K, C, STEPS = 8, 4, 3
 

@@ -181,7 +181,8 @@ class FQParams(Section):
     commitment: float = Field(0.25, ge=0.0, le=100.0, description="β of the commitment loss β‖sg(e) − h‖²")
     eps: float = Field(1e-5, gt=0.0, le=1.0, description="ε of the Laplace smoothing of the EMA counts")
     mode: Literal["feed", "regularize"] = Field(
-        "feed", description="feed: D's next layer sees quantized h′ (paper); regularize: it sees h (official code)"
+        "regularize", description="regularize: D's next layer sees h and only α·L_Q pulls h to the dictionary (official "
+                                  "code); feed: it sees quantized h′ (paper's text; loses modes, see README)"
     )
     init: Literal["batch", "random"] = Field(
         "batch", description="initial dictionary: K vectors of the first batch, or N(0, 1) as the official code"
