@@ -3,8 +3,9 @@
 Each row trains the shipped params with a few switches (the plain loop of `sqgan.train.loop`, no Ray or MLflow) on
 the demo data (IHC tissue crops + LFW faces) and measures G_ema: pixel diversity of 64 fixed-z samples relative to
 the reals' (`diversity/pixel`), how many distinct reals are their nearest neighbours, the share of samples nearest a
-face (the shipped demo data is ~3/5 faces), and the final evaluation's FID, precision/recall and LPIPS diversity (random-CNN
-features offline: `_randcnn`/`_randalex`). A collapsed generator has pixel ≪ 1, one nearest real and recall 0.
+face (the shipped demo data is ~3/5 faces), and the final evaluation's FID, precision/recall and LPIPS diversity
+(random-CNN features offline: `_randcnn`/`_randalex`). A collapsed generator has pixel ≪ 1, one nearest real and
+recall 0.
 
     python benchmarks/ablation.py                          # DCGAN rows at the demo schedule (1000 steps)
     python benchmarks/ablation.py --arch sngan --steps 600

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sqgan.config import default_params
+from sqgan.models.factory import build_discriminator
 from sqgan.quant import FeatureQuantizer
 
 
@@ -139,9 +141,6 @@ def test_feed_mode_passes_quantized_features_and_regularize_passes_h():
 def test_the_shipped_discriminator_goes_on_with_h_as_the_official_code():
     """The default (fq.mode regularize, issue 25: feed mode lost modes on the mode benchmark): D built from the
     shipped params scores as the same D without FQ, and only the commitment loss carries FQ."""
-    from sqgan.config import default_params
-    from sqgan.models.factory import build_discriminator
-
     torch.manual_seed(6)
     with_fq = build_discriminator(default_params(["model.arch=dcgan", "model.d_channels=8"]))
     without = build_discriminator(default_params(["model.arch=dcgan", "model.d_channels=8", "fq.enabled=false"]))

@@ -36,7 +36,8 @@ def power_of_two(v: int, what: str) -> int:
 class DemoDataParams(Section):
     crop: int = Field(128, ge=16, le=512, description="IHC slide crop size in px (BreCaHAD-style overlapping crops)")
     stride: int = Field(64, ge=8, le=512, description="IHC crop stride in px (crops overlap when stride < crop)")
-    lfw_faces: int = Field(70, ge=0, le=100, description="how many of lfw_subset's 100 LFW faces to add (70: with 100 the 1000-step demo learns faces only, see README)")
+    lfw_faces: int = Field(70, ge=0, le=100, description="how many of lfw_subset's 100 LFW faces to add (70: with "
+                                                         "100 the 1000-step demo learns faces only, see README)")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of images put in the seeded 'test' split")
     seed: int = Field(0, ge=0, description="seed of the train/test split")
 
@@ -181,8 +182,8 @@ class FQParams(Section):
     commitment: float = Field(0.25, ge=0.0, le=100.0, description="β of the commitment loss β‖sg(e) − h‖²")
     eps: float = Field(1e-5, gt=0.0, le=1.0, description="ε of the Laplace smoothing of the EMA counts")
     mode: Literal["feed", "regularize"] = Field(
-        "regularize", description="regularize: D's next layer sees h and only α·L_Q pulls h to the dictionary (official "
-                                  "code); feed: it sees quantized h′ (paper's text; loses modes, see README)"
+        "regularize", description="regularize: D's next layer sees h and only α·L_Q pulls h to the dictionary "
+                                  "(official code); feed: it sees quantized h′ (paper's text; loses modes, see README)"
     )
     init: Literal["batch", "random"] = Field(
         "batch", description="initial dictionary: K vectors of the first batch, or N(0, 1) as the official code"
