@@ -27,9 +27,10 @@ import torch
 
 from sqgan.config import default_params
 from sqgan.data.dataset import ManifestDataset
-from sqgan.data.demo import LFW_SOURCE, build_demo
+from sqgan.data.demo import LFW_SOURCE
 from sqgan.evaluate import load_generator
 from sqgan.metrics.collapse import nearest_real
+from sqgan.stages import run_stage
 from sqgan.train.learning import train_and_measure
 
 ROWS = {
@@ -72,8 +73,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [r for r in ROWS if not args.only or r in args.only]
     work = Path(tempfile.mkdtemp(prefix="sqgan-ablation-"))
-    demo = default_params(args.set).data.demo  # the demo data `make demo` trains on (70 faces, 49 tissue crops)
-    data = build_demo(work / "demo", **demo.model_dump())
+    data = work / "demo"
+    run_stage("demo", default_params(args.set), out=data)  # the demo stage `make demo` runs (70 faces, 49 crops)
     dataset = ManifestDataset(data, 32)
     print("| arch | row | steps | pixel div. | distinct NN / 64 | faces | FID (randcnn) | precision | recall | "
           "LPIPS div. | s |")
