@@ -28,9 +28,9 @@ import torch
 from sqgan.config import default_params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.demo import LFW_SOURCE
-from sqgan.evaluate import load_generator
+from sqgan.data.stages import run_stage
 from sqgan.metrics.collapse import nearest_real
-from sqgan.stages import run_stage
+from sqgan.train.checkpoint import load_generator
 from sqgan.train.learning import train_and_measure
 
 ROWS = {

@@ -5,13 +5,13 @@
    - plain:        `sqgan.train.loop.train` in the process, no tracking;
    - plain+mlflow: the same with the MLflow run and logger `sqgan train` uses (so MLflow's share is not charged
      to Ray);
-   - ray ×W:       `sqgan.train.ray_train.run_training` (a Ray Train TorchTrainer with W workers, MLflow run).
+   - ray ×W:       `sqgan.shells.ray_train.run_training` (a Ray Train TorchTrainer with W workers, MLflow run).
    Each row reports its wall seconds and the loop's own steps/s (the sum over the loop's `time/steps_per_s`
    windows, i.e. the step time alone), so the fixed start-up/teardown cost and the per-step cost separate:
    wall_ray − wall_plain = steps × (1/sps_ray − 1/sps_plain) [per step] + the rest [fixed].
    torch uses the same number of threads in every row (`--threads`: ray.cpus_per_worker in the Ray worker,
    torch.set_num_threads and OMP_NUM_THREADS in the plain child).
-2. Ray Tune's overhead per trial: a sweep (`sqgan.train.tune.run_sweep`) of `--trials` trials, a grid over
+2. Ray Tune's overhead per trial: a sweep (`sqgan.shells.tune.run_sweep`) of `--trials` trials, a grid over
    fq.decay, scheduler fifo, max_concurrent_trials 1, tune.fixed = the same schedule as above. Per trial: its
    wall time (Ray Tune's `time_total_s`, and the span of its nested MLflow run) minus its training time (the
    loop's steps/s windows from the run's metric history), split into before and after the loop; for the sweep:
@@ -94,8 +94,8 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
         import ray.tune  # noqa: F401
         import torch  # noqa: F401
 
+        import sqgan.shells.tune  # noqa: F401
         import sqgan.train.loop  # noqa: F401
-        import sqgan.train.tune  # noqa: F401
         return
     spec = json.loads(spec_path.read_text())
     import torch
@@ -106,13 +106,14 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
         import ray
         import ray.train.torch  # noqa: F401  (the driver builds a TorchTrainer)
 
-        from sqgan.train.ray_train import init_ray, run_training
-        from sqgan.train.tune import TRIAL_TAG, run_sweep
+        from sqgan.shells.ray_train import init_ray, run_training
+        from sqgan.shells.tracking import TRIAL_TAG
+        from sqgan.shells.tune import run_sweep
     else:
         from sqgan.train.loop import Hooks, Runtime, train
     from mlflow.tracking import MlflowClient
 
-    from sqgan.tracking import MlflowLogger, end_run, open_run
+    from sqgan.shells.tracking import MlflowLogger, end_run, open_run
 
     t_imported = time.time()
     torch.set_num_threads(spec["threads"])
@@ -451,8 +452,8 @@ def main() -> None:
               f"FID/KID) {sw['plain_train_minus_loop_s']:.2f} s")
         if overlapped:
             print("WARNING: trials ran at the same time although tune.max_concurrent_trials=1 (a regression of "
-                  "sqgan.train.tune.build_searcher?); a trial that waited for the other's workers has that wait in its "
-                  "time_total/span ('waited s'), so run_sweep − Σ loop is the fair total")
+                  "sqgan.shells.tune.build_searcher?); a trial that waited for the other's workers has that wait in "
+                  "its time_total/span ('waited s'), so run_sweep − Σ loop is the fair total")
         out["sweep"] = sw
     if created:
         print(f"WARNING: {created} appeared in {ROOT} during the run")

@@ -1,4 +1,4 @@
-"""Data components: the demo data, a real dataset's download, and each dataset stage of `sqgan.stages`."""
+"""Data components: the demo data, a real dataset's download, and each dataset stage of `sqgan.data.stages`."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
@@ -10,7 +10,7 @@ from components import IMAGE
 def demo_data(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str,
               data: Output[Dataset], report: Output[Metrics]):
     """The offline demo dataset (stage `demo`: data.demo, model.resolution)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("demo", params.path, overrides, tracking_uri, parent_run_id, data.path)
     data.metadata.update(r)
@@ -21,7 +21,7 @@ def demo_data(params: Input[Artifact], overrides: list, tracking_uri: str, paren
 def download(dataset: str, params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str,
              raw: Output[Dataset]):
     """A real dataset's raw files: data.<dataset>.url (verified by its sha256) or data.<dataset>.path."""
-    from sqgan.kfp_tasks import download_task
+    from sqgan.commands.kfp_tasks import download_task
 
     raw.metadata.update(download_task(dataset, params.path, overrides, tracking_uri, parent_run_id, raw.path))
 
@@ -30,7 +30,7 @@ def download(dataset: str, params: Input[Artifact], overrides: list, tracking_ur
 def curate(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, src: Input[Dataset],
            data: Output[Dataset], report: Output[Metrics]):
     """Stage `curate` of a folder of images (data.curate)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("curate", params.path, overrides, tracking_uri, parent_run_id, data.path, src=src.path)
     data.metadata.update(r)
@@ -41,7 +41,7 @@ def curate(params: Input[Artifact], overrides: list, tracking_uri: str, parent_r
 def ffhq2k5(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
             data: Output[Dataset], report: Output[Metrics]):
     """Stage `ffhq2k5`: FFHQ curated, BLIP features, KMeans, the smallest cluster (data.ffhq2k5)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("ffhq2k5", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
     data.metadata.update(r)
@@ -52,7 +52,7 @@ def ffhq2k5(params: Input[Artifact], overrides: list, tracking_uri: str, parent_
 def brecahad(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
              data: Output[Dataset], report: Output[Metrics]):
     """Stage `brecahad`: 512² crops of the slides on the stride grid (data.brecahad)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("brecahad", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
     data.metadata.update(r)
@@ -63,7 +63,7 @@ def brecahad(params: Input[Artifact], overrides: list, tracking_uri: str, parent
 def dogface(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
             data: Output[Dataset], report: Output[Metrics]):
     """Stage `dogface`: dog heads of Oxford-IIIT Pet, centred square crops (data.dogface)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("dogface", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
     data.metadata.update(r)
@@ -74,7 +74,7 @@ def dogface(params: Input[Artifact], overrides: list, tracking_uri: str, parent_
 def metfaces(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
              data: Output[Dataset], report: Output[Metrics]):
     """Stage `metfaces`: MetFaces as released, curated (data.curate)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("metfaces", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
     data.metadata.update(r)
@@ -85,7 +85,7 @@ def metfaces(params: Input[Artifact], overrides: list, tracking_uri: str, parent
 def subset(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, src: Input[Dataset],
            data: Output[Dataset], report: Output[Metrics]):
     """Stage `subset`: a seeded n-image few-shot subset of a curated dataset's train split (data.subset)."""
-    from sqgan.kfp_tasks import data_task, log_numbers
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
 
     r = data_task("subset", params.path, overrides, tracking_uri, parent_run_id, data.path, src=src.path)
     data.metadata.update(r)

@@ -14,7 +14,7 @@ def tune(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run
     """Submit the RayJob in `image` (the pipelines pass IMAGE; every pod fetches `data` from its URI; the trials
     checkpoint to `storage_path`, s3:// or gs://), wait at most `timeout_s`, then read the sweep's results from its
     MLflow run. Returns that run's id."""
-    from sqgan.kfp_tasks import sweep_task
+    from sqgan.commands.kfp_tasks import sweep_task
 
     return sweep_task(params.path, overrides, tracking_uri, parent_run_id, data.path, data.uri, image, namespace,
                       storage_path, timeout_s, poll_s, worker_gpus, max_workers, trials.path, trials_csv.path,

@@ -101,7 +101,7 @@ def test_mlflow_ui_shows_the_run_its_fid_and_its_sample_grid(logged_run: LoggedR
 def test_every_image_of_a_report_rendered_from_the_server_loads(logged_run: LoggedRun, browser, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sqgan.report import render_report
+    from sqgan.commands.report import render_report
 
     out = tmp_path / "report"
     res = render_report(logged_run.uri, out, experiment="dashboard", log=True, progress=False)

@@ -59,7 +59,7 @@ def test_dvc_repro_twice_second_reproduces_nothing(tmp_path):
     assert "up to date" in status.stdout
 
     # the data hash sqgan tags runs with is the one DVC records for the folder
-    from sqgan.tracking import dvc_dir_md5
+    from sqgan.shells.tracking import dvc_dir_md5
 
     lock = yaml.safe_load((proj / "dvc.lock").read_text())
     locked = next(o["md5"] for o in lock["stages"]["demo_data"]["outs"] if o["path"] == "data/demo")

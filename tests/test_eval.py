@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sqgan.cli import app
 from sqgan.config import default_params
 from sqgan.metrics.names import is_quality_metric
-from sqgan.tracking import MlflowLogger, open_run
+from sqgan.shells.tracking import MlflowLogger, open_run
 from sqgan.train.loop import Hooks, train
 
 EVAL = ["eval.num_fake=30", "eval.lpips_pairs=5", "metrics.kid_subsets=4"]

@@ -1,4 +1,4 @@
-"""`sqgan import` of stylegan2-ada-pytorch network pickles (sqgan.models.ada_pickle, sqgan.pretrained).
+"""`sqgan import` of stylegan2-ada-pytorch network pickles (sqgan.models.ada_pickle, sqgan.commands.import_pickle).
 
 NVIDIA's code cannot be used here, so `ada_pickle_bytes` writes a pickle in the same persistent-object format from
 sqgan's own StyleGAN2 (the format as `torch_utils/persistence.py` version 6 and `training/training_loop.py` write
@@ -175,8 +175,8 @@ def test_every_tensor_arrives_and_images_and_logits_equal_the_source(source):
         own = source[part].state_dict()
         assert set(own) <= set(nets.__dict__[part]) and all(torch.equal(own[k], nets.__dict__[part][k]) for k in own)
 
+    from sqgan.commands.import_pickle import imported_params
     from sqgan.models.ada_pickle import load_into
-    from sqgan.pretrained import imported_params
 
     q = imported_params(default_params([]), nets.model)
     G, D = build_generator(q), build_discriminator(q)
@@ -195,9 +195,9 @@ def test_every_tensor_arrives_and_images_and_logits_equal_the_source(source):
 def test_sqgan_import_writes_a_run_that_sample_and_eval_use(source, demo_dir, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from sqgan.evaluate import run_eval
-    from sqgan.pretrained import run_import
-    from sqgan.sample import run_sample
+    from sqgan.commands.eval import run_eval
+    from sqgan.commands.import_pickle import run_import
+    from sqgan.commands.sample import run_sample
 
     monkeypatch.chdir(tmp_path)
     sets = [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"mlflow.artifact_root={tmp_path / 'art'}"]
@@ -237,7 +237,7 @@ def _refused(tmp_path, payload: bytes, match: str):
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(payload)
     with pytest.raises(ImportRefused, match=match):
-        from sqgan.pretrained import run_import
+        from sqgan.commands.import_pickle import run_import
 
         run_import(default_params([f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]), bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -300,8 +300,9 @@ def test_a_pickle_whose_tensors_do_not_fit_its_kwargs_is_refused_naming_the_tens
 
 
 def test_train_init_from_an_import_fine_tunes_it_with_fq_and_sq_switched_on(source, demo_dir, tmp_path, monkeypatch):
-    from sqgan.pretrained import run_import
-    from sqgan.train.loop import init_source, load_checkpoint, train
+    from sqgan.commands.import_pickle import run_import
+    from sqgan.train.checkpoint import load_checkpoint
+    from sqgan.train.loop import init_source, train
 
     monkeypatch.chdir(tmp_path)
     sets = [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"mlflow.artifact_root={tmp_path / 'art'}"]

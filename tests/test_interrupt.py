@@ -47,8 +47,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30
 
 # ------------------------------------------------------------------------------------------- no Ray
 def test_resume_takes_a_run_folder_and_a_killed_runs_folder_names_resume_or_force(demo_dir, tmp_path):
-    from sqgan.evaluate import latest_checkpoint
-    from sqgan.train.ray_train import preflight
+    from sqgan.shells.ray_train import preflight
+    from sqgan.train.checkpoint import latest_checkpoint
 
     def resolve_resume(path):
         return latest_checkpoint(path, "--resume")
@@ -81,7 +81,7 @@ def test_resume_takes_a_run_folder_and_a_killed_runs_folder_names_resume_or_forc
 
 
 def test_a_run_keeps_its_newest_checkpoints_and_its_best_and_ray_keeps_a_reference(demo_dir, tmp_path):
-    from sqgan.train.ray_train import REFERENCE_FILE, restored_checkpoint
+    from sqgan.shells.ray_train import REFERENCE_FILE, restored_checkpoint
 
     params = default_params(_sets(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 2, "train.log_every": 2,
                                                "metrics.eval_every": 2, "metrics.eval_num_fake": 20,
@@ -144,7 +144,7 @@ def _report_db(tmp_path: Path, fixed: str = "{train: {steps: 60, checkpoint_ever
 
 
 def test_a_sweep_report_keeps_interim_and_final_apart_lists_unstarted_trials_and_a_full_schedule(tmp_path):
-    from sqgan.train.tune_report import axis_series, write_report
+    from sqgan.shells.tune_report import axis_series, write_report
 
     uri, parent, final, interim = _report_db(tmp_path)
     rows = write_report(uri, parent, tmp_path / "out", log=False)
@@ -234,7 +234,7 @@ def test_ctrl_c_on_dvc_repro_sweep_exits_130_lists_every_trial_and_dvc_records_n
     not started), there is no best_params.yaml, and DVC does not record the stage."""
     from mlflow.tracking import MlflowClient
 
-    from sqgan.tracking import child_runs
+    from sqgan.shells.tracking import child_runs
 
     sets = _sets(tmp_path, **{"tune.scheduler": "fifo", "tune.max_concurrent_trials": 1, "tune.fixed": "{}",
                               "tune.space": "{fq: {decay: {grid: [0.6, 0.7, 0.8]}}}", "train.steps": 40,
@@ -260,7 +260,12 @@ def test_ctrl_c_on_dvc_repro_sweep_exits_130_lists_every_trial_and_dvc_records_n
             while not any(r.info.status == "FINISHED" for r in child_runs(client, client.get_run(parent_id))):
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
-            time.sleep(3)  # the second trial is running
+            # the second trial is running: its nested run exists (waited for, not slept for: a trial's process may
+            # take several seconds to import its stack on a busy machine)
+            while not any(r.info.status == "RUNNING" for r in child_runs(client, client.get_run(parent_id))):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+            time.sleep(2)
             os.killpg(proc.pid, signal.SIGINT)
             rc = proc.wait(180)
         finally:

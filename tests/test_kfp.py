@@ -93,7 +93,7 @@ def test_compiled_sweep_pipeline_wires_data_tune_best_params_train_eval_in_one_i
 
 
 def test_components_are_thin_calls_of_sqgan_kfp_tasks():
-    """No stage logic in a component: each body imports from sqgan.kfp_tasks and calls it."""
+    """No stage logic in a component: each body imports from sqgan.commands.kfp_tasks and calls it."""
     import inspect
 
     import components.data
@@ -108,7 +108,7 @@ def test_components_are_thin_calls_of_sqgan_kfp_tasks():
     for c in comps:
         body = inspect.getsource(c.python_func).split('"""')[-1]
         code = [ln.strip() for ln in body.splitlines() if ln.strip()]
-        assert code[0].startswith("from sqgan.kfp_tasks import"), c.name
+        assert code[0].startswith("from sqgan.commands.kfp_tasks import"), c.name
         assert len(code) <= 5 and not any(ln.split()[0] in ("for", "if", "while", "with", "try:") for ln in code), \
             (c.name, code)
 
@@ -258,7 +258,7 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
 def test_rayjob_manifest_runs_sqgan_tune_in_the_image_with_the_tracking_env():
     import shlex
 
-    from sqgan.kuberay import DATA_MOUNT, RayJobSpec, rayjob_manifest
+    from sqgan.shells.kuberay import DATA_MOUNT, RayJobSpec, rayjob_manifest
 
     assert rayjob_manifest(RayJobSpec(**_spec_args()))["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
         "containers"][0]["volumeMounts"][0]["mountPath"] == DATA_MOUNT
@@ -306,7 +306,7 @@ def test_rayjob_manifest_runs_sqgan_tune_in_the_image_with_the_tracking_env():
 
 def test_rayjob_manifest_builds_the_cluster_of_k8s_rayjob_yaml():
     """The sweep component's RayJob and the hand-applied k8s/rayjob.yaml give the same head, workers and limits."""
-    from sqgan.kuberay import RayJobSpec, rayjob_manifest
+    from sqgan.shells.kuberay import RayJobSpec, rayjob_manifest
 
     ours = rayjob_manifest(RayJobSpec(**_spec_args()))["spec"]["rayClusterSpec"]
     theirs = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
@@ -327,7 +327,7 @@ def test_rbac_lets_the_sweep_task_create_read_and_delete_rayjobs():
     role, binding = yaml.safe_load_all((ROOT / "k8s" / "kfp-rayjob-rbac.yaml").read_text())
     rule = role["rules"][0]
     assert rule["apiGroups"] == ["ray.io"] and rule["resources"] == ["rayjobs"]
-    assert {"create", "get", "delete"} <= set(rule["verbs"])  # what sqgan.kuberay calls
+    assert {"create", "get", "delete"} <= set(rule["verbs"])  # what sqgan.shells.kuberay calls
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["metadata"]["namespace"] == role["metadata"]["namespace"] == binding["subjects"][0]["namespace"]
 
@@ -344,7 +344,7 @@ def test_rbac_lets_the_sweep_task_create_read_and_delete_rayjobs():
     ({"data_mount": "/dev/shm"}, "data_mount '/dev/shm'"),
 ])
 def test_rayjob_that_could_not_work_is_refused_before_submission(change, named):
-    from sqgan.kuberay import RayJobSpec, rayjob_manifest
+    from sqgan.shells.kuberay import RayJobSpec, rayjob_manifest
 
     with pytest.raises(ValueError, match=named.replace("(", r"\(")):
         rayjob_manifest(RayJobSpec(**_spec_args(**change)))
@@ -390,7 +390,7 @@ class Clock:
 
 
 def test_wait_returns_when_the_job_goes_from_running_to_succeeded():
-    from sqgan.kuberay import wait_for_rayjob
+    from sqgan.shells.kuberay import wait_for_rayjob
 
     api = FakeRayJobs([{}, {"jobDeploymentStatus": "Initializing"},
                        {"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
@@ -406,7 +406,7 @@ def test_wait_returns_when_the_job_goes_from_running_to_succeeded():
 
 
 def test_wait_raises_the_jobs_message_when_it_failed():
-    from sqgan.kuberay import RayJobFailed, wait_for_rayjob
+    from sqgan.shells.kuberay import RayJobFailed, wait_for_rayjob
 
     api = FakeRayJobs([{"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"},
                        {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "reason": "AppFailed",
@@ -421,7 +421,7 @@ def test_wait_raises_the_jobs_message_when_it_failed():
 
 
 def test_wait_times_out_and_deletes_the_rayjob():
-    from sqgan.kuberay import wait_for_rayjob
+    from sqgan.shells.kuberay import wait_for_rayjob
 
     api = FakeRayJobs([{"jobStatus": "RUNNING", "jobDeploymentStatus": "Running"}])
     clock = Clock()
@@ -433,8 +433,8 @@ def test_wait_times_out_and_deletes_the_rayjob():
 def test_sweep_task_submits_waits_and_returns_the_best_params_for_the_final_train(tmp_path, demo_dir, monkeypatch):
     """The fake cluster does what the RayJob's `sqgan tune` does to MLflow (a sweep run under the pipeline's
     parent, with its sweep/ files), reading only what the manifest carries."""
-    from sqgan.kfp_tasks import open_pipeline_run, sweep_task, write_params
-    from sqgan.tracking import start_run
+    from sqgan.commands.kfp_tasks import open_pipeline_run, sweep_task, write_params
+    from sqgan.shells.tracking import start_run
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -465,7 +465,7 @@ def test_sweep_task_submits_waits_and_returns_the_best_params_for_the_final_trai
     api = FakeRayJobs([{"jobStatus": "RUNNING"}, {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete"}],
                       on_create=run_the_sweep)
     # The manifest check wants a server URL; the fake cluster logs to this sqlite file, so let it pass as one.
-    monkeypatch.setattr("sqgan.kuberay.check_spec", lambda spec: None)
+    monkeypatch.setattr("sqgan.shells.kuberay.check_spec", lambda spec: None)
     out = tmp_path / "out"
     sweep_id = sweep_task(params_file, ["fq.codebook_size=8"], uri, parent, demo_dir, "s3://b/demo", "img:1", "ns",
                           "s3://b/sqgan", 60, 0.01, 1, 2, out / "trials.md", out / "trials.csv",
@@ -481,14 +481,14 @@ def test_sweep_task_submits_waits_and_returns_the_best_params_for_the_final_trai
 
 
 def test_sweep_task_failure_marks_the_pipeline_run_failed(tmp_path, demo_dir, monkeypatch):
-    from sqgan.kfp_tasks import open_pipeline_run, sweep_task, write_params
-    from sqgan.kuberay import RayJobFailed
+    from sqgan.commands.kfp_tasks import open_pipeline_run, sweep_task, write_params
+    from sqgan.shells.kuberay import RayJobFailed
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     write_params(PARAMS_YAML, [], tmp_path / "params.yaml")
     parent = open_pipeline_run(tmp_path / "params.yaml", [], uri, "", "p", "r")
-    monkeypatch.setattr("sqgan.kuberay.check_spec", lambda spec: None)
+    monkeypatch.setattr("sqgan.shells.kuberay.check_spec", lambda spec: None)
     api = FakeRayJobs([{"jobStatus": "FAILED", "message": "trial OOM"}])
     with pytest.raises(RayJobFailed, match="trial OOM"):
         sweep_task(tmp_path / "params.yaml", [], uri, parent, demo_dir, "s3://b/d", "img:1", "ns", "s3://b/s", 60,

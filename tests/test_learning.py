@@ -18,7 +18,8 @@ from sqgan.data.dataset import ManifestDataset
 from sqgan.data.modes import build_modes, classify_modes, mode_coverage, render_mode
 from sqgan.metrics.collapse import COLLAPSE_TAG, collapse_stats, mean_pairwise_rms
 from sqgan.models.factory import MappingMLP, build_discriminator, build_generator, lazy_ratios, r1_gamma
-from sqgan.train.loop import CollapseWatch, Hooks, Runtime, TrainingDiverged, load_checkpoint, setup, train
+from sqgan.train.checkpoint import load_checkpoint
+from sqgan.train.loop import CollapseWatch, Hooks, Runtime, TrainingDiverged, setup, train
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +246,7 @@ def test_a_sweep_ranks_only_trials_that_did_not_collapse(tmp_path):
     in its `collapsed` column, and the best trial is the best healthy one."""
     from mlflow.tracking import MlflowClient
 
-    from sqgan.train.tune_report import best_trial, trial_table
+    from sqgan.shells.tune_report import best_trial, trial_table
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -276,7 +277,7 @@ def test_a_sweep_ranks_only_trials_that_did_not_collapse(tmp_path):
 def test_tune_sees_a_collapsed_trial_as_the_worst_until_it_recovers(monkeypatch):
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sqgan.train.tune import _report_callback
+    from sqgan.shells.tune import _report_callback
 
     seen: list[dict] = []
     monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # outside a Tune session

@@ -127,7 +127,7 @@ def test_params_refuse_what_mixdl_cannot_do():
 
 
 def test_a_sweep_takes_mixdl_axes_and_refuses_a_bad_value():
-    from sqgan.train.tune import check_sweep
+    from sqgan.shells.tune import check_sweep
 
     base = ["tune.space={mixdl: {lambda_g: {grid: [100.0, 1000.0]}, coefficients: {grid: [dirichlet, gaussian]}}}",
             "mixdl.enabled=true"]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from sqgan.cli import app
 from sqgan.config import default_params
-from sqgan.stages import run_stage as prepare
+from sqgan.data.stages import run_stage as prepare
 
 
 def _image_bytes(arr: np.ndarray, fmt: str) -> bytes:

@@ -74,7 +74,7 @@ def test_prior_without_weights_fails_fast_and_names_the_key(demo_dir, tmp_path):
 def test_train_refuses_a_prior_of_another_codebook_shape_before_ray(tmp_path):
     from sqgan.config import default_params
     from sqgan.quant.sq import StyleQuantizer
-    from sqgan.train.ray_train import check_prior_file
+    from sqgan.shells.ray_train import check_prior_file
 
     path = tmp_path / "prior.pt"
     torch.save({"format": 1, "codebook": StyleQuantizer(32, 4, 8).codebook.detach(), "mlp": {}, "meta": {}}, path)

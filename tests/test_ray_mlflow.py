@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 from sqgan.config import default_params
-from sqgan.tracking import MlflowLogger, dvc_dir_md5, open_run
+from sqgan.shells.tracking import MlflowLogger, dvc_dir_md5, open_run
 from sqgan.train.loop import Hooks, train
 
 pytestmark = pytest.mark.ray
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ray
 def test_ray_train_run_logs_params_metrics_tags_grid_to_mlflow_and_resumes_exactly(ray_session, demo_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from sqgan.train.ray_train import run_training
+    from sqgan.shells.ray_train import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = default_params(tiny_overrides(**{
@@ -122,7 +122,7 @@ def test_two_ddp_workers_survive_a_killed_rank_and_track_a_one_worker_run_on_the
     import torch
     from mlflow.tracking import MlflowClient
 
-    from sqgan.train.ray_train import run_training
+    from sqgan.shells.ray_train import run_training
 
     def _timeout(*_):
         raise TimeoutError("2-worker Ray Train run did not finish in 400 s (a collective waiting on one rank?)")
@@ -175,7 +175,7 @@ def test_stylegan2_with_sq_trains_under_ray_and_logs_sq_usage_to_mlflow(ray_sess
     """What `sqgan train --set model.arch=stylegan2 --set sq.enabled=true` runs, at a tiny size."""
     from mlflow.tracking import MlflowClient
 
-    from sqgan.train.ray_train import run_training
+    from sqgan.shells.ray_train import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = default_params(tiny_overrides(**{

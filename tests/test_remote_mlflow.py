@@ -77,7 +77,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
 def test_unreachable_tracking_server_fails_in_seconds_before_ray_starts(demo_dir: Path, tmp_path: Path) -> None:
     import ray
 
-    from sqgan.train.ray_train import run_training
+    from sqgan.shells.ray_train import run_training
 
     uri = f"http://127.0.0.1:{free_port()}"
     params = default_params(tiny_overrides(**{"mlflow.tracking_uri": uri, "ray.storage_path": str(tmp_path / "ray")}))
@@ -118,7 +118,7 @@ def test_ray_training_logs_params_metrics_and_artifacts_to_a_remote_tracking_ser
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sqgan.train.ray_train import run_training
+    from sqgan.shells.ray_train import run_training
 
     uri, server_artifacts = mlflow_server
     # The URI comes from the driver's environment only: the Ray workers must get it from their config.

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sqgan.report import ReportError, render_report, write_table
+from sqgan.commands.report import ReportError, render_report, write_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # each run's best (minimum) FID over its logged steps, per (data.dataset, fq.enabled), seeds 0, 1, 2
@@ -338,7 +338,7 @@ def test_sqgan_report_command_renders_the_report_and_the_table(store, tmp_path):
 
 
 def test_search_all_follows_every_page():
-    from sqgan.tracking import search_all
+    from sqgan.shells.tracking import search_all
 
     class Page(list):
         token: str | None = None

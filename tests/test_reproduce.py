@@ -11,10 +11,10 @@ import pytest
 from conftest import ROOT, tiny_overrides
 from typer.testing import CliRunner
 
-from sqgan import tracking
 from sqgan.cli import app
+from sqgan.commands.reproduce import compare, final_metrics, refusal_message, reproduce, verify_provenance
 from sqgan.config import default_params
-from sqgan.reproduce import compare, final_metrics, refusal_message, reproduce, verify_provenance
+from sqgan.shells import tracking
 
 CLEAN_SHA = "c0ffee" * 6 + "c0de"  # the checkout every test here sees: the real one may be dirty while others edit it
 
@@ -60,7 +60,7 @@ def record_only(params, data_dir, stage="train", metrics=None):
 @pytest.fixture(scope="module")
 def recorded(ray_session, demo_dir, fixed_git_sha, store):
     """One tiny training through run_training (the Ray Train shell `sqgan train` calls), shared by the module."""
-    from sqgan.train.ray_train import run_training
+    from sqgan.shells.ray_train import run_training
 
     return run_training(tiny_params(store), demo_dir, store[1] / "run", project_dir=ROOT)
 
@@ -145,7 +145,7 @@ def test_reproduce_refuses_a_changed_manifest_naming_recorded_and_now_and_trains
         calls.append((p, data_dir))
         raise RuntimeError("stub: training starts here")
 
-    monkeypatch.setattr("sqgan.train.ray_train.run_training", fake_training)
+    monkeypatch.setattr("sqgan.shells.ray_train.run_training", fake_training)
     with pytest.raises(RuntimeError, match="stub"):
         reproduce(run_id, out, force=True, tracking_uri=uri, project_dir=ROOT)
     assert calls == [(params, data)]
@@ -156,7 +156,7 @@ def test_reproduce_lists_each_differing_metric_tags_the_new_run_and_exits_1(
     """The comparison after a training whose numbers changed (a stub writes the new run's metrics)."""
     from mlflow.tracking import MlflowClient
 
-    from sqgan.train.ray_train import TrainRun
+    from sqgan.shells.ray_train import TrainRun
 
     uri, _ = store
     params = tiny_params(store, **{"mlflow.experiment": "changed-numbers"})
@@ -171,7 +171,7 @@ def test_reproduce_lists_each_differing_metric_tags_the_new_run_and_exits_1(
         tracking.end_run(uri, run_id)
         return TrainRun(run_id, uri, out_dir, {}, "")
 
-    monkeypatch.setattr("sqgan.train.ray_train.run_training", training_with_other_numbers)
+    monkeypatch.setattr("sqgan.shells.ray_train.run_training", training_with_other_numbers)
     out = tmp_path / "again"
     res = CliRunner().invoke(app, ["reproduce", old, "--out", str(out), "--tracking-uri", uri])
     assert res.exit_code == 1
@@ -226,7 +226,7 @@ def test_final_metrics_are_each_metric_at_its_last_step_and_timings_are_not_comp
     from mlflow.entities import Metric
 
     uri, _ = store
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     experiment = tracking.ensure_experiment(uri, "synthetic", store[1] / "artifacts")
 
     def run_with(points):
@@ -268,12 +268,12 @@ def test_reproduce_rejects_an_unknown_run_id_and_a_run_that_trained_nothing(demo
 def test_read_run_falls_back_to_the_flat_params_and_names_a_recorded_key_the_schema_no_longer_has(store):
     from mlflow.entities import Param
 
+    from sqgan.commands.reproduce import read_run
     from sqgan.config import ConfigError
-    from sqgan.reproduce import read_run
 
     uri, tmp = store
     params = tiny_params(store, **{"fq.layers": "[1, 2]", "train.steps": 7, "mlflow.experiment": "flat"})
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     experiment = tracking.ensure_experiment(uri, "flat", tmp / "artifacts")
 
     def finished_run(yaml_text=None):

@@ -172,7 +172,7 @@ def test_data_commands_honour_params_and_set(tmp_path, demo_dir):
 def test_unknown_stage_is_an_error(tmp_path):
     r = runner.invoke(app, ["data", "prepare", "cifar"])
     assert r.exit_code == 2 and "unknown dataset 'cifar'" in r.output
-    from sqgan.stages import get_stage
+    from sqgan.data.stages import get_stage
 
     with pytest.raises(ValueError, match="unknown stage 'cifar'"):
         get_stage("cifar")
@@ -180,7 +180,7 @@ def test_unknown_stage_is_an_error(tmp_path):
 
 # ------------------------------------------------------------------------------ fail fast, before Ray
 def _no_ray(monkeypatch):
-    import sqgan.train.ray_train as rt
+    import sqgan.shells.ray_train as rt
 
     def boom(*a, **k):
         raise AssertionError("Ray must not start for a run that cannot work")
@@ -212,7 +212,7 @@ def test_workers_that_do_not_fit_fail_in_seconds_naming_the_fix(demo_dir, tmp_pa
 
 def test_resources_that_fit_are_accepted():
     from sqgan.config import default_params
-    from sqgan.train.ray_train import check_resources
+    from sqgan.shells.ray_train import check_resources
 
     p = default_params(["train.workers=2", "ray.cpus_per_worker=1"])
     assert check_resources(p, {"CPU": 2.0, "GPU": 0.0}, "x") is False
@@ -239,7 +239,7 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(demo_dir, t
 
 
 def test_ray_failure_policy_is_bounded(demo_dir, tmp_path, monkeypatch):
-    import sqgan.train.ray_train as rt
+    import sqgan.shells.ray_train as rt
 
     seen = {}
 
@@ -315,8 +315,8 @@ def test_a_run_whose_driver_stops_is_marked_killed_or_failed(demo_dir, tmp_path,
     from mlflow.tracking import MlflowClient
 
     from sqgan.config import default_params
-    from sqgan.tracking import open_run
-    from sqgan.train.ray_train import fit_tracked
+    from sqgan.shells.ray_train import fit_tracked
+    from sqgan.shells.tracking import open_run
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     p = default_params([f"mlflow.tracking_uri={uri}", f"mlflow.artifact_root={tmp_path / 'a'}"])
@@ -336,7 +336,7 @@ def test_data_hash_tag_is_of_the_data_on_disk_and_compared_with_dvc_lock(demo_di
 
     import yaml
 
-    from sqgan.tracking import dvc_dir_md5, provenance_tags
+    from sqgan.shells.tracking import dvc_dir_md5, provenance_tags
 
     data = tmp_path / "data" / "demo"
     shutil.copytree(demo_dir, data)
@@ -387,7 +387,7 @@ def test_data_hash_equals_dvc_datas_own_tree_hash(tmp_path):
     from dvc_objects.fs.local import LocalFileSystem
     from dvc_objects.fs.memory import MemoryFileSystem
 
-    from sqgan.tracking import dvc_dir_md5
+    from sqgan.shells.tracking import dvc_dir_md5
 
     (tmp_path / "d" / "images" / "z").mkdir(parents=True)
     (tmp_path / "d" / "images" / "z" / "b.png").write_bytes(b"\x89PNG fake")
@@ -513,7 +513,7 @@ def test_fresh_training_over_an_earlier_runs_checkpoints_is_refused(demo_dir, tm
 
 
 def test_unreachable_ray_address_fails_in_seconds():
-    from sqgan.train.ray_train import check_ray_address
+    from sqgan.shells.ray_train import check_ray_address
 
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"ray.address 127.0.0.1:9: nothing answered"):
@@ -526,7 +526,7 @@ def test_unreachable_ray_address_fails_in_seconds():
 
 def test_gpu_advice_never_repeats_the_current_setting():
     from sqgan.config import default_params
-    from sqgan.train.ray_train import check_resources
+    from sqgan.shells.ray_train import check_resources
 
     with pytest.raises(RuntimeError) as e:
         check_resources(default_params(["train.use_gpu=true", "ray.cpus_per_worker=1"]), {"CPU": 2.0, "GPU": 0.0}, "x")

@@ -1,5 +1,6 @@
-"""`sqgan sample` (sqgan.sample.run_sample) on a tiny trained StyleGAN2: the images, grid and sample.json it writes,
-ψ's two ends, the centres cache beside the checkpoint, cluster-guided sampling, MLflow logging and the refusals."""
+"""`sqgan sample` (sqgan.commands.sample.run_sample) on a tiny trained StyleGAN2: the images, grid and sample.json it
+writes, ψ's two ends, the centres cache beside the checkpoint, cluster-guided sampling, MLflow logging and the
+refusals."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from sqgan.commands.sample import run_sample
 from sqgan.config import default_params
 from sqgan.io import DELETE_UNKNOWN, UnsafeOutput
-from sqgan.sample import TruncatedGenerator, run_sample
+from sqgan.sampling.generator import TruncatedGenerator
 from sqgan.train.loop import train
 
 TINY_SG2 = ["model.arch=stylegan2", "model.resolution=32", "model.z_dim=32", "model.w_dim=32",
@@ -85,8 +87,8 @@ def test_multimodal_sample_writes_images_grid_and_sample_json_in_the_run_folder(
 
 
 def test_psi_one_is_no_truncation_bit_for_bit_and_psi_zero_global_gives_one_image(trained, tmp_path):
-    from sqgan.evaluate import load_generator
     from sqgan.metrics.evaluate import generate_uint8
+    from sqgan.train.checkpoint import load_generator
 
     ck = trained["ckpt4"]
     none = sample(tmp_path, "sample.num=12", "sample.truncation=none", checkpoint=ck, out=tmp_path / "none")
@@ -104,11 +106,11 @@ def test_psi_one_is_no_truncation_bit_for_bit_and_psi_zero_global_gives_one_imag
 
 
 def test_truncated_generator_samples_as_truncation_sample_through_generate_uint8(trained):
-    from sqgan.evaluate import load_generator
     from sqgan.metrics.evaluate import generate_uint8
     from sqgan.metrics.features import LPIPSNet
     from sqgan.sampling import truncation as T
     from sqgan.sampling.cluster import seeded_latents
+    from sqgan.train.checkpoint import load_generator
 
     G, _, _ = load_generator(trained["ckpt4"], torch.device("cpu"))
     centres = T.fit_centres(G, n=200, n_clusters=4, seed=1)
@@ -179,7 +181,7 @@ def test_cluster_guided_images_fall_in_their_cluster_far_above_chance(clustered,
 
 def test_without_its_dataset_the_fid_cost_is_reevaluated_against_generated_images_without_refitting(
         trained, clustered, tmp_path, monkeypatch):
-    import sqgan.sample as S
+    import sqgan.commands.sample as S
 
     ck = tmp_path / "bare" / "step_000004.pt"
     ck.parent.mkdir()
@@ -206,7 +208,7 @@ def test_a_tracked_run_gets_the_artifacts_and_cluster_metrics_and_a_run_id_sampl
         trained, clustered, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from sqgan.tracking import MlflowLogger, open_run
+    from sqgan.shells.tracking import MlflowLogger, open_run
 
     run_dir = tmp_path / "tracked"
     shutil.copytree(trained["run"] / "checkpoints", run_dir / "checkpoints")
@@ -280,7 +282,7 @@ def test_truncation_of_a_generator_without_mapping_names_sample_truncation_none(
 def test_eval_measures_truncated_samples_and_records_the_truncation(trained, tmp_path):
     """metrics.truncation: ψ = 1 measures what untruncated sampling measures; ψ = 0 (every sample the mean w) another
     FID and zero LPIPS diversity; the truncation is in each metric's provenance, and absent without it."""
-    from sqgan.evaluate import run_eval
+    from sqgan.commands.eval import run_eval
 
     def evaluate(*sets):
         p = params_of(tmp_path, "eval.metrics=[fid, lpips]", "eval.num_fake=32", "eval.lpips_pairs=16", *sets)

@@ -200,7 +200,7 @@ def test_the_cli_runs_the_stage_from_params_and_a_sweep_trial_filters_its_own_co
 
     from sqgan.cli import app
     from sqgan.config import default_params
-    from sqgan.train.tune import check_sweep, trial_data
+    from sqgan.shells.tune import check_sweep, trial_data
 
     small = ["data.selffilter.resolution=32", "data.selffilter.channel_base=256", "data.selffilter.channel_max=64",
              "data.selffilter.batch_size=8", "model.z_dim=32", "model.w_dim=32", "model.mapping_layers=2"]

@@ -13,13 +13,13 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from sqgan.stages import STAGES
+from sqgan.data.stages import STAGES
 
 SRC = ROOT / "src"
 DVC_TO_STAGE = {"demo_data": "demo"}  # DVC stage name → table name where they differ
-ENTRY = {"train": ("sqgan.train.ray_train",), "sweep": ("sqgan.train.tune",),  # stages outside the data table
-         "prior": ("sqgan.train.prior",), "report": ("sqgan.report",),
-         "eval": ("sqgan.evaluate",)}
+ENTRY = {"train": ("sqgan.shells.ray_train",), "sweep": ("sqgan.shells.tune",),  # stages outside the data table
+         "prior": ("sqgan.commands.prior",), "report": ("sqgan.commands.report",),
+         "eval": ("sqgan.commands.eval",)}
 
 
 def _module_file(name: str) -> Path | None:

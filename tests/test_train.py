@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_overrides
 
 from sqgan.config import default_params
-from sqgan.train.loop import Hooks, alpha_at, batch_indices, load_checkpoint, train
+from sqgan.train.checkpoint import load_checkpoint
+from sqgan.train.loop import Hooks, alpha_at, batch_indices, train
 
 
 def _params(**extra):

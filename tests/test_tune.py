@@ -77,7 +77,7 @@ def test_params_override_applies_dotted_values_and_names_a_bad_key():
 def test_search_space_nests_like_params_and_maps_to_ray_distributions():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from sqgan.train.tune import probe_values, ray_space
+    from sqgan.shells.tune import probe_values, ray_space
 
     p = default_params(["tune.space.fq.alpha=null", "tune.space.train.lr_d={loguniform: [1e-4, 1e-3]}",
                         "tune.space.train.batch_size={qrandint: [8, 32, 8]}", "tune.space.fq.commitment={randint: "
@@ -96,7 +96,7 @@ def test_search_space_nests_like_params_and_maps_to_ray_distributions():
 
 
 def test_trials_at_once_are_capped_by_the_cpus_and_enforced_by_every_searcher():
-    from sqgan.train.tune import build_searcher, sweep_concurrency, trial_base
+    from sqgan.shells.tune import build_searcher, sweep_concurrency, trial_base
 
     p = default_params(["tune.max_concurrent_trials=4", "tune.cpus_per_worker=2"])
     assert sweep_concurrency(p, trial_base(p), {"CPU": 5.0}) == 2  # 2-CPU trials on 5 CPUs
@@ -108,7 +108,7 @@ def test_trials_at_once_are_capped_by_the_cpus_and_enforced_by_every_searcher():
 
 
 def test_the_optuna_searcher_draws_trials_from_the_search_space():
-    from sqgan.train.tune import build_searcher, ray_space
+    from sqgan.shells.tune import build_searcher, ray_space
 
     p = default_params(["tune.searcher=optuna", "tune.space.fq.alpha={loguniform: [0.1, 10]}"])
     searcher = build_searcher(p, "kid", 2)
@@ -122,8 +122,8 @@ def test_the_optuna_searcher_draws_trials_from_the_search_space():
 
 
 def test_a_multi_node_ray_refuses_a_local_storage_folder_but_takes_shared_storage(monkeypatch, tmp_path):
-    from sqgan.train import ray_train
-    from sqgan.train.ray_train import resolve_storage
+    from sqgan.shells import ray_train
+    from sqgan.shells.ray_train import resolve_storage
 
     local = default_params(["ray.address=10.0.0.1:6379", f"ray.storage_path={tmp_path / 'ray'}"])
     with pytest.raises(RuntimeError, match=r"use shared storage: --set ray.storage_path=s3://BUCKET/sqgan"):
@@ -157,7 +157,7 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from sqgan.train.tune import run_sweep
+    from sqgan.shells.tune import run_sweep
 
     params = default_params(sweep_overrides(tmp_path))
     sweep = run_sweep(params, demo_dir, tmp_path / "sweep", project_dir=ROOT)

@@ -7,7 +7,9 @@ what is allowed (with the closest key for a typo). The CLI turns it into exit st
 
 from __future__ import annotations
 
+import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -23,6 +25,17 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def d_blocks(arch: str, resolution: int) -> int:
+    """Blocks of a backbone's discriminator trunk at `resolution` (what fq.layers may name): DCGAN and StyleGAN2 halve
+    down to 4×4 (log2 R − 2 blocks); SNGAN's ResNet trunk has 4 at 32², 5 at 64² (`sqgan.models.sngan` builds it
+    from this). Pure arithmetic, so the schema needs no model code."""
+    if arch == "sngan":
+        if resolution not in (32, 64):
+            raise ValueError(f"SNGAN supports resolution 32 or 64, got {resolution}")
+        return 4 if resolution == 32 else 5
+    return int(math.log2(resolution)) - 2
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -167,8 +180,6 @@ class ModelParams(Section):
     @property
     def d_blocks(self) -> int:
         """Number of blocks of the discriminator trunk (what fq.layers may name)."""
-        from sqgan.models.factory import d_blocks
-
         return d_blocks(self.arch, self.resolution)
 
 
@@ -452,7 +463,7 @@ class RayParams(Section):
 
 
 # ----------------------------------------------------------------------------------------- tune
-DISTRIBUTIONS = {  # name → (what its list holds, Ray Tune's constructor in sqgan.train.tune)
+DISTRIBUTIONS = {  # name → (what its list holds, Ray Tune's constructor in sqgan.shells.tune)
     "grid": "values, every one tried (× the other grid axes)",
     "choice": "values, one drawn per trial",
     "uniform": "[low, high]",
@@ -801,7 +812,6 @@ def _seed_free_form(raw: dict[str, Any], path: list[str]) -> None:
             section, name = key.split(".")
             holder = raw.setdefault(section, {})
             if isinstance(holder, dict) and name not in holder and dotted != key:
-                import copy
 
                 holder[name] = copy.deepcopy(Params().model_dump(mode="json")[section][name])
 

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def read_torch_file(path: str | Path, what: str, fix: str) -> Any:
     """torch.load(path, weights_only=True) for a file sqgan wrote (`what`: "checkpoint", "codebook prior"); a folder,
     a missing, empty or unreadable file is a one-line error naming it and `fix` (never torch's weights_only=False
     advice, which would be unsafe to follow)."""
-    import torch
+    import torch  # on demand: io is the foundation every command loads, and `sqgan --help` must not wait for torch
 
     path = Path(path)
     if path.is_dir():
@@ -260,8 +262,6 @@ def mark_output(folder: str | Path, stage: str, files: str | None = None) -> Non
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (kill, a scheduler) ends the process like Ctrl-C, so temp folders are removed and runs closed."""
-    import signal
-
     def _raise(*_: Any) -> None:
         raise KeyboardInterrupt("SIGTERM")
 
@@ -281,9 +281,6 @@ def sigint_observed() -> Iterator[list[int]]:
     """Record each SIGINT delivered inside the block, whichever handler a library installs meanwhile: Ray Train's
     fit() installs its own graceful-abort handler, after which an interrupted fit ends with SystemExit or an actor
     error rather than KeyboardInterrupt. Outside the main thread signals are left alone (and nothing is seen)."""
-    import signal
-    import threading
-
     seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield seen

@@ -108,7 +108,6 @@ def _luma_rotation(theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _geometry(b: int, h: int, w: int, p: float, ops: frozenset[str], g: torch.Generator,
               device: torch.device) -> torch.Tensor:
     """Per-sample inverse transform G_inv [B, 3, 3] (output → input, pixel units about the image centre)."""
-
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=g, device=device)
 
@@ -162,7 +161,6 @@ def _geometry(b: int, h: int, w: int, p: float, ops: frozenset[str], g: torch.Ge
 
 def _color(b: int, c: int, p: float, ops: frozenset[str], g: torch.Generator, device: torch.device) -> torch.Tensor:
     """Per-sample colour matrix C [B, 4, 4] (homogeneous RGB: colour_out = C @ colour_in)."""
-
     def rand(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=g, device=device)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from skimage import data as skdata
 from tqdm import tqdm
 
 from sqgan.data.manifest import write_manifest
@@ -25,8 +26,6 @@ LFW_SOURCE = "skimage:lfw_subset"
 
 
 def _ihc_crops(crop: int, stride: int) -> list[tuple[str, np.ndarray]]:
-    from skimage import data as skdata
-
     slide = skdata.immunohistochemistry()  # uint8 [512, 512, 3]
     h, w = slide.shape[:2]
     out = []
@@ -37,8 +36,6 @@ def _ihc_crops(crop: int, stride: int) -> list[tuple[str, np.ndarray]]:
 
 
 def _lfw_faces(n: int) -> list[tuple[str, np.ndarray]]:
-    from skimage import data as skdata
-
     faces = skdata.lfw_subset()[:n]  # float64 in [0, 1], [n, 25, 25]; the first 100 are faces
     out = []
     for i, face in enumerate(faces):

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from torchvision.models import resnet18
 from tqdm import tqdm
 
 from sqgan.data.images import UnusableImage, load_rgb
@@ -110,7 +111,6 @@ class HeadBoxRegressor(torch.nn.Module):
 
     def __init__(self, weights: str | Path | None = None) -> None:
         super().__init__()
-        from torchvision.models import resnet18
 
         self.net = resnet18(weights=None, num_classes=4)
         if weights:

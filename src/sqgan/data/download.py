@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+import pooch
+import requests
 from tqdm import tqdm
 
 from sqgan.io import UnsafeOutput, free_sibling, sha256_file, stage_output
@@ -47,8 +49,6 @@ class ResumableDownloader:
         self.part, self.progressbar, self.timeout, self.chunk = Path(part), progressbar, timeout, chunk
 
     def __call__(self, url: str, output_file: str, pooch: object, check_only: bool = False) -> None:
-        import requests
-
         have = self.part.stat().st_size if self.part.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         with requests.get(url, headers=headers, stream=True, timeout=self.timeout) as r:
@@ -83,8 +83,6 @@ def download(
 ) -> Path:
     """Fetch `url` into `out_dir` (kept only if its sha256 matches); an existing good copy is not fetched again.
     An existing file of that name with other bytes is never replaced without `force`."""
-    import pooch
-
     if not SHA256.match(sha256 or ""):
         raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}; compute it with `sha256sum FILE`")
     out_dir = Path(out_dir)

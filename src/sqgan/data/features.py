@@ -71,6 +71,7 @@ class ClipFeatures(NetworkFeatures):
 
     @classmethod
     def load(cls, model_name: str = "ViT-B-32", pretrained: str | None = None) -> ClipFeatures:
+        # on demand: CLIP is optional and heavy (loaded only when CLIP features are asked for)
         import open_clip
 
         try:
@@ -94,6 +95,7 @@ class BlipFeatures(NetworkFeatures):
 
     @classmethod
     def load(cls, name_or_path: str = "Salesforce/blip-itm-base-coco") -> BlipFeatures:
+        # on demand: BLIP (transformers) is optional and heavy
         from transformers import BlipForImageTextRetrieval, BlipImageProcessor
 
         try:

@@ -9,8 +9,14 @@ $AWS_ENDPOINT_URL). The copy is atomic, and it must hold a readable manifest.par
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
+
+from sqgan.data.manifest import MANIFEST, read_manifest
+from sqgan.io import stage_output
 
 ENDPOINT_VARS = ("SQGAN_S3_ENDPOINT", "AWS_ENDPOINT_URL")
 RETRY_S = 60  # how long a storage request may retry before the fetch fails
@@ -18,8 +24,6 @@ RETRY_S = 60  # how long a storage request may retry before the fetch fails
 
 def filesystem(uri: str) -> tuple[Any, str]:
     """(pyarrow file system, path in it) for `uri`."""
-    import pyarrow.fs as pafs
-
     if "://" not in uri:
         return pafs.LocalFileSystem(), str(Path(uri).resolve())
     scheme, _, rest = uri.partition("://")
@@ -32,7 +36,6 @@ def filesystem(uri: str) -> tuple[Any, str]:
         proto, _, host = endpoint.rpartition("://")
         return pafs.S3FileSystem(endpoint_override=host, scheme=proto or "http"), rest
     if scheme == "gs":  # bounded: pyarrow's GCS client otherwise retries an unreachable endpoint for 15 minutes
-        from datetime import timedelta
 
         return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=RETRY_S)), rest
     if scheme not in ("file", "s3", "hdfs"):
@@ -47,11 +50,6 @@ def filesystem(uri: str) -> tuple[Any, str]:
 
 def fetch_dataset(uri: str, out: str | Path, force: bool = False) -> dict[str, Any]:
     """Copy the dataset folder at `uri` to `out` (atomically); returns {"images": n, "files": m}."""
-    import pyarrow.fs as pafs
-
-    from sqgan.data.manifest import MANIFEST, read_manifest
-    from sqgan.io import stage_output
-
     fs, path = filesystem(uri)
     try:
         info = fs.get_file_info(path)

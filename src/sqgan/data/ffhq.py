@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
 
 from sqgan.data.features import FeatureExtractor, extract_features
 from sqgan.data.manifest import read_manifest, write_manifest
@@ -24,9 +29,6 @@ REPORT = "ffhq2k5.json"
 
 def cluster_features(features: np.ndarray, k: int, seed: int = 0, pca_dims: int | None = None) -> np.ndarray:
     """KMeans labels of `features` (rows l2-normalised; optional PCA first, for raw pixels)."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
     x = features.astype(np.float32)
     if pca_dims and x.shape[1] > pca_dims:
         x = PCA(n_components=min(pca_dims, len(x)), random_state=seed).fit_transform(x)
@@ -42,10 +44,7 @@ def smallest_cluster(labels: np.ndarray, k: int) -> tuple[int, np.ndarray]:
 
 
 def _plot_sizes(sizes: np.ndarray, chosen: int, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     colors = ["tab:red" if i == chosen else "tab:gray" for i in range(len(sizes))]
@@ -60,11 +59,7 @@ def _plot_sizes(sizes: np.ndarray, chosen: int, path: Path) -> None:
 
 
 def _plot_tsne(features: np.ndarray, labels: np.ndarray, chosen: int, path: Path, seed: int, max_points: int) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(features), size=min(max_points, len(features)), replace=False))

@@ -1,13 +1,18 @@
 """The raw source of a real dataset (`sqgan data prepare NAME`): `data.<name>.path` (a folder, or an archive
 extracted once) or `data.<name>.url` with its sha256 (downloaded, verified, extracted under `<data.root>/raw/`).
-The stage that then runs is looked up in `sqgan.stages`."""
+The stage that then runs is looked up in `sqgan.data.stages`."""
 
 from __future__ import annotations
 
+import shutil
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sqgan.data.download import archive_stem, download, extract_archive
+from sqgan.io import check_output, stage_output
 
 if TYPE_CHECKING:
     from sqgan.config import SourceParams
@@ -19,8 +24,6 @@ def _is_archive(path: Path) -> bool:
 
 def raw_source(name: str, src: SourceParams, root: Path) -> Path:
     """The folder holding dataset `name`'s raw files (downloading and extracting as needed)."""
-    from sqgan.data.download import archive_stem, download, extract_archive
-
     if src.path:
         p = Path(src.path)
         if not p.exists():
@@ -46,11 +49,6 @@ def raw_source(name: str, src: SourceParams, root: Path) -> Path:
 def download_raw(name: str, src: SourceParams, out: str | Path, force: bool = False) -> Path:
     """Dataset `name`'s raw files (`raw_source`: downloaded and verified, or the local path) as a folder `out`,
     written atomically: what the Kubeflow download component hands to the stage that prepares the dataset."""
-    import shutil
-    import tempfile
-
-    from sqgan.io import check_output, stage_output
-
     out = Path(out)
     check_output(out, "download", (src.path,), force)  # before fetching anything
     out.parent.mkdir(parents=True, exist_ok=True)

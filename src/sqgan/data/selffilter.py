@@ -32,14 +32,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from sqgan.config import Params
+from sqgan.data.dataset import ManifestDataset
 from sqgan.data.manifest import MANIFEST, read_manifest, write_manifest
 from sqgan.io import check_output, link_or_copy, stage_output, write_json_atomic
+from sqgan.losses.adversarial import d_loss, g_loss
+from sqgan.losses.regularizers import r1_penalty
+from sqgan.metrics.features import LPIPSNet
+from sqgan.models.factory import build_discriminator, build_generator, r1_gamma
+from sqgan.models.stylegan2 import DiscriminatorTrunk, FullyConnectedLayer
 
 STAGE = "selffilter"
 REPORT = "selffilter.json"
@@ -52,7 +61,6 @@ class Encoder(nn.Module):
 
     def __init__(self, resolution: int, w_dim: int, channel_base: int, channel_max: int) -> None:
         super().__init__()
-        from sqgan.models.stylegan2 import DiscriminatorTrunk, FullyConnectedLayer
 
         self.trunk = DiscriminatorTrunk(resolution, channel_base=channel_base, channel_max=channel_max,
                                         mbstd_num_channels=0)
@@ -75,10 +83,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
 
 
 def _plot_scores(scores: np.ndarray, threshold: float | None, fraction: float, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(scores, bins=min(50, max(10, len(scores) // 5)), color="tab:gray")
@@ -120,13 +125,6 @@ def self_filter(
     """Train G, D and E on every image of `src` (all splits) for `steps` steps, score each image by its
     reconstruction error and write the kept ones to `out`, the worst round(fraction·N) to its quarantine.
     Returns the counts: seen, kept, quarantined, threshold (the lowest quarantined score; None when none is)."""
-    from sqgan.config import Params
-    from sqgan.data.dataset import ManifestDataset
-    from sqgan.losses.adversarial import d_loss, g_loss
-    from sqgan.losses.regularizers import r1_penalty
-    from sqgan.metrics.features import LPIPSNet
-    from sqgan.models.factory import build_discriminator, build_generator, r1_gamma
-
     src, out = Path(src), Path(out)
     # Everything that can be refused is refused before the training starts.
     if not 0.0 <= fraction < 1.0:

@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from sqgan.config import Params
+from sqgan.losses import mixdl
 from sqgan.losses.adversarial import d_loss, g_loss
 from sqgan.losses.regularizers import path_length_penalty, qcr_penalty, r1_penalty
-from sqgan.quant.fq import QuantizerOutput
+from sqgan.models.factory import adversarial_loss, r1_gamma
+from sqgan.quant.common import QuantizerOutput
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -62,11 +64,8 @@ class GANLoss:
 
     def __init__(self, params: Params, G: nn.Module, D: nn.Module, augment: Augment, device: torch.device,
                  num_ws: int, heads: nn.Module | None = None) -> None:
-        from sqgan.losses.mixdl import settings_from
-        from sqgan.models.factory import adversarial_loss, r1_gamma
-
         self.p, self.G, self.D, self.augment, self.device = params, G, D, augment, device
-        self.mixdl = settings_from(params) if params.mixdl.enabled else None
+        self.mixdl = mixdl.settings_from(params) if params.mixdl.enabled else None
         if self.mixdl is not None and heads is None:
             raise ValueError("mixdl.enabled needs D's MixDL heads (sqgan.losses.mixdl.MixDLHeads)")
         self.heads = heads
@@ -176,13 +175,11 @@ class GANLoss:
     # -------------------------------------------------------------------------------------- MixDL
     def _anchors_and_mixes(self, b: int, gen: torch.Generator):
         """(c [M, B], anchor images [B], mix images [M]) without gradient: B anchors w = G.map(z), mixes c·w."""
-        from sqgan.losses.mixdl import mix_styles, mixing_coefficients
-
         s, G = self.mixdl, unwrap(self.G)
         with torch.no_grad():
             w = G.map(self._z(b, gen))[0]
-            c = mixing_coefficients(s.num_mix or b, b, gen, s.coefficients, s.dirichlet_alpha)
-            ws = torch.cat([w, mix_styles(c, w)])[:, None, :].expand(-1, G.num_ws, -1)
+            c = mixdl.mixing_coefficients(s.num_mix or b, b, gen, s.coefficients, s.dirichlet_alpha)
+            ws = torch.cat([w, mixdl.mix_styles(c, w)])[:, None, :].expand(-1, G.num_ws, -1)
             images = G.synthesis(ws, generator=gen)
         return c, images[:b], images[b:]
 
@@ -190,19 +187,18 @@ class GANLoss:
         """D on a MixDL step: patch-level adversarial loss of reals against mixup images (a random D map judged by
         the patch head), λ_D · the distance loss on the projection head (its D pass also carries the reals, so FQ's
         dictionaries learn and L_FQ counts as in a plain step)."""
-        from sqgan.losses.mixdl import d_mixdl_term, patch_logits, random_tap
-
         p, D = self.p, unwrap(self.D)
         b = real.shape[0]
         feed = step >= p.fq.feed_warmup_steps
         with self._autocast():
             c, anchors, mixes = self._anchors_and_mixes(b, gen)
             anchors, mixes = anchors.to(real.dtype), mixes.to(real.dtype)
-            tap = random_tap(self.heads.patch, gen)
-            patches = patch_logits(D, self.heads.patch, self.augment(torch.cat([real, mixes]), gen), tap, feed=feed)
+            tap = mixdl.random_tap(self.heads.patch, gen)
+            patches = mixdl.patch_logits(D, self.heads.patch, self.augment(torch.cat([real, mixes]), gen), tap,
+                                         feed=feed)
             real_p, fake_p = patches.float().flatten(1).split([b, mixes.shape[0]])
             adv = d_loss(real_p, fake_p, self.kind)
-            term = d_mixdl_term(D, self.heads.proj, anchors, mixes, c, self.mixdl, feed=feed, update=True,
+            term = mixdl.d_mixdl_term(D, self.heads.proj, anchors, mixes, c, self.mixdl, feed=feed, update=True,
                                 reals=real)
         alpha = alpha_at(step, p.fq.alpha, p.fq.alpha_warmup_steps)
         loss = adv + term.loss + alpha * term.quant_loss
@@ -214,15 +210,13 @@ class GANLoss:
     def g_mixdl(self, gen: torch.Generator, step: int) -> Phase:
         """G on a MixDL step: patch-level adversarial loss of the mixup images + λ_G · the distance loss at a random
         synthesis layer (+ λ_sq (L_sq + L_uf) of the anchors' styles)."""
-        from sqgan.losses.mixdl import g_mixdl_term, patch_logits, random_tap
-
         p, G, D = self.p, unwrap(self.G), unwrap(self.D)
         b = p.train.batch_size
         with self._autocast():
-            term = g_mixdl_term(G, gen, z=self._z(b, gen), settings=self.mixdl)
+            term = mixdl.g_mixdl_term(G, gen, z=self._z(b, gen), settings=self.mixdl)
             mixes = term.images[b:]
-            tap = random_tap(self.heads.patch, gen)
-            patches = patch_logits(D, self.heads.patch, self.augment(mixes, gen), tap,
+            tap = mixdl.random_tap(self.heads.patch, gen)
+            patches = mixdl.patch_logits(D, self.heads.patch, self.augment(mixes, gen), tap,
                                    feed=step >= p.fq.feed_warmup_steps)
             adv = g_loss(patches.float().flatten(1), self.kind)
         loss = adv + term.loss

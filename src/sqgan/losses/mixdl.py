@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sqgan.models.stylegan2 import Conv2dLayer, DiscriminatorTrunk, SynthesisLayer
+
 Coefficients = Literal["dirichlet", "gaussian", "uniform"]
 Reduction = Literal["batchmean", "mean"]
 
@@ -196,8 +198,6 @@ def g_layer_names(synthesis: nn.Module) -> list[str]:
     """The synthesis layers whose activations MixDL compares, in forward order: StyleGAN2's modulated convs
     (b4.conv1, b8.conv0, b8.conv1, …: the official feat_list, one per StyledConv); for other backbones the entries
     of `synthesis.blocks` (SNGAN's residual blocks, DCGAN's up-block ReLUs)."""
-    from sqgan.models.stylegan2 import SynthesisLayer
-
     names = [n for n, m in synthesis.named_modules() if isinstance(m, SynthesisLayer)]
     if names:
         return names
@@ -322,8 +322,6 @@ def patch_taps(D: nn.Module, resolution: int, sides: Sequence[int] | None = None
     StyleGAN2: each trunk block's conv outputs (conv0 at the block's input side, conv1 at half of it) whose side is in
     `sides`, default {R/8, R/16} — at 256 px the four 32×32/16×16 maps of the official Patch_Discriminator. Other
     trunks: the block outputs at those sides."""
-    from sqgan.models.stylegan2 import DiscriminatorTrunk
-
     trunk = D.trunk
     want = set(sides) if sides is not None else {resolution // 8, resolution // 16}
     taps: list[tuple[str, int, int]] = []
@@ -349,8 +347,6 @@ class MixupPatchHead(nn.Module):
     def __init__(self, taps: Sequence[tuple[str, int, int]], activation: str = "lrelu") -> None:
         """`taps` from `patch_taps`. activation "lrelu" is the official ConvLayer(512, 1, 3) (its FusedLeakyReLU ends
         the head); "linear" leaves the logits unbounded below."""
-        from sqgan.models.stylegan2 import Conv2dLayer
-
         super().__init__()
         if not taps:
             raise ValueError("MixupPatchHead needs at least one D map to judge")

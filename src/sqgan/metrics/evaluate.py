@@ -12,13 +12,25 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch_fidelity
+import torchmetrics
 from torch import nn
+from tqdm import tqdm
 
+from sqgan.data.dataset import ManifestDataset
+from sqgan.data.manifest import MANIFEST
+from sqgan.io import atomic_path, sha256_file
+from sqgan.metrics.features import LPIPSNet, build_feature_net
+from sqgan.metrics.fid import fid_from_features
+from sqgan.metrics.inception_score import inception_score
+from sqgan.metrics.kid import kid_from_features
 from sqgan.metrics.names import REFERENCED, metric_key
+from sqgan.metrics.precision_recall import precision_recall
 
 CACHE_FORMAT = 1
 
@@ -66,28 +78,20 @@ class Metric:
 
 
 def _fid(x: Inputs, s: Any) -> dict[str | None, float]:
-    from sqgan.metrics.fid import fid_from_features
-
     return {None: fid_from_features(x.real, x.fake)}
 
 
 def _kid(x: Inputs, s: Any) -> dict[str | None, float]:
-    from sqgan.metrics.kid import kid_from_features
-
     mean, std = kid_from_features(x.real, x.fake, s.kid_subsets, s.kid_max_subset_size, s.seed)
     return {"mean": mean, "std": std}
 
 
 def _is(x: Inputs, s: Any) -> dict[str | None, float]:
-    from sqgan.metrics.inception_score import inception_score
-
     mean, std = inception_score(x.fake_logits, s.is_splits, s.seed)
     return {"mean": mean, "std": std}
 
 
 def _pr(x: Inputs, s: Any) -> dict[str | None, float]:
-    from sqgan.metrics.precision_recall import precision_recall
-
     p, r = precision_recall(x.real, x.fake, s.pr_k)
     return {"precision": p, "recall": r}
 
@@ -146,10 +150,6 @@ class Reference:
     @classmethod
     def load(cls, root: str | Path, split: str, resolution: int, images: torch.Tensor | None = None) -> Reference:
         """`images`: the split already decoded at `resolution` (the training loop passes its dataset's)."""
-        from sqgan.data.dataset import ManifestDataset
-        from sqgan.data.manifest import MANIFEST
-        from sqgan.io import sha256_file
-
         root = Path(root)
         if images is None:
             try:
@@ -200,7 +200,6 @@ class RealFeatureCache:
                                f"features of {ref.describe()}", counter=self)
         self.memory[key] = (pool, logits)
         if path is not None:
-            from sqgan.io import atomic_path
 
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
@@ -217,8 +216,6 @@ def _batches(images: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
 def extract(net: nn.Module, batches: Iterator[torch.Tensor], total: int, device: torch.device, progress: bool,
             desc: str, counter: RealFeatureCache | None = None,
             keep: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from tqdm import tqdm
-
     pools, logits = [], []
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for b in batches:
@@ -257,7 +254,6 @@ class Evaluator:
     @property
     def net(self) -> nn.Module:
         if self._net is None:
-            from sqgan.metrics.features import build_feature_net
 
             s = self.settings
             self._net = build_feature_net(s.features, s.inception_weights, s.randcnn_seed).to(self.device)
@@ -266,7 +262,6 @@ class Evaluator:
     @property
     def lpips_net(self) -> nn.Module:
         if self._lpips is None:
-            from sqgan.metrics.features import LPIPSNet
 
             self._lpips = LPIPSNet(self.settings.lpips_backbone, self.settings.lpips_weights).to(self.device)
         return self._lpips
@@ -328,11 +323,6 @@ class Evaluator:
 
     def _provenance(self, m: Metric, net: nn.Module, ref: Reference | None, n: int, seed: int,
                     resolution: int | None, pairs: int) -> dict[str, Any]:
-        from importlib.metadata import version
-
-        import torch_fidelity
-        import torchmetrics
-
         s = self.settings
         p: dict[str, Any] = {
             "metric": m.name,

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch_fidelity
+import torchmetrics
+import torchvision
 from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+from sqgan.io import read_torch_file, sha256_file
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
 INCEPTION_SHA256_PREFIX = "6726825d"  # torch hub's convention: the file name carries its sha256's first 8 digits
@@ -102,10 +109,7 @@ class InceptionFeatures(nn.Module):
                 f"metrics.inception_weights: {path} not found; download {INCEPTION_URL} where the internet is "
                 f"reachable and give its path in metrics.inception_weights (or put it at {inception_cache_file()}), "
                 f"or set metrics.features=randcnn for the random-CNN metrics")
-        import torch_fidelity
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        from sqgan.io import read_torch_file, sha256_file
 
         read_torch_file(path, "metrics.inception_weights", "give torch-fidelity's Inception .pth (a state dict)")
         self.path = path
@@ -160,7 +164,6 @@ def feature_net_name(features: str = "auto", inception_weights: str | None = Non
         if features == "inception":
             return "inception"
         return "randcnn" if randcnn_seed == 0 else f"randcnn-s{randcnn_seed}"
-    from sqgan.io import sha256_file
 
     sha = sha256_file(path)
     return "inception" if sha.startswith(INCEPTION_SHA256_PREFIX) else f"inception-{sha[:8]}"
@@ -176,9 +179,6 @@ class LPIPSNet(nn.Module):
         super().__init__()
         if backbone not in LPIPS_BACKBONES:
             raise ValueError(f"metrics.lpips_backbone must be one of {', '.join(LPIPS_BACKBONES)}, got {backbone!r}")
-        import torchmetrics
-        import torchvision
-        from torchmetrics.functional.image.lpips import _NoTrainLpips
 
         with torch.random.fork_rng(devices=[]):  # the random backbone is a fixed function (seed 0), like randcnn's
             torch.manual_seed(0)
@@ -191,7 +191,6 @@ class LPIPSNet(nn.Module):
                     f"ImageNet state dict (torchvision.models.{LPIPS_BACKBONES[backbone]}(weights='DEFAULT')."
                     f"state_dict() saved with torch.save where the internet is reachable), or unset it for a random "
                     f"backbone (lpips…_rand{backbone})")
-            from sqgan.io import read_torch_file
 
             state = read_torch_file(path, "metrics.lpips_weights",
                                     f"give a torchvision {LPIPS_BACKBONES[backbone]} state dict")

@@ -5,11 +5,10 @@ manifold, recall = share of real vectors inside the generated one — torch-fide
 from __future__ import annotations
 
 import torch
+from torch_fidelity.metric_prc import prc_features_to_metric
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k = {k} needs more than {k} real and generated images, got "
                          f"{len(real)} and {len(fake)}")

@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from sqgan.models.stylegan2 import fir_filter
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every public stylegan2-ada(-pytorch) / stylegan3 pickle
 
@@ -68,8 +71,6 @@ def _storage(data: bytes) -> Any:
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    import numpy as np
-
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 | 1
     out: dict[tuple[str, str], Any] = {("numpy", "dtype"): np.dtype, ("numpy", "ndarray"): np.ndarray}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 and 2 name them differently
@@ -283,8 +284,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
     """Copy `state` into `module`: every parameter and persistent buffer must be there with its shape; a buffer sqgan
     keeps out of its state (the FIR resampling filter) must hold the same values; nothing may be left over."""
-    from sqgan.models.stylegan2 import fir_filter
-
     own = module.state_dict()
     fixed = dict(module.named_buffers())
     # ada registers the FIR filter in a few more modules than sqgan (its DiscriminatorBlock): checked as the others

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sqgan.quant.fq import FeatureQuantizer, QuantizerOutput
+from sqgan.quant.common import QuantizerOutput
+from sqgan.quant.fq import FeatureQuantizer
 
 
 @dataclass

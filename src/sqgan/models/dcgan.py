@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from sqgan.models.stylegan2 import MinibatchStdLayer
+
 
 def _blocks_for(resolution: int) -> int:
     if resolution not in (32, 64):
@@ -80,7 +82,6 @@ class DCGANTrunk(nn.Module):
             ch_in = out
         self.mbstd = None
         if mbstd_num_channels > 0:
-            from sqgan.models.stylegan2 import MinibatchStdLayer
 
             self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels)
             self.batch_statistics = True  # base.Discriminator passes parts=(reals, fakes): groups never mix them

@@ -16,6 +16,10 @@ from torch import nn
 
 from sqgan.config import Params
 from sqgan.models.base import Discriminator, Generator
+from sqgan.models.dcgan import DCGANSynthesis, DCGANTrunk, dcgan_init_
+from sqgan.models.sngan import SNGANSynthesis, SNGANTrunk
+from sqgan.models.stylegan2 import DiscriminatorTrunk, MappingNetwork, SynthesisNetwork
+from sqgan.quant.sq import StyleQuantizer
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,10 @@ class Backbone:
 
 
 def _dcgan_synthesis(p: Params, latent: int) -> nn.Module:
-    from sqgan.models.dcgan import DCGANSynthesis
-
     return DCGANSynthesis(latent, p.model.resolution, p.model.g_channels)
 
 
 def _dcgan_trunk(p: Params) -> nn.Module:
-    from sqgan.models.dcgan import DCGANTrunk
-
     return DCGANTrunk(p.model.resolution, p.model.d_channels, p.model.mbstd_group_size, mbstd_channels(p))
 
 
@@ -46,20 +46,14 @@ def mbstd_channels(p: Params) -> int:
 
 
 def _dcgan_init(m: nn.Module) -> None:
-    from sqgan.models.dcgan import dcgan_init_
-
     dcgan_init_(m)
 
 
 def _sngan_synthesis(p: Params, latent: int) -> nn.Module:
-    from sqgan.models.sngan import SNGANSynthesis
-
     return SNGANSynthesis(latent, p.model.resolution, p.model.g_channels)
 
 
 def _sngan_trunk(p: Params) -> nn.Module:
-    from sqgan.models.sngan import SNGANTrunk
-
     if mbstd_channels(p):
         raise ValueError("model.mbstd_num_channels: the SNGAN discriminator has no minibatch-stddev layer; unset it "
                          "or use model.arch dcgan or stylegan2")
@@ -67,15 +61,11 @@ def _sngan_trunk(p: Params) -> nn.Module:
 
 
 def _stylegan2_synthesis(p: Params, latent: int) -> nn.Module:
-    from sqgan.models.stylegan2 import SynthesisNetwork
-
     return SynthesisNetwork(latent, p.model.resolution, channel_base=p.model.channel_base,
                             channel_max=p.model.channel_max, conv_clamp=p.model.conv_clamp)
 
 
 def _stylegan2_trunk(p: Params) -> nn.Module:
-    from sqgan.models.stylegan2 import DiscriminatorTrunk
-
     m = p.model
     return DiscriminatorTrunk(m.resolution, channel_base=m.channel_base, channel_max=m.channel_max,
                               mbstd_group_size=m.mbstd_group_size, mbstd_num_channels=mbstd_channels(p),
@@ -174,7 +164,6 @@ def build_generator(params: Params) -> Generator:
     bb = backbone(params)
     mapping: nn.Module | None = None
     if m.arch == "stylegan2":
-        from sqgan.models.stylegan2 import MappingNetwork
 
         mapping = MappingNetwork(m.z_dim, m.w_dim, num_layers=mapping_layers(params))
     elif sq.enabled:
@@ -182,7 +171,6 @@ def build_generator(params: Params) -> Generator:
     w_dim = m.w_dim if mapping is not None else m.z_dim
     quantizer = None
     if sq.enabled:
-        from sqgan.quant.sq import StyleQuantizer
 
         quantizer = StyleQuantizer(w_dim, sq.code_dim, sq.codebook_size, sq.commitment, sq.uniformity_t)
     return Generator(bb.synthesis(params, w_dim), m.z_dim, w_dim, mapping=mapping, quantizer=quantizer)
@@ -196,12 +184,3 @@ def build_discriminator(params: Params) -> Discriminator:
     if bb.d_init is not None:  # after the quantizers drew their start, so DCGAN's init stays what it always was
         bb.d_init(D.trunk)
     return D
-
-
-def d_blocks(arch: str, resolution: int) -> int:
-    """Blocks of a backbone's discriminator trunk at `resolution` (what fq.layers may name)."""
-    if arch == "sngan":
-        from sqgan.models.sngan import trunk_blocks
-
-        return trunk_blocks(resolution)
-    return int(math.log2(resolution)) - 2

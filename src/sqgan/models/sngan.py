@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from sqgan.config import d_blocks
+
 _GAIN_RESIDUAL = math.sqrt(2.0)  # official code: GlorotUniform(sqrt(2)) for the convs that ReLUs follow
 
 
@@ -41,7 +43,7 @@ def _check_resolution(resolution: int) -> None:
 def trunk_blocks(resolution: int) -> int:
     """Blocks of the SNGAN discriminator trunk at `resolution` (what fq.layers may name): 4 at 32², 5 at 64²."""
     _check_resolution(resolution)
-    return 4 if resolution == 32 else 5
+    return d_blocks("sngan", resolution)
 
 
 def _init(layer: nn.Conv2d | nn.Linear, gain: float) -> nn.Conv2d | nn.Linear:

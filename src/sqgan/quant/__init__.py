@@ -1,6 +1,7 @@
 """Codebook quantizers: FQ (discriminator features), SQ (generator styles), the CLIP prior's Sinkhorn OT."""
 
-from sqgan.quant.fq import FeatureQuantizer, QuantizerOutput
+from sqgan.quant.common import QuantizerOutput
+from sqgan.quant.fq import FeatureQuantizer
 from sqgan.quant.sinkhorn import sinkhorn
 from sqgan.quant.sq import StyleQuantizer
 

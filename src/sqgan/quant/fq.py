@@ -25,27 +25,13 @@ same dictionary, equal to that of one process fed the concatenated batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from sqgan.metrics.codebook import perplexity
-
-
-@dataclass
-class QuantizerOutput:
-    quantized: torch.Tensor  # straight-through h′ = h + sg(e − h), same shape as the input
-    loss: torch.Tensor  # commitment β‖sg(e) − h‖² (mean over elements)
-    indices: torch.Tensor  # [B, H, W] chosen entry per position
-    counts: torch.Tensor  # [K] assignments per entry in this batch (all ranks summed in training)
-
-    @property
-    def perplexity(self) -> torch.Tensor:
-        """exp(H(p)) of the batch's assignment histogram p (computed on demand: the loop counts over a window)."""
-        return perplexity(self.counts)
+from sqgan.quant.common import QuantizerOutput
 
 
 def _distributed() -> bool:
@@ -204,26 +190,3 @@ class _StraightThroughCommitment(torch.autograd.Function):
         scale = grad_loss * (-2.0 * ctx.beta / delta.numel())  # a 0-d tensor: no host sync
         grad = torch.addcmul(grad_q, delta, scale) if grad_q is not None else delta * scale
         return grad, None, None
-
-
-def dictionary_digest(*modules: nn.Module) -> str:
-    """sha256 over every codebook in `modules` (in module order): each FeatureQuantizer's dictionary and EMA
-    statistics, each StyleQuantizer's codebook. Equal on every DDP rank as long as the all-reduced EMA (FQ) and the
-    all-reduced gradients (SQ) keep them in step."""
-    import hashlib
-
-    from sqgan.quant.sq import StyleQuantizer
-
-    h = hashlib.sha256()
-    for i, module in enumerate(modules):
-        for name, sub in module.named_modules():
-            if isinstance(sub, FeatureQuantizer):
-                bufs = (sub.codebook, sub.ema_count, sub.ema_sum)
-            elif isinstance(sub, StyleQuantizer):
-                bufs = (sub.codebook,)
-            else:
-                continue
-            h.update(f"{i}.{name}".encode())
-            for buf in bufs:
-                h.update(buf.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sqgan.data.features import ClipFeatures, extract_features
 from sqgan.io import atomic_path, read_torch_file
-from sqgan.quant.fq import QuantizerOutput
+from sqgan.quant.common import QuantizerOutput
 from sqgan.quant.sinkhorn import sinkhorn
 from sqgan.quant.sq import StyleQuantizer
 
@@ -68,6 +69,7 @@ def _hub_offline() -> bool:
     if env.strip().upper() in {"1", "ON", "YES", "TRUE"}:
         return True
     try:
+        # on demand: the hub cache matters only when CLIP weights are looked up
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - open_clip depends on it
         return False
@@ -80,6 +82,7 @@ def _tag_is_cached(cfg: dict[str, Any]) -> bool:
         return os.path.isfile(cfg["file"])
     hub = cfg.get("hf_hub", "")
     if hub:
+        # on demand: the hub cache matters only when CLIP weights are looked up
         from huggingface_hub import try_to_load_from_cache
         from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
 
@@ -106,6 +109,7 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 
 def _hub_endpoint() -> str:
     try:
+        # on demand: the hub cache matters only when CLIP weights are looked up
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - open_clip depends on it
         return "https://huggingface.co"
@@ -134,6 +138,7 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
         if not os.path.isfile(pretrained):  # checked before importing open_clip (seconds)
             raise ClipWeightsUnavailable(
                 f"prior.clip_pretrained = {pretrained!r}: no such file; {_HOW_TO_GET_WEIGHTS}")
+    # on demand: CLIP is optional and heavy (loaded only when CLIP features are asked for)
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg
 
@@ -161,6 +166,7 @@ def load_clip(model_name: str, pretrained: str | None, device: str | torch.devic
                     f"prior.clip_pretrained = {pretrained!r} is an open_clip tag whose weights are not cached, and "
                     f"{urlparse(source).hostname} cannot be reached; {_HOW_TO_GET_WEIGHTS}")
     elif model_name.startswith("hf-hub:"):
+        # on demand: the hub cache matters only when CLIP weights are looked up
         from huggingface_hub import try_to_load_from_cache
 
         cached = isinstance(try_to_load_from_cache(model_name.removeprefix("hf-hub:"), "open_clip_config.json"), str)
@@ -191,8 +197,6 @@ def clip_image_features(
     """F [N, E]: l2-normalised CLIP image features of the images `paths`, through the curation cache
     (`sqgan.data.features.extract_features`, keyed by image sha256) under the same key as `ClipFeatures.load`,
     so images already embedded for curation are not embedded again. Moves `model` to the GPU when there is one."""
-    from sqgan.data.features import ClipFeatures, extract_features
-
     ext = ClipFeatures(model, preprocess, f"clip-{model_name}-{Path(str(pretrained)).name}")  # = ClipFeatures.load
     return torch.from_numpy(extract_features(root, paths, shas, ext, cache_dir, batch_size=batch_size))
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sqgan.quant.fq import QuantizerOutput
+from sqgan.quant.common import QuantizerOutput
 
 
 def uniformity_loss(codes: torch.Tensor, t: float = 2.0) -> torch.Tensor:

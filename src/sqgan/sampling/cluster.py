@@ -22,9 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
 from torch import nn
+from tqdm import tqdm
 
+from sqgan.io import atomic_path, read_torch_file
 from sqgan.metrics.evaluate import Z_CHUNK, to_uint8
+from sqgan.metrics.features import state_sha256
+from sqgan.metrics.fid import fid_from_features
 
 # uint8 images [B, 3, H, W] → features [B, F], or (pool, logits) as RandomCNNFeatures / InceptionFeatures return
 FeatureFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, ...]"]
@@ -62,8 +67,6 @@ def image_features(feature_fn: FeatureFn, batches: Iterator[torch.Tensor] | list
     """float64 [N, F] CPU features of uint8 image batches (a (pool, logits) net gives its pool: FID's features).
 
     Batches are consumed one at a time, so n images never sit in memory together (60k at 256 px would be 12 GB)."""
-    from tqdm import tqdm
-
     feats = []
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for b in batches:
@@ -113,8 +116,6 @@ def cluster_latents(G: nn.Module, z_dim: int, n: int, k: int, feature_fn: Featur
                     n_init: int = 10, batch: int = 64, device: torch.device | str = "cpu",
                     progress: bool = False) -> LatentClusters:
     """n codes z (`seeded_latents`, seed `seed`) → G → `feature_fn` → KMeans(k, random_state=seed, n_init)."""
-    from sklearn.cluster import KMeans
-
     if n < 1 or not 1 <= k <= n:
         raise ValueError(f"cluster-guided sampling: k must be in [1, n] with n ≥ 1, got k = {k}, n = {n}; "
                          f"generate at least k images")
@@ -196,8 +197,6 @@ def train_imle(maps: ClusterLatentMaps, members: list[torch.Tensor], steps: int 
     the same step) and `num_samples` fresh candidates T_j(e) (m in the paper), finds each target's nearest candidate
     and moves it toward the target (Adam). Fresh candidates each step, rather than the paper's nearest neighbours
     reused for several epochs: the search is a cdist of [b, m] per cluster, cheaper than the step itself here."""
-    from tqdm import tqdm
-
     if len(members) != maps.k:
         raise ValueError(f"train_imle: {len(members)} member sets for {maps.k} latent maps; give one per cluster")
     empty = [j for j, m in enumerate(members) if len(m) == 0]
@@ -301,8 +300,6 @@ class ClusterSampler:
 
     def save(self, path: str | Path) -> None:
         """State dicts and metadata only (loadable with torch.load(weights_only=True)), written atomically."""
-        from sqgan.io import atomic_path
-
         payload = {"format": SAMPLER_FORMAT, "meta": self.meta,
                    "maps": {name: t.detach().cpu() for name, t in self.maps.state_dict().items()},
                    "centroids": self.centroids, "sizes": self.sizes,
@@ -313,9 +310,6 @@ class ClusterSampler:
     @classmethod
     def load(cls, path: str | Path, G: nn.Module, device: torch.device | str = "cpu") -> ClusterSampler:
         """A saved sampler for the G it was fit with (checked by its weights' sha256)."""
-        from sqgan.io import read_torch_file
-        from sqgan.metrics.features import state_sha256
-
         fix = "give a file written by ClusterSampler.save"
         saved = read_torch_file(path, "cluster sampler", fix)
         if not isinstance(saved, dict) or saved.get("format") != SAMPLER_FORMAT:
@@ -335,8 +329,6 @@ def fit_cluster_sampler(G: nn.Module, clusters: LatentClusters, steps: int = 200
                         layers: int = 2, num_samples: int = 128, targets_per_step: int = 64, lr: float = 1e-3,
                         seed: int = 0, device: torch.device | str = "cpu", progress: bool = False) -> ClusterSampler:
     """A latent map per cluster of `clusters`, trained with IMLE on each cluster's codes (`train_imle`)."""
-    from sqgan.metrics.features import state_sha256
-
     z_dim = int(clusters.z.shape[1])
     maps = ClusterLatentMaps(clusters.k, z_dim, hidden, layers, seed)
     losses = train_imle(maps, [clusters.members(j) for j in range(clusters.k)], steps, num_samples,
@@ -411,8 +403,6 @@ def fid_cost(sampler: ClusterSampler, feature_fn: FeatureFn, reference_features:
     reference images) of n sampler images drawn in proportion to the cluster sizes, minus that of n unconditional
     images (`seeded_latents(n, z_dim, seed)`, as `generate_uint8`). Both draw e from the same seed (common random
     numbers): the difference measures the latent maps, not the luck of the draw."""
-    from sqgan.metrics.fid import fid_from_features
-
     if n < 2:
         raise ValueError(f"fid_cost needs n ≥ 2 images, got {n}")
     z_s, cluster = sampler.mixture_latents(n, seed)

@@ -23,8 +23,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from sklearn.cluster import KMeans
 from torch import nn
+from torchmetrics.functional.image.lpips import _normalize_tensor
+from tqdm.auto import tqdm
 
+from sqgan.io import atomic_path, read_torch_file
 from sqgan.metrics.evaluate import Z_CHUNK, to_uint8
 from sqgan.metrics.features import state_sha256
 
@@ -109,7 +113,6 @@ def mapped_w(G: nn.Module, n: int, seed: int = 0, batch: int = 1024, device: tor
     G.to(device)
     out: list[torch.Tensor] = []
     with _eval_mode(G):
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="mapping z → w", unit="w", disable=not progress)
         for z in _z_chunks(n, G.z_dim, seed):
@@ -126,7 +129,6 @@ def kmeans_centres(w: torch.Tensor, n_clusters: int = DEFAULT_CLUSTERS, seed: in
     if n_clusters < 1 or len(w) < n_clusters:
         raise ValueError(f"k-means needs 1 ≤ n_clusters ≤ number of w, got n_clusters={n_clusters} for {len(w)} w; "
                          f"map more z (n) or ask for fewer clusters")
-    from sklearn.cluster import KMeans
 
     km = KMeans(n_clusters=n_clusters, init="random", random_state=seed)
     km.fit(w.detach().cpu().float().numpy())
@@ -180,8 +182,6 @@ def centres_path(checkpoint: str | Path) -> Path:
 
 def save_centres(centres: Centres, path: str | Path) -> Path:
     """Write the centres, their images and the settings they were made with to `path` atomically."""
-    from sqgan.io import atomic_path
-
     payload = {"format": CACHE_FORMAT, "w": centres.w.detach().cpu().contiguous(),
                "images": centres.images.detach().cpu().contiguous(), "n": centres.n, "n_clusters": centres.n_clusters,
                "seed": centres.seed, "w_dim": centres.w_dim, "resolution": centres.resolution,
@@ -200,8 +200,6 @@ def load_centres(path: str | Path, G: nn.Module, n: int = DEFAULT_N, n_clusters:
                  seed: int = 0) -> Centres:
     """The cached centres at `path`, refused (StaleCentres) unless they were made for this G's weights with these
     settings; a missing or unreadable file is an error naming it."""
-    from sqgan.io import read_torch_file
-
     path = Path(path)
     fix = "delete it, or call sqgan.sampling.truncation.load_or_fit to refit"
     saved = read_torch_file(path, "truncation centres", fix)
@@ -244,8 +242,6 @@ def _lpips_parts(lpips_net: nn.Module) -> nn.Module:
 def lpips_features(images_uint8: torch.Tensor, lpips_net: nn.Module) -> list[torch.Tensor]:
     """Per LPIPS layer, the channel-normalised backbone features [B, C_k, H_k, W_k] of uint8 images (on the LPIPS
     net's device): LPIPS(a, b) = Σ_k mean_hw(lin_k((f_k(a) − f_k(b))²)) (Zhang et al. 2018, Eq. 1)."""
-    from torchmetrics.functional.image.lpips import _normalize_tensor
-
     net = _lpips_parts(lpips_net)
     x = images_uint8.to(_device_of(net)).float() / 127.5 - 1.0  # as LPIPSNet.forward
     outs = net.net(net.scaling_layer(x))

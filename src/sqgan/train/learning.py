@@ -23,7 +23,8 @@ from sqgan.metrics.collapse import collapse_stats
 from sqgan.metrics.evaluate import generate_uint8
 from sqgan.metrics.names import is_quality_metric
 from sqgan.models.factory import build_generator
-from sqgan.train.loop import load_checkpoint, train
+from sqgan.train.checkpoint import load_checkpoint
+from sqgan.train.loop import train
 
 
 @dataclass(frozen=True)

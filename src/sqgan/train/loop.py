@@ -18,6 +18,7 @@ the metrics to Ray Train and Tune.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -28,24 +29,47 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from PIL import Image
 from torch import nn
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from sqgan.config import Params
+from sqgan.config import Params, flatten
+from sqgan.data.ada import AdaController, ada_augment
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
-from sqgan.io import atomic_path, mark_output, read_torch_file, write_json_atomic
+from sqgan.data.features import ClipFeatures
+from sqgan.io import atomic_path, mark_output, write_json_atomic
 from sqgan.losses.gan import GANLoss, Phase, alpha_at, unwrap
+from sqgan.losses.mixdl import MixDLHeads
 from sqgan.metrics.codebook import perplexity, utilisation
 from sqgan.metrics.collapse import COLLAPSE_TAG, collapse_stats, mean_pairwise_rms
 from sqgan.metrics.diversity import mean_pairwise_cosine
-from sqgan.models.factory import build_discriminator, build_generator, lazy_ratios
+from sqgan.metrics.evaluate import Evaluator, Reference, keys_of, to_uint8
+from sqgan.metrics.features import feature_net_name
+from sqgan.metrics.names import count_tag, parse_metric_key
+from sqgan.models.factory import (
+    build_discriminator,
+    build_generator,
+    lazy_ratios,
+    mapping_layers,
+    mbstd_channels,
+    r1_gamma,
+)
+from sqgan.quant.digest import dictionary_digest
+from sqgan.quant.prior import load_clip, load_prior, restore_codebook
+from sqgan.sampling.generator import eval_generator
+from sqgan.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 __all__ = ["alpha_at", "build_discriminator", "build_generator", "train"]
 
-CHECKPOINT_FORMAT = 3  # 2: G = mapping/quantizer/synthesis, D = trunk + quantizers, ADA and path-length state;
-#                        3: the DCGAN/SNGAN mapping MLP is residual (issue 25)
 GRID_SIZE = 64  # fixed-z samples in each grid (8 × 8)
 
 
@@ -139,19 +163,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    return path
-
-
 class BestCheckpoint:
     """The checkpoint saved at the interim evaluation with the lowest FID/KID so far (the first of metrics.names that
     is fid or kid), which pruning keeps."""
 
     def __init__(self, params: Params) -> None:
-        from sqgan.metrics.names import parse_metric_key
-
         interim = quality_keys(params, params.metrics.eval_num_fake) if params.metrics.eval_every else []
         self.key = next((k for k in interim if (p := parse_metric_key(k)) is not None
                          and p.metric in ("fid", "kid") and p.stat in (None, "mean")), None)
@@ -163,38 +179,6 @@ class BestCheckpoint:
             self.value, self.path = value, path
 
 
-def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep: Path | None = None) -> list[Path]:
-    """Delete all but the newest `keep_last` step_*.pt in `ckpt_dir` (0: none deleted) and `keep`; returns what went."""
-    if keep_last <= 0:
-        return []
-    found = sorted(ckpt_dir.glob("step_*.pt"))
-    gone = [p for p in found[:-keep_last] if keep is None or p.resolve() != Path(keep).resolve()]
-    for p in gone:
-        p.unlink(missing_ok=True)
-    return gone
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's state (weights_only=True); any file that is not one is a one-line ValueError."""
-    path = Path(path)
-    pick = "pass a step_NNNNNN.pt file from a run's checkpoints/ folder"
-    state = read_torch_file(path, "checkpoint", pick)
-    if isinstance(state, dict) and state.get("format") == 2:
-        p = state.get("params") or {}
-        if p.get("model", {}).get("arch") in ("dcgan", "sngan") and p.get("sq", {}).get("enabled"):
-            raise ValueError(f"{path}: a DCGAN/SNGAN + SQ checkpoint from before the residual mapping network (format "
-                             f"2; its mapping MLP made the generator ignore z, issue 25): it cannot be loaded into "
-                             f"this version; train it again")
-        state["format"] = CHECKPOINT_FORMAT  # nothing else changed between 2 and 3
-    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: an sqgan checkpoint of format {state['format']}, from before the model factory "
-                         f"(format {CHECKPOINT_FORMAT}); its networks cannot be loaded into this version: start a new "
-                         f"run, or resume it with the sqgan version that wrote it")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an sqgan checkpoint (format {CHECKPOINT_FORMAT}); {pick}")
-    return state
-
-
 ARCH_KEYS = ("model.", "fq.enabled", "fq.codebook_size", "fq.layers", "sq.enabled", "sq.code_dim",
              "sq.codebook_size", "mixdl.enabled", "mixdl.proj_dim", "mixdl.patch_sides", "mixdl.patch_activation")
 ARCH_EXEMPT = ("model.style_mixing",)  # model.* keys that are not architecture
@@ -203,8 +187,6 @@ ARCH_EXEMPT = ("model.style_mixing",)  # model.* keys that are not architecture
 def check_resume(state: dict[str, Any], params: Params, path: Path) -> int:
     """The step to resume from, after checking that the checkpoint fits `params`: same architecture (anything
     else may change) and a step within train.steps."""
-    from sqgan.config import flatten
-
     old, new = flatten(state["params"]), params.flat()
     old = Params().flat() | old  # a key the checkpoint predates had its schema default then
     diff = [k for k in new if k.startswith(ARCH_KEYS) and k not in ARCH_EXEMPT and old.get(k) != new[k]]
@@ -236,16 +218,12 @@ def absolute_init_from(params: Params) -> Params:
 def _resolved_model(p: Params) -> dict[str, Any]:
     """p's model.* with the keys whose unset value means a per-backbone default filled in as the factory fills them
     (an import sets them explicitly: 8 mapping layers and 1 mbstd channel equal unset for StyleGAN2)."""
-    from sqgan.models.factory import mapping_layers, mbstd_channels
-
     flat = {k: v for k, v in p.flat().items() if k.startswith("model.")}
     return flat | {"model.mapping_layers": mapping_layers(p), "model.mbstd_num_channels": mbstd_channels(p)}
 
 
 def init_source(params: Params) -> tuple[Path, dict[str, Any]]:
     """train.init_from's checkpoint and state, checked: an sqgan checkpoint with the same model.* params."""
-    from sqgan.evaluate import latest_checkpoint
-
     path = latest_checkpoint(params.train.init_from or "", "train.init_from")
     state = load_checkpoint(path)
     raw = Params().model_dump(mode="json")
@@ -291,8 +269,6 @@ def sample_grid(g_ema: nn.Module, z: torch.Tensor, path: Path) -> Path:
 def make_evaluator(params: Params, data_dir: str | Path, dataset: ManifestDataset, device: torch.device):
     """The run's evaluator: its reference split (the training images themselves when that is `train`) and its
     feature network are built on first use, and the real features are extracted once per run."""
-    from sqgan.metrics.evaluate import Evaluator, Reference
-
     mp = params.metrics
     images = dataset.images if mp.reference_split == "train" else None
     return Evaluator(mp, lambda: Reference.load(data_dir, mp.reference_split, params.model.resolution, images),
@@ -304,10 +280,6 @@ def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, ho
     """Training's evaluation (interim: eval_num_fake images, final: num_fake): metrics.names on G_ema (truncated when
     metrics.truncation is set), each value logged with its provenance as the tag `sqgan.metric.<name>`; `extra`
     (the collapse watch's) is logged in the same call."""
-    import json
-
-    from sqgan.sample import eval_generator
-
     g, truncation = eval_generator(params, g_ema)
     ev = evaluator(g, params.model.z_dim, num_fake, params.metrics.names, lpips_pairs=num_fake // 2)
     if truncation is not None:
@@ -347,7 +319,6 @@ class Augmenter:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.ada is not None and self.ada.p > 0:
-            from sqgan.data.ada import ada_augment
 
             x = ada_augment(x, self.ada.p, gen)
         return diff_augment(x, self.policies, gen) if self.policies else x
@@ -369,7 +340,6 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
     if tp.init_from and resume is None:
         init_weights(params, G, D, None)
     if params.sq.enabled and params.sq.prior and resume is None:
-        from sqgan.quant.prior import load_prior, restore_codebook
 
         restore_codebook(G.quantizer, load_prior(params.sq.prior))
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
@@ -377,7 +347,6 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         init_weights(params, None, None, G_ema)
     heads = None
     if params.mixdl.enabled:  # after G_ema's copy and every other init: a run without MixDL draws as before
-        from sqgan.losses.mixdl import MixDLHeads
 
         heads = MixDLHeads(D, params).to(device)
     d_params = list(D.parameters()) + (list(heads.parameters()) if heads is not None else [])
@@ -385,7 +354,6 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
     set_optimiser_settings(params, opt_g, opt_d)
     ada = None
     if params.ada.enabled:
-        from sqgan.data.ada import AdaController
 
         a = params.ada
         ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size,
@@ -451,8 +419,6 @@ def _apply(phase: Phase | None, opt: torch.optim.Optimizer, world_size: int = 1)
 def all_reduce_grads(modules: tuple[nn.Module, ...], world_size: int) -> None:
     """Average the gradients of `modules` over the ranks, as DDP would (for phases that bypass DDP's forward: MixDL).
     A parameter without a gradient on this rank takes part with zeros, so every rank makes the same calls."""
-    import torch.distributed as dist
-
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     for p in params:
         if p.grad is None:
@@ -525,7 +491,6 @@ class Window:
     def flush(self, rt: Runtime) -> dict[str, float]:
         """The window's metrics (SQ counts summed over ranks; FQ's are already, by the all-reduced EMA)."""
         if rt.world_size > 1 and "sq" in self.counts:
-            import torch.distributed as dist
 
             dist.all_reduce(self.counts["sq"])
         keys = list(self.sums)
@@ -566,8 +531,6 @@ class Diversity:
         self.batch, self.rt = mp.batch_size, rt
         self.clip = None
         if mp.clip_similarity and mp.diversity_every and rt.is_main:
-            from sqgan.data.features import ClipFeatures
-            from sqgan.quant.prior import load_clip
 
             model, preprocess = load_clip(params.prior.clip_model, params.prior.clip_pretrained)
             self.clip = ClipFeatures(model, preprocess, "generated")
@@ -577,9 +540,7 @@ class Diversity:
     def __call__(self, state: TrainState) -> dict[str, float]:
         out = {"d/feature_similarity": feature_similarity(state.D, self.reals, self.batch)}
         if self.clip is not None:
-            from PIL import Image
 
-            from sqgan.metrics.evaluate import to_uint8
 
             state.G_ema.eval()
             with torch.no_grad():
@@ -783,9 +744,7 @@ def check_dictionaries_agree(D: nn.Module, rt: Runtime, step: int, G: nn.Module 
     """Under DDP, fail loudly unless every rank holds the same FQ dictionaries and SQ codebook (compared by hash)."""
     if rt.world_size <= 1:
         return
-    import torch.distributed as dist
 
-    from sqgan.quant.fq import dictionary_digest
 
     mine = dictionary_digest(_unwrap(D), *([_unwrap(G)] if G is not None else []))
     digests: list[Any] = [None] * rt.world_size
@@ -799,8 +758,6 @@ def check_dictionaries_agree(D: nn.Module, rt: Runtime, step: int, G: nn.Module 
 
 def reported_metrics(params: Params) -> set[str]:
     """Every metric name a run with `params` logs (what a sweep may rank trials on)."""
-    from sqgan.models.factory import r1_gamma
-
     names = {"loss/d", "loss/g", "loss/fq", "fq/alpha", "time/steps_per_s"}
     x = params.mixdl
     if not x.enabled or x.every > 1:  # plain steps happen
@@ -835,9 +792,6 @@ def reported_metrics(params: Params) -> set[str]:
 
 def quality_keys(params: Params, num_fake: int) -> list[str]:
     """The names training's evaluation of `num_fake` images logs (fid500_train_randcnn, …)."""
-    from sqgan.metrics.evaluate import keys_of
-    from sqgan.metrics.features import feature_net_name
-
     mp = params.metrics
     net = feature_net_name(mp.features, mp.inception_weights, mp.randcnn_seed)
     lpips_net = mp.lpips_backbone if mp.lpips_weights else f"rand{mp.lpips_backbone}"
@@ -846,8 +800,6 @@ def quality_keys(params: Params, num_fake: int) -> list[str]:
 
 def interim_key(params: Params, key: str) -> str:
     """The interim evaluation's name of the final evaluation's metric `key` (the same on eval_num_fake images)."""
-    from sqgan.metrics.names import count_tag, parse_metric_key
-
     parts = parse_metric_key(key)
     if parts is None:
         return key

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sqgan.config import Params
+from sqgan.data.curate import curate
+from sqgan.data.features import build_extractor
+from sqgan.data.manifest import read_manifest
+from sqgan.data.prepare import find_root, raw_source
 from sqgan.io import UnsafeOutput, check_output
 
 
@@ -45,8 +49,6 @@ def _curate(p: Params) -> dict[str, Any]:
 
 
 def _ffhq(p: Params) -> dict[str, Any]:
-    from sqgan.data.features import build_extractor
-
     f = p.data.ffhq2k5
     return {"extractor": build_extractor(f.features, f.model, f.pretrained), "cache_dir": p.data.cache, "k": f.k,
             "seed": f.seed, "batch_size": f.batch_size}
@@ -100,8 +102,6 @@ def get_stage(name: str) -> Stage:
 def source_for(stage: Stage, params: Params, raw: str | Path | None = None) -> Path:
     """The input folder of a stage run from params alone (`sqgan data prepare NAME`, `dvc repro NAME`), or from
     `raw`, the dataset's raw files already fetched (`download_raw`, as the Kubeflow download component does)."""
-    from sqgan.data.prepare import find_root, raw_source
-
     root = Path(params.data.root)
     if stage.source in FROM_SECTION:
         return root / getattr(params.data, stage.source).source
@@ -111,7 +111,6 @@ def source_for(stage: Stage, params: Params, raw: str | Path | None = None) -> P
     if stage.name == "dogface":
         return find_root(raw, "annotations")
     if stage.name == "ffhq2k5":  # the clustering reads a curated manifest: curate the raw images first
-        from sqgan.data.curate import curate
 
         curated = root / "raw" / "ffhq-curated"
         try:
@@ -146,6 +145,5 @@ def run_stage(
         result = fn(src, out, **stage.arguments(params), force=force)
     if isinstance(result, dict):
         return result
-    from sqgan.data.manifest import read_manifest
 
     return {"images": len(read_manifest(out))}

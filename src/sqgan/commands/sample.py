@@ -35,11 +35,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
 from sqgan.config import Params
-from sqgan.metrics.evaluate import to_uint8
+from sqgan.io import check_output, sha256_file, stage_output, write_json_atomic
+from sqgan.metrics.evaluate import RealFeatureCache, Reference, to_uint8
+from sqgan.metrics.features import LPIPSNet, build_feature_net, state_sha256
 from sqgan.sampling import truncation as T
+from sqgan.sampling.cluster import (
+    ClusterSampler,
+    cluster_accuracy,
+    cluster_latents,
+    fid_cost,
+    fit_cluster_sampler,
+    latent_features,
+    nearest_centroid,
+    seeded_latents,
+)
+from sqgan.sampling.generator import TruncatedGenerator, require_mapping
+from sqgan.shells.tracking import (
+    MlflowLogger,
+    checkpoint_of_run,
+    existing_run,
+    open_existing,
+    previous_run,
+    resolve_tracking_uri,
+)
+from sqgan.train.checkpoint import latest_checkpoint, load_generator
 
 STAGE = "sample"  # the marker of its output folders (sqgan.io.stage_output)
 GRID_IMAGES = 64  # images in grid.png
@@ -85,107 +110,6 @@ class SampleResult:
     assignment_counts: list[int] | None = None  # multimodal: samples truncated toward each centre
 
 
-# ---------------------------------------------------------------------------------------------------- truncated G
-@dataclass
-class TruncatedOutput:
-    images: torch.Tensor  # [B, 3, R, R] in [-1, 1], as GeneratorOutput.images
-    w: torch.Tensor  # the truncated, un-quantized w [B, w_dim]
-    assignment: torch.Tensor | None  # multimodal: the centre each sample was pulled toward [B]
-
-
-def require_mapping(G: nn.Module, mode: str) -> None:
-    """An error naming sample.truncation=none when `mode` needs a mapping network z → w that G lacks."""
-    if mode != "none" and getattr(G, "mapping", None) is None:
-        raise ValueError(f"sample.truncation={mode} needs a mapping network z → w, and this generator has none "
-                         f"(DCGAN/SNGAN trained with sq.enabled=false: w is z ~ N(0, I)); sample it with "
-                         f"--set sample.truncation=none (--truncation none), or train with model.arch=stylegan2 or "
-                         f"sq.enabled=true")
-
-
-class TruncatedGenerator(nn.Module):
-    """G_ema with truncation applied inside `forward`, so anything that samples a generator — `generate_uint8`,
-    `sqgan.metrics.evaluate.Evaluator`, `ClusterSampler` — sees truncated samples unchanged.
-
-    mode `multimodal`: w ← c + ψ(w − c) toward the centre assigned by `assign` (lpips: the LPIPS-nearest centre image
-    to the untruncated image, the paper's; l2: nearest in W); `global`: toward w_avg; `none`: G itself. The same
-    arithmetic as `sqgan.sampling.truncation.sample`, but returning float images like `Generator.forward`."""
-
-    def __init__(self, G: nn.Module, mode: T.Mode = "multimodal", psi: float = 0.7, assign: T.Assign = "lpips",
-                 centres: T.Centres | None = None, lpips_net: nn.Module | None = None) -> None:
-        super().__init__()
-        if mode not in ("multimodal", "global", "none"):
-            raise ValueError(f"sample.truncation must be multimodal, global or none, got {mode!r}")
-        require_mapping(G, mode)
-        self.G, self.mode, self.psi, self.assign = G, mode, T.check_psi(psi), assign
-        self.z_dim, self.w_dim = G.z_dim, G.w_dim
-        self.centres = centres
-        self.lpips_net = lpips_net if mode == "multimodal" and assign == "lpips" else None
-        if mode == "multimodal":
-            T.check_multimodal(G, assign, centres, lpips_net)
-            self.register_buffer("centre_w", centres.w.detach().float().clone(), persistent=False)
-            self.register_buffer("centre_images", centres.images.detach().clone(), persistent=False)
-        self._centre_features: tuple[torch.device, list[torch.Tensor]] | None = None
-
-    def describe(self) -> str:
-        if self.mode == "none":
-            return "no truncation"
-        if self.mode == "global":
-            return f"global truncation ψ = {self.psi:g} toward w_avg"
-        return (f"multi-modal truncation ψ = {self.psi:g} toward {self.centres.n_clusters} centres "
-                f"(assigned by {self.assign})")
-
-    def _lpips_centre_features(self) -> list[torch.Tensor]:
-        device = T._device_of(self.lpips_net)
-        if self._centre_features is None or self._centre_features[0] != device:
-            self._centre_features = (device, T.lpips_features(self.centre_images, self.lpips_net))
-        return self._centre_features[1]
-
-    @torch.no_grad()
-    def forward(self, z: torch.Tensor, noise_mode: str = "const", generator: torch.Generator | None = None,
-                **_: Any) -> TruncatedOutput:
-        G = self.G
-        with T._eval_mode(G):  # the mapping must not move w_avg, the quantizer must not learn
-            w = z if G.mapping is None else G.mapping(z, update_w_avg=False)
-            idx = None
-            if self.mode == "global":
-                w = T.truncate_global(G, w, self.psi)
-            elif self.mode == "multimodal":
-                if self.assign == "lpips":  # the paper assigns by the image the untruncated w renders to
-                    seen = to_uint8(T.synthesize(G, w, noise_mode, generator))
-                    idx = T.assign_lpips(seen, self.centre_images, self.lpips_net, len(seen),
-                                         self._lpips_centre_features()).to(w.device)
-                else:
-                    idx = T.assign_l2(w, self.centre_w)
-                w = T.truncate_toward(w, self.centre_w[idx], self.psi)
-            images = T.synthesize(G, w, noise_mode, generator)
-        return TruncatedOutput(images, w, idx)
-
-
-def eval_generator(params: Params, G: nn.Module, cache: Path | None = None) -> tuple[nn.Module, dict[str, Any] | None]:
-    """(what an evaluation samples, its truncation for the provenance): G itself when metrics.truncation is none, else
-    a `TruncatedGenerator` with ψ, assign, centres and fit_samples from the sample section (multimodal: the centres
-    fitted on G now, or read from `cache` when it matches G). Training's interim and final evaluations and `sqgan eval`
-    use it, so a sweep over sample.psi ranks trials by the FID of truncated samples."""
-    mode = params.metrics.truncation
-    if mode == "none":
-        return G, None
-    sp, mp = params.sample, params.metrics
-    require_mapping(G, mode)
-    info: dict[str, Any] = {"mode": mode, "psi": sp.psi}
-    centres = lpips_net = None
-    if mode == "multimodal":
-        if cache is not None:
-            centres, _ = T.load_or_fit(G, cache, sp.fit_samples, sp.centres, sp.seed)
-        else:
-            centres = T.fit_centres(G, sp.fit_samples, sp.centres, sp.seed)
-        if sp.assign == "lpips":
-            from sqgan.metrics.features import LPIPSNet
-
-            lpips_net = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).to(T._device_of(G))
-        info.update(assign=sp.assign, centres=sp.centres, fit_samples=sp.fit_samples, seed=sp.seed)
-    return TruncatedGenerator(G, mode, sp.psi, sp.assign, centres, lpips_net), info
-
-
 # ---------------------------------------------------------------------------------------------------- paths
 def output_name(params: Params) -> str:
     """`multimodal-psi0.7`, `multimodal-l2-psi0.7`, `global-psi0.5`, `none`; `-cluster<j>` with sample.cluster."""
@@ -221,8 +145,6 @@ def report_path(cache_dir: Path, stem: str, k: int) -> Path:
 # ---------------------------------------------------------------------------------------------------- cluster
 def _sampler_settings(params: Params, G: nn.Module, net: nn.Module) -> dict[str, Any]:
     """What a cached sampler must have been fitted with (compared against its saved meta)."""
-    from sqgan.metrics.features import state_sha256
-
     cp = params.cluster
     return {"k": cp.k, "z_dim": int(G.z_dim), "hidden": cp.hidden, "layers": cp.layers, "steps": cp.steps,
             "num_samples": cp.num_samples, "targets_per_step": cp.targets_per_step, "lr": cp.lr, "seed": cp.seed,
@@ -234,8 +156,6 @@ def load_or_fit_sampler(params: Params, G: nn.Module, net: nn.Module, path: Path
                         progress: bool = False) -> tuple[Any, bool]:
     """(sampler, fitted): the cached sampler at `path` when it was fitted for G's weights with these cluster settings
     and this feature net, else clusters `cluster.fit_samples` images and fits one (IMLE), written to `path`."""
-    from sqgan.sampling.cluster import ClusterSampler, cluster_latents, fit_cluster_sampler
-
     cp, batch = params.cluster, params.sample.batch_size
     want = _sampler_settings(params, G, net)
     if path.is_file():
@@ -259,8 +179,6 @@ def load_or_fit_sampler(params: Params, G: nn.Module, net: nn.Module, path: Path
 
 def _reference_source(params: Params, data: Path) -> dict[str, Any]:
     """Which reference the FID cost is measured against (and, for the report's staleness check, its identity)."""
-    from sqgan.io import sha256_file
-
     mp, cp = params.metrics, params.cluster
     if (data / "manifest.parquet").is_file():
         return {"kind": "real", "data": str(data), "split": mp.reference_split,
@@ -273,11 +191,8 @@ def _reference_features(params: Params, source: dict[str, Any], G: nn.Module, ne
                         project_dir: Path, device: torch.device, progress: bool) -> tuple[torch.Tensor, int]:
     """(features [N, F], N) of the FID cost's reference: the curated dataset's `metrics.reference_split` (real
     features cached like `sqgan eval`'s), else `cluster.fid_images` unconditional images of another seed."""
-    from sqgan.sampling.cluster import latent_features, seeded_latents
-
     mp = params.metrics
     if source["kind"] == "real":
-        from sqgan.metrics.evaluate import RealFeatureCache, Reference
 
         ref = Reference.load(source["data"], mp.reference_split, resolution)
         pool, _, _ = RealFeatureCache(project_dir / mp.cache_dir).get(ref, net, mp.batch_size, device, progress)
@@ -291,8 +206,6 @@ def evaluate_sampler(params: Params, sampler: Any, net: nn.Module, source: dict[
                      project_dir: Path, device: torch.device, progress: bool = False) -> dict[str, Any]:
     """The report of a sampler: `cluster_accuracy` (cluster.eval_per_cluster images per cluster) and `fid_cost`
     (cluster.fid_images images) against `source`, with the settings they were computed with."""
-    from sqgan.sampling.cluster import cluster_accuracy, fid_cost
-
     cp, batch = params.cluster, params.sample.batch_size
     t0 = time.perf_counter()
     acc = cluster_accuracy(sampler, net, cp.eval_per_cluster, seed=cp.seed, batch=batch, progress=progress)
@@ -318,8 +231,6 @@ def load_or_evaluate(params: Params, sampler: Any, fitted: bool, net: nn.Module,
                      progress: bool = False) -> tuple[dict[str, Any], bool]:
     """(report, evaluated): the report at `path` when it belongs to this sampler and these evaluation settings,
     else computed (`evaluate_sampler`) and written there."""
-    from sqgan.io import write_json_atomic
-
     if not fitted and path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -336,15 +247,11 @@ def load_or_evaluate(params: Params, sampler: Any, fitted: bool, net: nn.Module,
 
 # ---------------------------------------------------------------------------------------------------- writing
 def _write_png(image: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
 
 
 def write_grid(images: torch.Tensor, path: Path) -> None:
     """uint8 images [N ≤ 64, 3, R, R] as one PNG, ⌈√N⌉ per row (torchvision's make_grid, 2 px black gaps)."""
-    from torchvision.utils import make_grid
-
     grid = make_grid(images, nrow=max(1, math.ceil(math.sqrt(len(images)))), padding=2, pad_value=0)
     _write_png(grid, path)
 
@@ -358,8 +265,6 @@ def _batches(z: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
 def _tracked_run(target: tuple[str, str] | None) -> tuple[tuple[str, str] | None, str]:
     """(target or None, why not) for the run a checkpoint's tracking.json names: None when the store or the run is
     gone (a sqlite file that no longer exists is not recreated)."""
-    from sqgan.tracking import open_existing
-
     if target is None:
         return None, ("not logged to MLflow: no --run was given and the checkpoint's run folder has no "
                       "tracking.json")
@@ -377,8 +282,6 @@ def _tracked_run(target: tuple[str, str] | None) -> tuple[tuple[str, str] | None
 
 def _log(target: tuple[str, str], out: Path, step: int, cluster: ClusterInfo | None, report: dict[str, Any] | None,
          source: str) -> None:
-    from sqgan.tracking import MlflowLogger
-
     logger = MlflowLogger(*target)
     for name in ("grid.png", "sample.json"):
         logger.log_artifact(out / name, f"samples/{out.name}")
@@ -405,10 +308,6 @@ def run_sample(
 ) -> SampleResult:
     """Draw `sample.num` truncated images (of cluster `sample.cluster` when set) of the checkpoint (or run); write
     them with a grid and sample.json into `out`; log to the checkpoint's MLflow run when it has one."""
-    from sqgan.evaluate import checkpoint_of_run, latest_checkpoint, load_generator
-    from sqgan.io import check_output, stage_output, write_json_atomic
-    from sqgan.sampling.cluster import nearest_centroid, seeded_latents
-
     if (checkpoint is None) == (run_id is None):
         raise ValueError("pass exactly one of --run RUN_ID and --checkpoint PATH")
     sp, cp, mp = params.sample, params.cluster, params.metrics
@@ -425,7 +324,6 @@ def run_sample(
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sqgan-sample-") as tmp:
         if run_id is not None:
-            from sqgan.tracking import resolve_tracking_uri
 
             uri = resolve_tracking_uri(params, project_dir)
             ckpt = checkpoint_of_run(uri, run_id, Path(tmp))
@@ -433,7 +331,6 @@ def run_sample(
             cache_dir = project_dir / "runs" / "sample" / run_id  # the download is temporary: cache in the project
             source = f"mlflow run {run_id}: {ckpt.name}"
         else:
-            from sqgan.tracking import previous_run
 
             ckpt = latest_checkpoint(checkpoint)
             target, why = _tracked_run(previous_run(ckpt))
@@ -458,14 +355,12 @@ def run_sample(
                                                     sp.centres, sp.seed, device=device, progress=progress)
             timings["centres_fit" if centres_fitted else "centres_load"] = time.perf_counter() - t
             if sp.assign == "lpips":
-                from sqgan.metrics.features import LPIPSNet
 
                 lpips_net = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).to(device)
         truncated = TruncatedGenerator(G, sp.truncation, psi, sp.assign, centres, lpips_net).to(device)
 
         cluster_info, report, net, sampler = None, None, None, None
         if sp.cluster is not None:
-            from sqgan.metrics.features import build_feature_net
 
             net = build_feature_net(mp.features, mp.inception_weights, mp.randcnn_seed).to(device)
             t = time.perf_counter()
@@ -486,7 +381,6 @@ def run_sample(
         else:
             z = seeded_latents(sp.num, int(G.z_dim), sp.seed)
 
-        from tqdm.auto import tqdm
 
         counts = torch.zeros(centres.n_clusters if centres is not None else 0, dtype=torch.long)
         hits = 0
@@ -537,9 +431,8 @@ def _dataset_of(trained: Params, target: tuple[str, str] | None, project_dir: Pa
     checkpoint's data.root / data.dataset (relative to the project); the first that holds a manifest."""
     candidates = []
     if target is not None:
-        from sqgan.evaluate import _existing_run
 
-        run = _existing_run(target)
+        run = existing_run(target)
         tagged = run.data.tags.get("data.dir") if run is not None else None
         if tagged:
             candidates.append(Path(tagged))

@@ -18,9 +18,14 @@ from pathlib import Path
 
 import torch
 import yaml
+from mlflow.entities import Param
 
 from sqgan.config import Params
 from sqgan.io import sha256_file, stage_output, write_bytes_atomic, write_json_atomic
+from sqgan.models.ada_pickle import load_into, networks_of, read_pickle
+from sqgan.models.factory import build_discriminator, build_generator
+from sqgan.shells.tracking import TRACKING_FILE, end_run, mlflow_client, start_run
+from sqgan.train.checkpoint import CHECKPOINT_FORMAT
 
 STAGE = "import"
 
@@ -46,11 +51,6 @@ def imported_params(params: Params, model: dict[str, object]) -> Params:
 
 def run_import(params: Params, pkl: str | Path, out: str | Path, data_dir: str | Path | None = None,
                force: bool | str = False, project_dir: str | Path = ".") -> Imported:
-    from sqgan.models.ada_pickle import load_into, networks_of, read_pickle
-    from sqgan.models.factory import build_discriminator, build_generator
-    from sqgan.tracking import TRACKING_FILE, end_run, start_run
-    from sqgan.train.loop import CHECKPOINT_FORMAT
-
     pkl, out = Path(pkl), Path(out)
     nets = networks_of(read_pickle(pkl), pkl)  # everything that can be refused is refused before anything is written
     p = imported_params(params, nets.model)
@@ -76,11 +76,9 @@ def run_import(params: Params, pkl: str | Path, out: str | Path, data_dir: str |
     with stage_output(out, STAGE, (pkl,), force) as tmp:
         uri, run_id = start_run(p, data, project_dir, tags=tags)
         try:
-            from mlflow.entities import Param
 
-            from sqgan.tracking import _client
 
-            client = _client(uri)
+            client = mlflow_client(uri)
             kw = [Param(f"ada.{k}"[:250], str(v)[:6000]) for k, v in sorted(nets.kwargs.items())]
             kw += [Param(f"ada.training_set.{k}"[:250], str(v)[:6000]) for k, v in sorted(nets.training_set.items())
                    if not isinstance(v, dict)]

@@ -14,13 +14,35 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import torch as ray_torch
+
 from sqgan.config import Params
+from sqgan.data.manifest import read_manifest
+from sqgan.io import (
+    check_output,
+    free_sibling,
+    link_or_copy,
+    sigint_observed,
+    sigterm_as_interrupt,
+    stage_of,
+    write_json_atomic,
+)
+from sqgan.quant.prior import load_prior
+from sqgan.shells.tracking import TRACKING_FILE, MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
+from sqgan.train.checkpoint import checkpoints_in, latest_checkpoint, load_checkpoint
+from sqgan.train.loop import Hooks, Runtime, absolute_init_from, check_resume, init_source, train
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -38,8 +60,6 @@ class TrainRun:
 
 def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
     """One TCP connect to a `host:port` Ray address (ray.init would retry its GCS for minutes)."""
-    import socket
-
     if not address or address in ("auto", "local"):
         return
     hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
@@ -57,8 +77,6 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
 def init_ray(params: Params) -> None:
     """Connect to `ray.address` or start a local Ray (auth off; its dashboard on 127.0.0.1, which Train V2's
     placement-group cleaner queries) unless one is running."""
-    import ray
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
@@ -74,15 +92,12 @@ def init_ray(params: Params) -> None:
 def available_resources(params: Params) -> tuple[dict[str, float], str]:
     """(CPU/GPU totals, where) of the Ray this run will use: a running or remote one as Ray reports it, else
     this machine (ray.num_cpus or its cores) — read without starting Ray."""
-    import ray
-
     if ray.is_initialized():
         return dict(ray.cluster_resources()), "the running Ray"
     if params.ray.address:
         check_ray_address(params.ray.address)
         init_ray(params)
         return dict(ray.cluster_resources()), f"the Ray cluster at {params.ray.address}"
-    import torch
 
     cpus = params.ray.num_cpus or os.cpu_count() or 1
     where = f"ray.num_cpus={cpus}" if params.ray.num_cpus else f"this machine ({cpus} CPUs)"
@@ -118,9 +133,6 @@ def fit_tracked(trainer: Any, tracking_uri: str, run_id: str, out_dir: Path | No
     """`trainer.fit()`, ending the MLflow run as KILLED (Ctrl-C, SIGTERM: raises `TrainingInterrupted` naming
     `--resume` and the last checkpoint), FAILED (an error) or FINISHED. Ray Train answers SIGINT itself (it aborts
     its controller and ends fit() with SystemExit or an actor error), so the signal is observed, not inferred."""
-    from sqgan.io import sigint_observed, sigterm_as_interrupt
-    from sqgan.tracking import end_run
-
     seen: list[int] = []
     try:
         with sigterm_as_interrupt(), sigint_observed() as seen:
@@ -142,8 +154,6 @@ def fit_tracked(trainer: Any, tracking_uri: str, run_id: str, out_dir: Path | No
 
 def interrupted_message(out_dir: Path | None) -> str:
     """The one line an interrupted training prints: what was kept and the command that continues it."""
-    from sqgan.evaluate import checkpoints_in
-
     found = checkpoints_in(out_dir) if out_dir is not None else []
     if found:
         return (f"interrupted: the MLflow run is marked KILLED; its last checkpoint is {found[-1]}; continue with "
@@ -241,14 +251,6 @@ def restored_checkpoint(folder: Path, local_tmp: Path) -> str:
 
 def train_worker(config: dict[str, Any]) -> None:
     """`train_loop_per_worker`: one DDP rank of the training loop; reports every `hooks.report` to Ray Train."""
-    import ray.train
-    import ray.train.torch  # noqa: F401  (get_device)
-    import torch
-
-    from sqgan.io import link_or_copy, write_json_atomic
-    from sqgan.tracking import MlflowLogger
-    from sqgan.train.loop import Hooks, Runtime, train
-
     cfg = WorkerConfig(**config["worker"])
     params = Params.model_validate(cfg.params)
     ctx = ray.train.get_context()
@@ -267,7 +269,6 @@ def train_worker(config: dict[str, Any]) -> None:
     # points its MLflow run already holds are not logged twice.
     logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=True) if rank == 0 else None
     if restored is not None and logger is not None:
-        from sqgan.train.loop import load_checkpoint
 
         logger.set_tags({"sqgan.restarted_from_step": int(load_checkpoint(resume)["step"])})  # after a failure
 
@@ -314,16 +315,13 @@ def build_trainer(
     """The TorchTrainer of one training (train.workers ranks of `train_worker`), shared by `sqgan train` and each
     trial of `sqgan tune` (which adds its callbacks). A run `name` already in `storage_path` resumes from its latest
     checkpoint; failed worker groups restart ray.max_failures times and controller retries stay bounded."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     threads = params.ray.cpus_per_worker
     worker = WorkerConfig(params=params.model_dump(mode="json"), data_dir=str(data_dir), out_dir=str(out_dir),
                           tracking_uri=tracking_uri, run_id=run_id, threads=threads,
                           resume=str(resume) if resume else None,
                           reference=not params.ray.address and "://" not in storage_path,
                           fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
-    return TorchTrainer(
+    return ray_torch.TorchTrainer(
         train_worker,
         train_loop_config={"worker": asdict(worker)},
         scaling_config=ScalingConfig(
@@ -349,13 +347,9 @@ def run_training(
     force: bool = False,
 ) -> TrainRun:
     """Run one training as a Ray Train job, tracked in MLflow; returns where everything went."""
-    from sqgan.tracking import MlflowLogger, end_run, open_run
-    from sqgan.train.loop import absolute_init_from
-
     params = absolute_init_from(params)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     if resume is not None:
-        from sqgan.evaluate import latest_checkpoint
 
         resume = latest_checkpoint(resume, "--resume").resolve()
     use_gpu, storage = preflight(params, data_dir, out_dir, resume, project_dir, force)
@@ -381,11 +375,6 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
               force: bool) -> tuple[bool, str]:
     """Everything that can fail, checked before Ray starts: the dataset, the run folder, the checkpoint, the
     resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
-    from sqgan.data.manifest import read_manifest
-    from sqgan.evaluate import checkpoints_in
-    from sqgan.io import check_output, free_sibling, stage_of
-    from sqgan.tracking import TRACKING_FILE
-
     read_manifest(data_dir)
     earlier = checkpoints_in(out_dir)
     # an earlier run's folder: its checkpoints, or tracking.json without the loop's marker (killed while Ray started);
@@ -401,11 +390,9 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     # a run's folder (tracking.json) is sqgan's even before the loop marked it
     check_output(out_dir, "train", (data_dir,), force or (out_dir / TRACKING_FILE).exists())
     if resume is not None:
-        from sqgan.train.loop import check_resume, load_checkpoint
 
         check_resume(load_checkpoint(resume), params, resume)
     if params.train.init_from and resume is None:
-        from sqgan.train.loop import init_source
 
         init_source(params)
     check_prior_file(params)
@@ -417,7 +404,6 @@ def check_prior_file(params: Params) -> None:
     """sq.prior, when set, is a prior file whose codebook fits sq.codebook_size × sq.code_dim."""
     if not (params.sq.enabled and params.sq.prior):
         return
-    from sqgan.quant.prior import load_prior
 
     shape = tuple(load_prior(params.sq.prior)["codebook"].shape)
     if shape != (params.sq.codebook_size, params.sq.code_dim):
@@ -429,8 +415,6 @@ def check_prior_file(params: Params) -> None:
 def check_environment(params: Params, project_dir: str | Path) -> tuple[bool, str, str]:
     """What a training needs around it, for `sqgan train` and each sweep alike: the storage, the tracking server
     and the CPUs/GPUs. Returns (use_gpu, storage path, tracking URI)."""
-    from sqgan.tracking import check_tracking, resolve_tracking_uri
-
     storage = resolve_storage(params, project_dir)
     tracking_uri = resolve_tracking_uri(params, project_dir)
     check_tracking(tracking_uri)

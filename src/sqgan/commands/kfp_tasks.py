@@ -6,7 +6,7 @@ they are the same code whatever runs them (a Kubeflow pod, `kfp.local`, a test).
 - reads its params as the pipeline's params-YAML artifact plus the `--set` overrides (`task_params`), with the
   pipeline's MLflow tracking URI and parent run id on top (`mlflow.tracking_uri`, `mlflow.parent_run_id`);
 - checks its input artifacts first: a missing or empty one is an error that names it (`check_input`);
-- runs the stage through the same function the CLI and DVC call (`sqgan.stages.run_stage`, `run_training`,
+- runs the stage through the same function the CLI and DVC call (`sqgan.data.stages.run_stage`, `run_training`,
   `run_eval`, `run_prior`, `sqgan tune` in a KubeRay RayJob);
 - lands in MLflow nested under the pipeline's parent run (a data stage gets a run of its own, tagged
   sqgan.stage = data; training, evaluation and the sweep log as they always do), and a failing task marks the
@@ -26,7 +26,15 @@ from typing import Any
 
 import yaml
 
+from sqgan.commands.eval import run_eval
+from sqgan.commands.prior import run_prior
 from sqgan.config import Params, load_params
+from sqgan.data.prepare import download_raw
+from sqgan.data.stages import FROM_SECTION, STAGES, get_stage, run_stage
+from sqgan.io import atomic_path, sha256_file
+from sqgan.shells import ray_train, tracking
+from sqgan.shells.kuberay import RayJobSpec, kubernetes_api, rayjob_manifest, submit, wait_for_rayjob
+from sqgan.shells.tracking import check_tracking, child_runs, end_run, resolve_tracking_uri, start_run
 
 PIPELINE_STAGE = "pipeline"  # sqgan.stage of a pipeline's parent run
 DATA_STAGE = "data"  # sqgan.stage of a data task's run
@@ -54,8 +62,6 @@ def check_input(path: str | Path, name: str, dataset: bool = False) -> Path:
 def write_params(params_yaml: str, overrides: list[str], out: str | Path) -> dict[str, Any]:
     """The pipeline's params artifact: `params_yaml` (the text of a params.yaml) as a file, after checking that it
     and `overrides` validate — so a bad key fails the first task, naming it, before any data is built."""
-    from sqgan.io import atomic_path
-
     if not params_yaml.strip():
         raise ValueError("params_yaml is empty; pass the text of params.yaml (open('params.yaml').read())")
     with atomic_path(out) as tmp:
@@ -75,17 +81,13 @@ def task_params(params_path: str | Path, overrides: list[str], tracking_uri: str
 
 
 def _client(p: Params) -> Any:
-    from sqgan.tracking import _client, resolve_tracking_uri
-
-    return _client(resolve_tracking_uri(p))
+    return tracking.mlflow_client(resolve_tracking_uri(p))
 
 
 def open_pipeline_run(params_path: str | Path, overrides: list[str], tracking_uri: str, parent_run_id: str,
                       pipeline: str, kfp_run: str) -> str:
     """The run every task of this pipeline run nests under: `parent_run_id` when given (it must exist), else a new
     run tagged sqgan.stage = pipeline with the params. Returns its id."""
-    from sqgan.tracking import check_tracking, resolve_tracking_uri, start_run
-
     p = task_params(params_path, overrides, tracking_uri)
     check_tracking(resolve_tracking_uri(p))
     tags = {"sqgan.kfp.pipeline": pipeline, "sqgan.kfp.run": kfp_run}
@@ -131,8 +133,6 @@ def _task(p: Params, name: str) -> Iterator[None]:
 
 def _log_data_run(p: Params, stage: str, out: Path, report: dict[str, Any]) -> str:
     """A data task's run: its params, the stage's report as metrics, the manifest and the stage's JSON and plots."""
-    from sqgan.tracking import end_run, start_run
-
     p = p.model_copy(update={"mlflow": p.mlflow.model_copy(update={"run_name": p.mlflow.run_name or f"data-{stage}"})})
     uri, run_id = start_run(p, out, tags={"sqgan.stage": DATA_STAGE, "sqgan.data.stage": stage})
     client = _client(p)
@@ -148,9 +148,6 @@ def _log_data_run(p: Params, stage: str, out: Path, report: dict[str, Any]) -> s
 def download_task(dataset: str, params_path: str | Path, overrides: list[str], tracking_uri: str,
                   parent_run_id: str, out: str | Path) -> dict[str, Any]:
     """Dataset `dataset`'s raw files from data.<dataset>.url (+ sha256) or .path into the folder `out`."""
-    from sqgan.data.prepare import download_raw
-    from sqgan.stages import STAGES
-
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
     if dataset not in STAGES or STAGES[dataset].source != "raw":
         raw = [n for n, s in STAGES.items() if s.source == "raw"]
@@ -165,9 +162,6 @@ def data_task(stage: str, params_path: str | Path, overrides: list[str], trackin
               out: str | Path, src: str | Path | None = None, raw: str | Path | None = None) -> dict[str, Any]:
     """Stage `stage` of the stage table into `out` (from `src`, a curated dataset, or `raw`, downloaded files);
     returns the stage's report with the manifest's sha256 and the task's MLflow run id."""
-    from sqgan.io import sha256_file
-    from sqgan.stages import FROM_SECTION, get_stage, run_stage
-
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
     src = check_input(src, "src", dataset=get_stage(stage).source in FROM_SECTION) if src is not None else None
     raw = check_input(raw, "raw") if raw is not None else None
@@ -183,13 +177,10 @@ def train_task(params_path: str | Path, overrides: list[str], tracking_uri: str,
                data: str | Path, out: str | Path, samples_html: str | Path | None = None) -> dict[str, Any]:
     """`sqgan train` on `data` into the run folder `out` (checkpoints, samples, metrics.json); returns the run id
     and the final metrics. `samples_html`: the sample grid as an HTML page for the Kubeflow UI."""
-    from sqgan.io import atomic_path
-    from sqgan.train.ray_train import run_training
-
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
     data = check_input(data, "data", dataset=True)
     with _task(p, "train"):
-        run = run_training(p, data, out)
+        run = ray_train.run_training(p, data, out)
     if samples_html is not None:
         grid = Path(out) / "grid.png"
         img = base64.b64encode(grid.read_bytes()).decode() if grid.is_file() else ""
@@ -202,8 +193,6 @@ def train_task(params_path: str | Path, overrides: list[str], tracking_uri: str,
 def prior_task(params_path: str | Path, overrides: list[str], tracking_uri: str, parent_run_id: str,
                data: str | Path, out: str | Path) -> dict[str, Any]:
     """`sqgan prior` on `data`: the CLIP codebook prior file `out` (train with --set sq.prior=<it>)."""
-    from sqgan.train.prior import run_prior
-
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
     data = check_input(data, "data", dataset=True)
     with _task(p, "prior"):
@@ -213,8 +202,6 @@ def prior_task(params_path: str | Path, overrides: list[str], tracking_uri: str,
 def eval_task(params_path: str | Path, overrides: list[str], tracking_uri: str, parent_run_id: str,
               model: str | Path, data: str | Path, out: str | Path) -> dict[str, float]:
     """`sqgan eval` of the training run folder `model` against `data`; results into its MLflow run and `out`."""
-    from sqgan.evaluate import run_eval
-
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
     model = check_input(model, "model")
     data = check_input(data, "data", dataset=True)
@@ -225,8 +212,6 @@ def eval_task(params_path: str | Path, overrides: list[str], tracking_uri: str, 
 
 def find_sweep_run(p: Params, parent_run_id: str, since_ms: int) -> Any:
     """The sweep parent run that `sqgan tune` opened under `parent_run_id` after `since_ms` (the newest)."""
-    from sqgan.tracking import child_runs
-
     client = _client(p)
     parent = client.get_run(parent_run_id)
     found = [r for r in child_runs(client, parent)
@@ -245,10 +230,6 @@ def sweep_task(params_path: str | Path, overrides: list[str], tracking_uri: str,
     """`sqgan tune` as a KubeRay RayJob on the dataset at `data_uri`: submit, wait (at most `timeout_s`), then take
     the sweep's trial table and best params from its MLflow parent run. `best_params` is the best trial's params
     with this pipeline's `ray` and `mlflow` sections, ready for the final train task. Returns the sweep's run id."""
-    from sqgan.io import atomic_path
-    from sqgan.kuberay import RayJobSpec, kubernetes_api, rayjob_manifest, submit, wait_for_rayjob
-    from sqgan.tracking import resolve_tracking_uri
-
     p = task_params(params_path, overrides, tracking_uri, parent_run_id)
     check_input(data, "data", dataset=True)
     with _task(p, "sweep"):

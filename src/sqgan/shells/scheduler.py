@@ -8,6 +8,8 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from sqgan.shells.tracking import TRIAL_TAG, mlflow_client
+
 STOPPED_BY_ASHA = "stopped by asha"
 
 
@@ -28,10 +30,7 @@ class RecordingASHA(AsyncHyperBandScheduler):
 
 def record_stop(tracking_uri: str, parent_run_id: str, trial_id: str, step: int) -> None:
     """Tag the nested run of `trial_id` as stopped by the scheduler at `step`."""
-    from sqgan.tracking import _client
-    from sqgan.train.tune import TRIAL_TAG
-
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
     for run in client.search_runs([parent.info.experiment_id], query):

@@ -12,19 +12,26 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import requests
 import yaml
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from sqgan.config import Params
 from sqgan.io import sha256_file, write_json_atomic
 
 TRACKING_FILE = "tracking.json"  # in a run folder: {"tracking_uri", "run_id"} of the MLflow run it belongs to
+TRIAL_TAG = "sqgan.trial_id"  # the Ray trial id, on each nested run of a sweep
 PACKAGES = ("sqgan", "torch", "torchvision", "ray", "mlflow", "dvc", "torchmetrics", "numpy", "pydantic")
 
 
@@ -40,13 +47,10 @@ def resolve_tracking_uri(params: Params, project_dir: str | Path = ".") -> str:
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """One short probe of the tracking backend, so a wrong URI fails in seconds with the URI named (not after
     minutes of client retries, and before Ray starts)."""
-    from urllib.parse import urlparse
-
     scheme = urlparse(uri).scheme
     fix = "start the server (`make ui` serves http://127.0.0.1:5000) or unset mlflow.tracking_uri and " \
           "MLFLOW_TRACKING_URI to log to sqlite:///mlflow.db in the project"
     if scheme in ("http", "https"):
-        import requests
 
         try:
             r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
@@ -62,9 +66,7 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
                                f"create it or point mlflow.tracking_uri elsewhere")
 
 
-def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
-
+def mlflow_client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -76,7 +78,7 @@ def open_existing(uri: str, fix: str):
         if not db.is_file():
             raise FileNotFoundError(f"tracking URI {uri}: no MLflow database at {db}; {fix}")
     check_tracking(uri)
-    return _client(uri)
+    return mlflow_client(uri)
 
 
 def search_all(client: Any, experiment_id: str, filter_string: str = "") -> list[Any]:
@@ -98,7 +100,7 @@ def child_runs(client: Any, parent: Any) -> list[Any]:
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
     """The experiment's id, created with artifacts under `artifact_root` when it does not exist yet."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -216,15 +218,12 @@ def start_run(
     parent_run_id: str | None = None,
 ) -> tuple[str, str]:
     """Create a run with the resolved params and provenance tags; returns (tracking_uri, run_id)."""
-    from mlflow.entities import Param
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-
     uri = resolve_tracking_uri(params, project_dir)
     exp_id = ensure_experiment(uri, params.mlflow.experiment, Path(project_dir) / params.mlflow.artifact_root)
     all_tags = provenance_tags(data_dir, project_dir) | dict(tags or {})
     if params.mlflow.run_name:
         all_tags[MLFLOW_RUN_NAME] = params.mlflow.run_name
-    client = _client(uri)
+    client = mlflow_client(uri)
     parent_run_id = parent_run_id or params.mlflow.parent_run_id
     if parent_run_id:
         try:
@@ -270,7 +269,7 @@ def open_run(
     tags = dict(tags or {})
     prev = previous_run(resume) if resume is not None else None
     if prev is not None and prev[0] == uri:
-        client = _client(uri)
+        client = mlflow_client(uri)
         try:
             old = client.get_run(prev[1])
         except Exception:  # noqa: BLE001 - deleted or from another database: start afresh
@@ -300,7 +299,7 @@ def _record(out_dir: str | Path, uri: str, run_id: str) -> None:
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    mlflow_client(tracking_uri).set_terminated(run_id, status=status)
 
 
 class MlflowLogger:
@@ -311,7 +310,7 @@ class MlflowLogger:
 
     def __init__(self, tracking_uri: str, run_id: str, skip_logged: bool = False) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.client = _client(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.skip_logged = skip_logged
         self._logged_to: dict[str, int] = {}  # metric → last step MLflow held when this logger started
 
@@ -322,8 +321,6 @@ class MlflowLogger:
         return self._logged_to[key]
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         if self.skip_logged:
             metrics = {k: v for k, v in metrics.items() if step > self._last_logged_step(k)}
         now = int(time.time() * 1000)
@@ -337,3 +334,29 @@ class MlflowLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+
+def checkpoint_of_run(tracking_uri: str, run_id: str, into: Path) -> Path:
+    """Download the latest checkpoint run `run_id` logged (artifacts checkpoints/step_NNNNNN.pt)."""
+    client = open_existing(tracking_uri, "set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds "
+                                         "the run")
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types
+        raise ValueError(f"--run {run_id}: no such run in {tracking_uri}; pass a run id from the MLflow UI or "
+                         f"`sqgan train`'s output, or set --tracking-uri") from None
+    found = [a.path for a in client.list_artifacts(run_id, "checkpoints") if re.search(r"step_\d+\.pt$", a.path)]
+    if not found:
+        raise ValueError(f"--run {run_id} logged no checkpoint (artifacts checkpoints/step_NNNNNN.pt): it may not "
+                         f"have finished; pass --checkpoint with a file from its run folder instead")
+    return Path(client.download_artifacts(run_id, sorted(found)[-1], str(into)))
+
+
+def existing_run(target: tuple[str, str] | None) -> Any:
+    """The MLflow run `target` names, or None (no target, or a store that no longer has that run)."""
+    if target is None:
+        return None
+    try:
+        return mlflow_client(target[0]).get_run(target[1])
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types for a missing run
+        return None

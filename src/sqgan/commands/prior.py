@@ -15,7 +15,11 @@ from typing import Any
 import torch
 
 from sqgan.config import ConfigError, Params
+from sqgan.data.manifest import read_manifest
 from sqgan.io import write_json_atomic
+from sqgan.models.factory import build_generator
+from sqgan.quant.prior import CodebookPrior, clip_image_features, load_clip, pretrain_codebook, save_prior
+from sqgan.shells.tracking import MlflowLogger, end_run, start_run
 
 
 def check_prior_params(params: Params) -> None:
@@ -30,10 +34,6 @@ def check_prior_params(params: Params) -> None:
 def run_prior(params: Params, data_dir: str | Path, out: str | Path | None = None,
               log_mlflow: bool = True, project_dir: str | Path = ".") -> dict[str, Any]:
     """Pre-train the codebook prior on the training split of `data_dir`; returns the prior's meta."""
-    from sqgan.data.manifest import read_manifest
-    from sqgan.models.factory import build_generator
-    from sqgan.quant.prior import CodebookPrior, clip_image_features, load_clip, pretrain_codebook, save_prior
-
     check_prior_params(params)
     pp, data_dir = params.prior, Path(data_dir)
     out = Path(out or pp.out)
@@ -69,8 +69,6 @@ def run_prior(params: Params, data_dir: str | Path, out: str | Path | None = Non
 
 def _log(params: Params, data_dir: Path, out: Path, history: list[dict[str, float]], meta: dict[str, Any],
          project_dir: str | Path) -> None:
-    from sqgan.tracking import MlflowLogger, end_run, start_run
-
     uri, run_id = start_run(params, data_dir, project_dir, tags={"sqgan.stage": "prior"})
     log = MlflowLogger(uri, run_id)
     for i, h in enumerate(history):

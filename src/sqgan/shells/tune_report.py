@@ -12,25 +12,32 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+import yaml
+
+from sqgan.config import Params, flatten
+from sqgan.io import atomic_path
 from sqgan.metrics.collapse import COLLAPSE_TAG
+from sqgan.shells.tracking import child_runs
+from sqgan.shells.tracking import mlflow_client as client
 
 REPORT_FILES = ("trials.csv", "trials.md", "metric_vs_axes.png", "curves.png", "best_params.yaml")
 
 
 def _client(uri: str) -> Any:
-    from sqgan.tracking import _client as client
-
     return client(uri)
 
 
 def _children(client: Any, parent: Any) -> list[Any]:
-    from sqgan.tracking import child_runs
-
     return child_runs(client, parent)
 
 
@@ -48,7 +55,6 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any,
     stopped at."""
     client = _client(tracking_uri)
     parent = client.get_run(parent_run_id)
-    import re
 
     errors: dict[str, str] = {}
     for result in grid or []:
@@ -128,8 +134,6 @@ def rank_value(row: dict[str, Any], key: str, interim: str | None = None) -> flo
 def planned_trials(params: Any) -> list[dict[str, Any]]:
     """Every trial the sweep will run, as its axis values: the grid axes' product (× tune.num_samples); an axis
     that is drawn (choice, uniform, …) is None until its trial starts. The trial table lists the ones that did not."""
-    import itertools
-
     axes = params.tune.axes()
     grid = {k: args for k, (name, args) in axes.items() if name == "grid"}
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
@@ -155,12 +159,6 @@ def _not_started(client: Any, parent_run_id: str, rows: list[dict[str, Any]], ax
 
 def _sweep_params(client: Any, parent_run_id: str) -> Any:
     """The sweep's own params (its parent run's params.yaml), or None."""
-    import tempfile
-
-    import yaml
-
-    from sqgan.config import Params
-
     try:
         with tempfile.TemporaryDirectory(prefix="sqgan-sweep-") as d:
             return Params.model_validate(yaml.safe_load(
@@ -178,10 +176,6 @@ SCHEDULE_KEYS = ("train.steps", "train.log_every", "train.sample_every", "train.
 def with_base_schedule(text: str, sweep: Any) -> tuple[str, dict[str, Any]]:
     """A trial's params.yaml with the schedule keys tune.fixed set put back to the sweep's values; (the text, what
     was put back)."""
-    import yaml
-
-    from sqgan.config import Params, flatten
-
     data = yaml.safe_load(text)
     if sweep is None:
         return text, {}
@@ -252,12 +246,8 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
     """metric_vs_axes.png (a row of panels per evaluation: the final one, then the last interim one of the trials
     that have no final) and curves.png (the interim evaluations over steps and the final values, side by side):
     evaluations of different N never share an axis."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from sqgan.io import atomic_path
 
     metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
     interim = ptags.get("sqgan.tune.interim_key", key)
@@ -305,8 +295,6 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
     """Render the sweep report into `out` (atomically, file by file) and, with `log`, onto the parent run. A
     `partial` report (an interrupted sweep) has no best_params.yaml: the best of the trials that ran is not the
     sweep's answer."""
-    from sqgan.io import atomic_path
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     client = _client(tracking_uri)
@@ -320,7 +308,6 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
     best = None if partial else best_trial(rows, key, interim)
     best_file = out / "best_params.yaml"
     if best is not None:
-        import tempfile
 
         with tempfile.TemporaryDirectory(prefix="sqgan-best-") as d:
             text = Path(client.download_artifacts(best["run_id"], "params.yaml", d)).read_text()

@@ -11,16 +11,29 @@ new run tagged sqgan.stage=eval) and to a DVC metrics JSON.
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sqgan.config import Params
 from sqgan.io import write_json_atomic
-
-ARCH_SECTIONS = ("data", "model", "fq", "sq", "train")  # what G, its seed and its dataset come from
+from sqgan.metrics.evaluate import Evaluator, RealFeatureCache, Reference, check_metric_names
+from sqgan.sampling.generator import eval_generator
+from sqgan.sampling.truncation import centres_path
+from sqgan.shells.tracking import (
+    MlflowLogger,
+    check_tracking,
+    checkpoint_of_run,
+    end_run,
+    existing_run,
+    previous_run,
+    resolve_tracking_uri,
+    start_run,
+)
+from sqgan.train.checkpoint import latest_checkpoint, load_generator
 
 
 @dataclass
@@ -36,75 +49,6 @@ class EvalResult:
     real_cache_hit: bool | None
 
 
-def checkpoints_in(run_dir: str | Path) -> list[Path]:
-    """A run folder's complete checkpoints, oldest first (written atomically: a step_*.pt file is whole)."""
-    return sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-
-
-def latest_checkpoint(path: str | Path, option: str = "--checkpoint") -> Path:
-    """`path` itself when a file; the last checkpoints/step_NNNNNN.pt of a run folder (or of a checkpoints/ folder).
-    `option` names the command-line option in the errors (`--checkpoint`, `--resume`)."""
-    path = Path(path)
-    if path.is_dir():
-        found = checkpoints_in(path) or sorted(path.glob("step_*.pt"))
-        if not found:
-            raise FileNotFoundError(f"{option} {path}: no step_NNNNNN.pt under {path}/checkpoints; pass a run "
-                                    f"folder that `sqgan train` wrote, or a checkpoint file (a run stopped before "
-                                    f"its first checkpoint has none: train it again with --force)")
-        return found[-1]
-    if not path.exists():
-        raise FileNotFoundError(f"{option} {path} not found; pass a step_NNNNNN.pt file or a run folder")
-    return path
-
-
-def checkpoint_of_run(tracking_uri: str, run_id: str, into: Path) -> Path:
-    """Download the latest checkpoint run `run_id` logged (artifacts checkpoints/step_NNNNNN.pt)."""
-    from sqgan.tracking import open_existing
-
-    client = open_existing(tracking_uri, "set mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to the store that holds "
-                                         "the run")
-    try:
-        client.get_run(run_id)
-    except Exception:  # noqa: BLE001 - MLflow raises its own exception types
-        raise ValueError(f"--run {run_id}: no such run in {tracking_uri}; pass a run id from the MLflow UI or "
-                         f"`sqgan train`'s output, or set --tracking-uri") from None
-    found = [a.path for a in client.list_artifacts(run_id, "checkpoints") if re.search(r"step_\d+\.pt$", a.path)]
-    if not found:
-        raise ValueError(f"--run {run_id} logged no checkpoint (artifacts checkpoints/step_NNNNNN.pt): it may not "
-                         f"have finished; pass --checkpoint with a file from its run folder instead")
-    return Path(client.download_artifacts(run_id, sorted(found)[-1], str(into)))
-
-
-def load_generator(checkpoint: Path, device: Any) -> tuple[Any, Params, int]:
-    """(G_ema in eval mode on `device`, the params it was trained with, its step)."""
-    from sqgan.models.factory import build_generator
-    from sqgan.train.loop import load_checkpoint
-
-    state = load_checkpoint(checkpoint)
-    saved = state["params"]  # only what builds G is read: other sections may predate today's schema
-    raw = Params().model_dump(mode="json") | {k: saved[k] for k in ARCH_SECTIONS if k in saved}
-    try:
-        trained = Params.model_validate(raw)
-    except ValueError as e:
-        raise ValueError(f"{checkpoint}: its model/fq/sq params do not fit this sqgan version ({e}); evaluate it with "
-                         f"the version that trained it") from None
-    G = build_generator(trained)
-    G.load_state_dict(state["G_ema"])
-    return G.to(device).eval(), trained, int(state["step"])
-
-
-def _existing_run(target: tuple[str, str] | None) -> Any:
-    """The MLflow run `target` names, or None (no target, or a store that no longer has that run)."""
-    if target is None:
-        return None
-    from sqgan.tracking import _client
-
-    try:
-        return _client(target[0]).get_run(target[1])
-    except Exception:  # noqa: BLE001 - MLflow raises its own exception types for a missing run
-        return None
-
-
 def run_eval(
     params: Params,
     checkpoint: str | Path | None = None,
@@ -115,11 +59,6 @@ def run_eval(
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate the checkpoint (or run) with `params`' eval and metrics sections; log and write the results."""
-    import torch
-
-    from sqgan.metrics.evaluate import Evaluator, RealFeatureCache, Reference, check_metric_names
-    from sqgan.tracking import MlflowLogger, check_tracking, previous_run, resolve_tracking_uri, start_run
-
     if (checkpoint is None) == (run_id is None):
         raise ValueError("pass exactly one of --run RUN_ID and --checkpoint PATH")
     check_metric_names(params.eval.metrics, "eval.metrics")
@@ -133,7 +72,7 @@ def run_eval(
             target = previous_run(ckpt)  # the run folder's tracking.json, if it has one
         G, trained, step = load_generator(ckpt, device)
         source = ckpt if run_id is None else f"mlflow run {run_id}: {ckpt.name}"
-        run = _existing_run(target)
+        run = existing_run(target)
         target = target if run is not None else None
         tagged = run.data.tags.get("data.dir") if run is not None else None
         data = Path(data_dir or tagged or Path(trained.data.root) / trained.data.dataset)
@@ -143,8 +82,6 @@ def run_eval(
         mp, ep = params.metrics, params.eval
         evaluator = Evaluator(mp, lambda: Reference.load(data, mp.reference_split, trained.model.resolution), device,
                               RealFeatureCache(Path(project_dir) / mp.cache_dir))
-        from sqgan.sample import eval_generator
-        from sqgan.sampling.truncation import centres_path
 
         cache = centres_path(ckpt) if run_id is None and ckpt.parent.name != "checkpoints" else None
         sampled, truncation = eval_generator(params, G, cache)
@@ -174,7 +111,6 @@ def run_eval(
                                 "provenance": ev.provenance})
         logger.log_artifact(out, "eval")
         if new_run:
-            from sqgan.tracking import end_run
 
             end_run(*target)
     return EvalResult(ev.metrics, ev.provenance, step, ckpt if run_id is None else Path(str(source)), out,

@@ -16,19 +16,22 @@ same experiment tagged `sqgan.reproduces=<old run id>`. Every metric of the two 
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from mlflow.exceptions import MlflowException
 
-from sqgan import tracking
 from sqgan.config import ConfigError, Params, flatten, load_params
 from sqgan.io import free_sibling, sha256_file, write_json_atomic
+from sqgan.shells import ray_train, tracking
 
 REPORT_FILE = "reproduce.json"
 TRAINING_STAGES = ("train", "trial")  # sqgan.stage of the runs that trained a model
@@ -175,8 +178,6 @@ def default_tracking_uri(project_dir: str | Path = ".") -> str:
 
 def read_run(run_id: str, tracking_uri: str) -> RecordedRun:
     """The run's params and tags; a clear error for an unknown id or a run that trained nothing."""
-    from mlflow.exceptions import MlflowException
-
     client = tracking.open_existing(tracking_uri, f"pass the one that holds run {run_id} with --tracking-uri (or set "
                                                   f"MLFLOW_TRACKING_URI)")
     try:
@@ -263,8 +264,6 @@ NOT_CODE = ("dvc.lock", "*.md", "docs/*", "benchmarks/results/*", ".gitignore", 
 
 
 def _not_code(files: list[str]) -> bool:
-    from fnmatch import fnmatch
-
     return all(any(fnmatch(f, pattern) for pattern in NOT_CODE) for f in files)
 
 
@@ -360,7 +359,7 @@ def final_metrics(tracking_uri: str, run_id: str, later: list[str] | None = None
     """Every metric the run's training logged but timings, as (last step, the value logged last at that step). A
     finished run's points logged after it ended (`sqgan eval`, `sqgan sample --cluster` add theirs to the run) are
     not the training's: their keys go to `later` instead."""
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     run = client.get_run(run_id)
     end = run.info.end_time if run.info.status != "RUNNING" else None
     keys = [k for k in run.data.metrics if not is_timing(k)]
@@ -402,8 +401,6 @@ def reproduce(
 ) -> Reproduction:
     """Check, train again, compare (see the module doc). Raises ReproduceRefused (nothing trained) when a counted
     provenance item differs and not `force`; returns the comparison whether or not the numbers are equal."""
-    from sqgan.train.ray_train import run_training
-
     t0 = time.perf_counter()
     uri = tracking_uri or default_tracking_uri(project_dir)
     old = read_run(run_id, uri)
@@ -439,7 +436,7 @@ def reproduce(
     say(f"training again into {out_dir} …")
     new_id = None
     try:
-        new_id = run_training(params, data_dir, out_dir, project_dir=project_dir).run_id
+        new_id = ray_train.run_training(params, data_dir, out_dir, project_dir=project_dir).run_id
     finally:  # tag the new run even when its training failed (open_run recorded it in tracking.json)
         new_id = new_id or _recorded_run_id(out_dir)
         if new_id:
@@ -462,8 +459,6 @@ def reproduce(
 
 
 def _recorded_run_id(out_dir: Path) -> str | None:
-    import json
-
     try:
         return str(json.loads((out_dir / tracking.TRACKING_FILE).read_text())["run_id"])
     except (OSError, ValueError, KeyError, TypeError):

@@ -12,6 +12,7 @@ continues unfinished trials from their last checkpoints and logs into the same r
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,12 +20,31 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from sqgan.config import ConfigError, Params, flatten
-from sqgan.metrics.names import is_quality_metric  # a quality metric comes from the evaluations, not each log step
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
+
+from sqgan.config import ConfigError, Params, _unknown_key_message, flatten, load_params
+from sqgan.data.manifest import read_manifest
+from sqgan.data.stages import run_stage
+from sqgan.io import check_output, mark_output, sigint_observed, sigterm_as_interrupt, stage_of, write_json_atomic
+from sqgan.metrics.names import (
+    is_quality_metric,  # a quality metric comes from the evaluations, not each log step
+    parse_metric_key,
+)
+from sqgan.shells import ray_train
+from sqgan.shells.ray_train import available_resources, build_trainer, check_environment
+from sqgan.shells.scheduler import RecordingASHA
+from sqgan.shells.tracking import TRIAL_TAG, MlflowLogger, _record, end_run, mlflow_client, start_run
+from sqgan.shells.tune_report import settle_trials, write_report
+from sqgan.train import loop
+from sqgan.train.loop import absolute_init_from, init_source, interim_key, quality_keys, reported_metrics
 
 SWEEP_FILE = "sweep.json"  # in a sweep folder: tracking URI, parent run, Ray experiment path, params
 METRIC_ALIASES = ("kid", "fid")
-TRIAL_TAG = "sqgan.trial_id"  # the Ray trial id, on each nested run
 # A trial's own process only starts its TorchTrainer and waits: no CPU (its workers hold them), but Ray needs some
 # resource in the bundle, so it asks for a little memory.
 TRIAL_DRIVER = {"CPU": 0, "memory": 256 * 2**20}
@@ -87,9 +107,6 @@ def probe_values(name: str, args: list[Any]) -> list[Any]:
 def metric_key(params: Params, metric: str) -> str:
     """The logged name behind `tune.metric` in a run's final metrics: kid → kid500_train_<net>_mean, fid →
     fid500_train_<net> (metrics.num_fake images against metrics.reference_split)."""
-    from sqgan.metrics.names import parse_metric_key
-    from sqgan.train.loop import quality_keys
-
     if metric not in METRIC_ALIASES:
         return metric
     keys = quality_keys(params.override({"metrics.names": [metric]}), params.metrics.num_fake)
@@ -105,9 +122,6 @@ def asha_grace(params: Params, base: Params) -> int:
 
 def check_sweep(params: Params) -> Params:
     """Every check of the search space that needs no Ray; returns the trials' base params. ConfigError names the key."""
-    from sqgan.config import _unknown_key_message
-    from sqgan.train.loop import interim_key, reported_metrics
-
     base = trial_base(params)
     t = params.tune
     for key, (name, args) in t.axes().items():
@@ -150,8 +164,6 @@ def sweep_concurrency(params: Params, base: Params, available: dict[str, float])
 # ------------------------------------------------------------------------------ search space
 def ray_space(params: Params) -> dict[str, Any]:
     """tune.space as Ray Tune's param_space ({"fq.decay": tune.grid_search([...]), …})."""
-    from ray import tune
-
     grid_as_choice = params.tune.searcher != "grid"  # random and optuna draw from grids like from choices
     space: dict[str, Any] = {}
     for key, (name, args) in params.tune.axes().items():
@@ -173,10 +185,8 @@ def ray_space(params: Params) -> dict[str, Any]:
 def build_searcher(params: Params, metric: str, concurrency: int) -> Any:
     t = params.tune
     if t.searcher == "optuna":  # a Searcher: TuneConfig.max_concurrent_trials limits it
-        from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(metric=metric, mode=t.mode, seed=t.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Ray ignores TuneConfig.max_concurrent_trials for this generator: it takes the limit itself, or every trial
     # starts at once and those whose workers cannot start in 60 s fail.
@@ -184,13 +194,11 @@ def build_searcher(params: Params, metric: str, concurrency: int) -> Any:
 
 
 def build_scheduler(params: Params, base: Params, tracking_uri: str, parent_run_id: str) -> Any:
-    """FIFO, or ASHA recording each early stop on the trial's run (`sqgan.train.scheduler`)."""
+    """FIFO, or ASHA recording each early stop on the trial's run (`sqgan.shells.scheduler`)."""
     t = params.tune
     if t.scheduler == "fifo":
-        from ray.tune.schedulers import FIFOScheduler
 
         return FIFOScheduler()
-    from sqgan.train.scheduler import RecordingASHA
 
     grace = asha_grace(params, base)
     # stop_last_trials=False: a trial that reaches train.steps ends by itself (its run marked completed), not killed
@@ -209,8 +217,6 @@ def _report_callback(metric: str, final_key: str, interim: str, mode: str = "min
     on: ASHA and the searchers need the metric in every result. From an evaluation that flagged G_ema as collapsed
     (diversity/collapsed) until one that does not, the metric is reported as the worst value, so ASHA stops the
     trial and the searcher ranks it last."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     class ReportToTune(TuneReportCallback):
         collapsed = False  # the latest evaluation's verdict of the collapse watch
 
@@ -232,12 +238,6 @@ def _report_callback(metric: str, final_key: str, interim: str, mode: str = "min
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     """One trial: the sweep's params with this trial's values, trained by the shared TorchTrainer into
     SWEEP_DIR/trials/<trial id>, logged to a nested MLflow run (the same one again when the trial is resumed)."""
-    from ray import tune
-
-    from sqgan.tracking import end_run
-    from sqgan.train import loop
-    from sqgan.train.ray_train import build_trainer
-
     trial_id = tune.get_context().get_trial_id()
     params = Params.model_validate(spec.base).override(config, source=f"trial {trial_id}")
     out_dir = Path(spec.sweep_dir) / "trials" / trial_id
@@ -263,7 +263,6 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     if result.error is not None:
         end_run(spec.tracking_uri, run_id, "FAILED")
         raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
-    from sqgan.tracking import MlflowLogger
 
     MlflowLogger(spec.tracking_uri, run_id).set_tags({"sqgan.trial_status": "completed", "ray.run_path": result.path})
     end_run(spec.tracking_uri, run_id, "FINISHED")
@@ -275,7 +274,6 @@ def trial_data(params: Params, values: dict[str, Any], data_dir: Path, out_dir: 
     trial's values; a retried trial rebuilds it, the same for the same seed)."""
     if not any(k.startswith("data.selffilter.") for k in values):
         return data_dir
-    from sqgan.stages import run_stage
 
     out = out_dir / "data"
     run_stage("selffilter", params, src=data_dir, out=out)
@@ -287,9 +285,7 @@ def trial_run(
 ) -> tuple[str, dict[str, float] | None]:
     """(run id, its final metrics if it already completed): the trial's nested run — the one it already has
     when resumed or retried, else a new one with the resolved params, the trial's values and the Ray trial id."""
-    from sqgan.tracking import _client, _record, start_run
-
-    client = _client(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     parent = client.get_run(spec.parent_run_id)
     query = f"tags.mlflow.parentRunId = '{spec.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
     found = client.search_runs([parent.info.experiment_id], query)
@@ -320,10 +316,6 @@ def run_sweep(
     force: bool = False,
 ) -> Sweep:
     """Check everything, open the parent run, run the trials under Ray Tune, write and log the report."""
-    from sqgan.io import check_output, mark_output, stage_of, write_json_atomic
-    from sqgan.train.loop import absolute_init_from, init_source
-    from sqgan.train.ray_train import available_resources, init_ray
-
     params = absolute_init_from(params)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     project_dir = Path(project_dir).resolve()
@@ -340,7 +332,7 @@ def run_sweep(
 
     if force and stage_of(out_dir) == "sweep":  # an earlier sweep's folder: replaced whole, no stale trials left
         shutil.rmtree(out_dir)
-    init_ray(params)
+    ray_train.init_ray(params)
     parent_run_id = open_sweep_run(params, base, data_dir, project_dir)
     name = f"sweep-{parent_run_id[:12]}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -358,9 +350,6 @@ def run_sweep(
 
 def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path) -> str:
     """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags."""
-    from sqgan.tracking import start_run
-    from sqgan.train.loop import interim_key
-
     t = params.tune
     tags = {"sqgan.stage": "sweep", "sqgan.tune.axes": json.dumps(list(t.axes())), "sqgan.tune.metric": t.metric,
             "sqgan.tune.metric_key": metric_key(base, t.metric),
@@ -374,12 +363,6 @@ def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Pa
 
 def resume_sweep(sweep_dir: str | Path) -> Sweep:
     """Continue an interrupted sweep from its folder: same params, parent run, trials and Ray experiment."""
-    from ray import tune
-
-    from sqgan.config import load_params
-    from sqgan.tracking import _client
-    from sqgan.train.ray_train import init_ray
-
     sweep_dir = Path(sweep_dir).resolve()
     info_file = sweep_dir / SWEEP_FILE
     if not info_file.is_file():
@@ -395,8 +378,8 @@ def resume_sweep(sweep_dir: str | Path) -> Sweep:
     if not tune.Tuner.can_restore(info["experiment_path"]):
         raise RuntimeError(f"--resume {sweep_dir}: Ray has no sweep state at {info['experiment_path']} (the driver "
                            f"died before the first trial started?); start it again with `sqgan tune --out NEW_DIR`")
-    init_ray(params)
-    _client(info["tracking_uri"]).update_run(info["parent_run_id"], status="RUNNING")
+    ray_train.init_ray(params)
+    mlflow_client(info["tracking_uri"]).update_run(info["parent_run_id"], status="RUNNING")
     spec = SweepSpec(base=base.model_dump(mode="json"),
                      **{f.name: info[f.name] for f in fields(SweepSpec) if f.name != "base"})
     tuner = tune.Tuner.restore(info["experiment_path"], trainable=_trainable(spec), resume_unfinished=True,
@@ -407,24 +390,17 @@ def resume_sweep(sweep_dir: str | Path) -> Sweep:
 def _preflight(base: Params, data_dir: Path, project_dir: Path) -> tuple[bool, str, str]:
     """A trial's checks before Ray starts, as `sqgan train`'s: the dataset, then storage, tracking server and
     resources. Returns (use_gpu, storage, tracking URI)."""
-    from sqgan.data.manifest import read_manifest
-    from sqgan.train.ray_train import check_environment
-
     read_manifest(data_dir)
     return check_environment(base, project_dir)
 
 
 def _trainable(spec: SweepSpec) -> Any:
     """The trial function as Tune runs it, for a new sweep and a restored one alike."""
-    from ray import tune
-
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Ray's sweep state at most ~1 s behind (default ≥ 10)
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
 
 
 def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> Any:
-    from ray import tune
-
     t = params.tune
     return tune.Tuner(
         _trainable(spec),
@@ -458,12 +434,6 @@ def _fit_and_report(tuner: Any, params: Params, spec: SweepSpec, sweep_dir: Path
     and returns normally), so the signal is observed: an interrupted sweep settles its trials as killed, writes its
     table with every planned trial's state but no best_params.yaml, marks the parent run KILLED and raises
     `SweepInterrupted` (status 130: a DVC stage never records it)."""
-    import logging
-
-    from sqgan.io import sigint_observed, sigterm_as_interrupt
-    from sqgan.tracking import end_run
-    from sqgan.train.tune_report import settle_trials, write_report
-
     grid: Any = None
     seen: list[int] = []
     hint = _NoRayRestoreHint()
@@ -496,8 +466,6 @@ def _fit_and_report(tuner: Any, params: Params, spec: SweepSpec, sweep_dir: Path
 
 
 def _dump_params(params: Params) -> str:
-    import yaml
-
     return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
 
 

@@ -175,6 +175,7 @@ def rayjob_manifest(spec: RayJobSpec) -> dict[str, Any]:
 
 def kubernetes_api() -> Any:
     """The custom-objects API of the cluster this runs in (a Kubeflow task's service account), else ~/.kube/config."""
+    # on demand: only a real cluster needs the Kubernetes client
     from kubernetes import client, config
 
     try:

@@ -10,7 +10,7 @@ The report (`render_report`):
 - `grids.png` and `grids/<run id>.png`: each run's `samples/grid.png` side by side;
 - `codebook_usage.png`: SQ and per-layer FQ utilisation and perplexity, D's feature / CLIP similarity, over steps;
 - for each sweep parent run (tag sqgan.stage = sweep) among them: its trial table and the metric against each axis
-  (`sqgan.train.tune_report`, the sweep's own report) under `sweeps/<parent id>/`.
+  (`sqgan.shells.tune_report`, the sweep's own report) under `sweeps/<parent id>/`.
 
 Which runs: with `--runs`, those (a sweep's parent brings its nested trials); else every run of the experiment but
 sweep parents (each becomes a sweep section), codebook-prior runs, earlier reports, and a Kubeflow pipeline's parent
@@ -28,7 +28,10 @@ precision, recall, IS and LPIPS diversity (higher is better there), codebook uti
 from __future__ import annotations
 
 import contextlib
+import csv
+import difflib
 import html
+import io
 import json
 import math
 import os
@@ -42,9 +45,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+from mlflow.exceptions import MlflowException
+from PIL import Image
+from tqdm import tqdm
+
+from sqgan.io import MARKER, atomic_path, check_output, stage_output
 from sqgan.metrics.collapse import COLLAPSE_TAG
 from sqgan.metrics.names import QUALITY_METRICS, MetricKey, parse_metric_key
-from sqgan.tracking import child_runs, search_all
+from sqgan.shells.tracking import child_runs, git_sha, open_existing, search_all
+from sqgan.shells.tune_report import write_report
 
 REPORT_STAGE = "report"  # the marker of a report folder (sqgan.io.stage_output)
 TABLE_STAGE = "report-table"
@@ -135,8 +146,6 @@ def label(run: Any) -> str:
 
 def open_tracking(tracking_uri: str) -> Any:
     """An MlflowClient for `tracking_uri`, after checking it answers (a report never creates a database)."""
-    from sqgan.tracking import open_existing
-
     try:
         return open_existing(tracking_uri, "train first (`make demo`) or pass the --tracking-uri your runs were "
                                            "logged to")
@@ -153,8 +162,6 @@ def select_runs(tracking_uri: str, experiment: str | None = None, run_ids: Itera
                 default_experiment: str = "sqgan", client: Any = None) -> Selection:
     """The runs to report: `run_ids` (a sweep parent brings its trials), else the experiment's runs (by name;
     `default_experiment` when none is given) but sweep parents, codebook priors and reports."""
-    from mlflow.exceptions import MlflowException
-
     client = client or open_tracking(tracking_uri)
     ids = split_ids(run_ids)
     if ids:
@@ -258,17 +265,12 @@ def runs_table(runs: list[Any]) -> RunsTable:
 
 
 def _pyplot() -> Any:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     return plt
 
 
 def _save(fig: Any, path: Path) -> None:
-    from sqgan.io import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     _pyplot().close(fig)
@@ -285,8 +287,6 @@ def _placeholder(path: Path, text: str) -> None:
 
 def histories(client: Any, runs: list[Any], progress: bool = True) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """run id → metric → sorted (step, value), for every quality and usage metric the run logged."""
-    from tqdm import tqdm
-
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in tqdm(runs, desc="metric histories", unit="run", disable=not progress, leave=False):
         keys = [k for k in r.data.metrics if quality_key(k) or USAGE.match(k)]
@@ -302,8 +302,6 @@ def _legend(ax: Any, n: int) -> None:
 
 def _styles(runs: list[Any]) -> dict[str, Any]:
     """One colour per run (the names of one run share it; each name gets its own line style)."""
-    import matplotlib
-
     cmap = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20" if len(runs) <= 20 else "viridis"]
     n = max(len(runs) - 1, 1)
     return {r.info.run_id: cmap(i if len(runs) <= 20 else i / n) for i, r in enumerate(runs)}
@@ -393,9 +391,6 @@ def quiet_downloads() -> Iterator[None]:
 
 def fetch_grids(client: Any, runs: list[Any], folder: Path, progress: bool = True) -> dict[str, str]:
     """Each run's samples/grid.png as `folder/<run id>.png`; returns run id → path relative to folder's parent."""
-    from mlflow.exceptions import MlflowException
-    from tqdm import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     got = {}
     with tempfile.TemporaryDirectory(prefix="sqgan-grids-") as d:
@@ -411,8 +406,6 @@ def fetch_grids(client: Any, runs: list[Any], folder: Path, progress: bool = Tru
 
 def plot_grids(runs: list[Any], grids: dict[str, str], root: Path, path: Path) -> None:
     """The runs' grids side by side in one PNG (titled by run name)."""
-    from PIL import Image
-
     shown = [r for r in runs if r.info.run_id in grids]
     if not shown:
         _placeholder(path, f"no run logged {GRID_ARTIFACT}")
@@ -479,10 +472,8 @@ class ReportResult:
 
 
 def _sweep_section(sel: Selection, parent: Any, out: Path) -> SweepSection:
-    """The sweep's own report (sqgan.train.tune_report: trial table, metric against each axis, curves, best params)
+    """The sweep's own report (sqgan.shells.tune_report: trial table, metric against each axis, curves, best params)
     under sweeps/<parent id>/."""
-    from sqgan.train.tune_report import write_report
-
     folder = f"sweeps/{parent.info.run_id}"
     try:
         rows = write_report(sel.tracking_uri, parent.info.run_id, out / folder, log=False)
@@ -566,9 +557,6 @@ def _render(sel: Selection, client: Any, out: Path, progress: bool) -> list[str]
 def log_folder(client: Any, sel: Selection, folder: Path, artifact_path: str) -> str:
     """Log `folder` (its marker aside) onto the sweep's parent when `sel` is one sweep, else onto a new run tagged
     sqgan.stage = report in the experiment; returns that run's id."""
-    from sqgan.io import MARKER
-    from sqgan.tracking import git_sha
-
     target, new = sel.one_sweep(), False
     if target is None:
         ids = ",".join(r.info.run_id for r in sel.runs)
@@ -599,8 +587,6 @@ def render_report(tracking_uri: str, out: str | Path, experiment: str | None = N
                   log: bool = True, progress: bool = True) -> ReportResult:
     """Render the report into `out` (a temp folder renamed when complete; an existing `out` is replaced only when
     it is an earlier report, or with `force`) and, with `log`, log the folder back to MLflow."""
-    from sqgan.io import check_output, stage_output
-
     check_output(out, REPORT_STAGE, (), force)  # before reading MLflow: a refused folder costs nothing
     client = open_tracking(tracking_uri)
     sel = select_runs(tracking_uri, experiment, run_ids, default_experiment, client)
@@ -710,9 +696,6 @@ class PaperTable:
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
-        import csv
-        import io
-
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow([self.rows_key, self.cols_key, "n", "mean", "std", "best_values", "run_ids"])
@@ -765,14 +748,11 @@ def paper_table(tracking_uri: str, rows_key: str, cols_key: str, metric: str | N
                 default_experiment: str = "sqgan", progress: bool = True, client: Any = None,
                 sel: Selection | None = None) -> PaperTable:
     """Mean ± sample std over the runs of each (rows_key, cols_key) group of each run's best `metric`."""
-    from tqdm import tqdm
-
     client = client or open_tracking(tracking_uri)
     sel = sel or select_runs(tracking_uri, experiment, run_ids, default_experiment, client)
     runs = sel.runs
     for which, key in (("ROWS", rows_key), ("COLS", cols_key)):
         if all(_group_value(r, key) is None for r in runs):
-            import difflib
 
             known = sorted({k for r in runs for k in (*r.data.params, *r.data.tags)})
             near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
@@ -819,8 +799,6 @@ def write_table(tracking_uri: str, out: str | Path, rows_key: str, cols_key: str
                 progress: bool = True) -> TableResult:
     """table.md, table.tex (booktabs) and table.csv (the numbers) into `out`, atomically; with `log`, logged back
     like the report (under `table/`)."""
-    from sqgan.io import check_output, stage_output
-
     check_output(out, TABLE_STAGE, (), force)
     client = open_tracking(tracking_uri)
     sel = select_runs(tracking_uri, experiment, run_ids, default_experiment, client)

@@ -1,0 +1,1 @@
+"""One module per `sqgan` command (`sqgan.cli` only wires them)."""
