@@ -812,7 +812,6 @@ def _seed_free_form(raw: dict[str, Any], path: list[str]) -> None:
             section, name = key.split(".")
             holder = raw.setdefault(section, {})
             if isinstance(holder, dict) and name not in holder and dotted != key:
-
                 holder[name] = copy.deepcopy(Params().model_dump(mode="json")[section][name])
 
 

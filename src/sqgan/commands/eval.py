@@ -111,7 +111,6 @@ def run_eval(
                                 "provenance": ev.provenance})
         logger.log_artifact(out, "eval")
         if new_run:
-
             end_run(*target)
     return EvalResult(ev.metrics, ev.provenance, step, ckpt if run_id is None else Path(str(source)), out,
                       target[0], target[1], new_run, ev.real_cache_hit)

@@ -76,8 +76,6 @@ def run_import(params: Params, pkl: str | Path, out: str | Path, data_dir: str |
     with stage_output(out, STAGE, (pkl,), force) as tmp:
         uri, run_id = start_run(p, data, project_dir, tags=tags)
         try:
-
-
             client = mlflow_client(uri)
             kw = [Param(f"ada.{k}"[:250], str(v)[:6000]) for k, v in sorted(nets.kwargs.items())]
             kw += [Param(f"ada.training_set.{k}"[:250], str(v)[:6000]) for k, v in sorted(nets.training_set.items())

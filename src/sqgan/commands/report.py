@@ -753,7 +753,6 @@ def paper_table(tracking_uri: str, rows_key: str, cols_key: str, metric: str | N
     runs = sel.runs
     for which, key in (("ROWS", rows_key), ("COLS", cols_key)):
         if all(_group_value(r, key) is None for r in runs):
-
             known = sorted({k for r in runs for k in (*r.data.params, *r.data.tags)})
             near = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
             raise ReportError(f"--table {which} {key!r} is neither a param nor a tag of any of the {len(runs)} runs "

@@ -193,7 +193,6 @@ def _reference_features(params: Params, source: dict[str, Any], G: nn.Module, ne
     features cached like `sqgan eval`'s), else `cluster.fid_images` unconditional images of another seed."""
     mp = params.metrics
     if source["kind"] == "real":
-
         ref = Reference.load(source["data"], mp.reference_split, resolution)
         pool, _, _ = RealFeatureCache(project_dir / mp.cache_dir).get(ref, net, mp.batch_size, device, progress)
         return pool, len(pool)
@@ -324,14 +323,12 @@ def run_sample(
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sqgan-sample-") as tmp:
         if run_id is not None:
-
             uri = resolve_tracking_uri(params, project_dir)
             ckpt = checkpoint_of_run(uri, run_id, Path(tmp))
             target, why = (uri, run_id), f"logged to MLflow run {run_id} ({uri})"
             cache_dir = project_dir / "runs" / "sample" / run_id  # the download is temporary: cache in the project
             source = f"mlflow run {run_id}: {ckpt.name}"
         else:
-
             ckpt = latest_checkpoint(checkpoint)
             target, why = _tracked_run(previous_run(ckpt))
             # a run folder's checkpoints/ is a DVC output of the train stage: the caches go beside it, not into it
@@ -355,13 +352,11 @@ def run_sample(
                                                     sp.centres, sp.seed, device=device, progress=progress)
             timings["centres_fit" if centres_fitted else "centres_load"] = time.perf_counter() - t
             if sp.assign == "lpips":
-
                 lpips_net = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).to(device)
         truncated = TruncatedGenerator(G, sp.truncation, psi, sp.assign, centres, lpips_net).to(device)
 
         cluster_info, report, net, sampler = None, None, None, None
         if sp.cluster is not None:
-
             net = build_feature_net(mp.features, mp.inception_weights, mp.randcnn_seed).to(device)
             t = time.perf_counter()
             sampler, fitted = load_or_fit_sampler(params, G, net, spath, device, progress)
@@ -431,7 +426,6 @@ def _dataset_of(trained: Params, target: tuple[str, str] | None, project_dir: Pa
     checkpoint's data.root / data.dataset (relative to the project); the first that holds a manifest."""
     candidates = []
     if target is not None:
-
         run = existing_run(target)
         tagged = run.data.tags.get("data.dir") if run is not None else None
         if tagged:

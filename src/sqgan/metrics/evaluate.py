@@ -200,7 +200,6 @@ class RealFeatureCache:
                                f"features of {ref.describe()}", counter=self)
         self.memory[key] = (pool, logits)
         if path is not None:
-
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save({"key": key, "pool": pool, "logits": logits}, tmp)
@@ -254,7 +253,6 @@ class Evaluator:
     @property
     def net(self) -> nn.Module:
         if self._net is None:
-
             s = self.settings
             self._net = build_feature_net(s.features, s.inception_weights, s.randcnn_seed).to(self.device)
         return self._net
@@ -262,7 +260,6 @@ class Evaluator:
     @property
     def lpips_net(self) -> nn.Module:
         if self._lpips is None:
-
             self._lpips = LPIPSNet(self.settings.lpips_backbone, self.settings.lpips_weights).to(self.device)
         return self._lpips
 

@@ -82,7 +82,6 @@ class DCGANTrunk(nn.Module):
             ch_in = out
         self.mbstd = None
         if mbstd_num_channels > 0:
-
             self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels)
             self.batch_statistics = True  # base.Discriminator passes parts=(reals, fakes): groups never mix them
         self.fc = nn.Linear((ch_in + mbstd_num_channels) * 4 * 4, 1)

@@ -45,10 +45,6 @@ def mbstd_channels(p: Params) -> int:
     return 1 if p.model.arch == "stylegan2" else 0
 
 
-def _dcgan_init(m: nn.Module) -> None:
-    dcgan_init_(m)
-
-
 def _sngan_synthesis(p: Params, latent: int) -> nn.Module:
     return SNGANSynthesis(latent, p.model.resolution, p.model.g_channels)
 
@@ -73,7 +69,7 @@ def _stylegan2_trunk(p: Params) -> nn.Module:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "dcgan": Backbone(_dcgan_synthesis, _dcgan_trunk, "hinge", _dcgan_init),
+    "dcgan": Backbone(_dcgan_synthesis, _dcgan_trunk, "hinge", dcgan_init_),
     "sngan": Backbone(_sngan_synthesis, _sngan_trunk, "hinge"),
     "stylegan2": Backbone(_stylegan2_synthesis, _stylegan2_trunk, "nonsaturating"),
 }
@@ -164,14 +160,12 @@ def build_generator(params: Params) -> Generator:
     bb = backbone(params)
     mapping: nn.Module | None = None
     if m.arch == "stylegan2":
-
         mapping = MappingNetwork(m.z_dim, m.w_dim, num_layers=mapping_layers(params))
     elif sq.enabled:
         mapping = MappingMLP(m.z_dim, m.w_dim, mapping_layers(params))
     w_dim = m.w_dim if mapping is not None else m.z_dim
     quantizer = None
     if sq.enabled:
-
         quantizer = StyleQuantizer(w_dim, sq.code_dim, sq.codebook_size, sq.commitment, sq.uniformity_t)
     return Generator(bb.synthesis(params, w_dim), m.z_dim, w_dim, mapping=mapping, quantizer=quantizer)
 

@@ -42,8 +42,7 @@ def _check_resolution(resolution: int) -> None:
 
 def trunk_blocks(resolution: int) -> int:
     """Blocks of the SNGAN discriminator trunk at `resolution` (what fq.layers may name): 4 at 32², 5 at 64²."""
-    _check_resolution(resolution)
-    return d_blocks("sngan", resolution)
+    return d_blocks("sngan", resolution)  # raises for a resolution other than 32 or 64
 
 
 def _init(layer: nn.Conv2d | nn.Linear, gain: float) -> nn.Conv2d | nn.Linear:

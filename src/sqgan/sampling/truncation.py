@@ -113,7 +113,6 @@ def mapped_w(G: nn.Module, n: int, seed: int = 0, batch: int = 1024, device: tor
     G.to(device)
     out: list[torch.Tensor] = []
     with _eval_mode(G):
-
         bar = tqdm(total=n, desc="mapping z → w", unit="w", disable=not progress)
         for z in _z_chunks(n, G.z_dim, seed):
             for part in z.split(batch):

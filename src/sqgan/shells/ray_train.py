@@ -269,7 +269,6 @@ def train_worker(config: dict[str, Any]) -> None:
     # points its MLflow run already holds are not logged twice.
     logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=True) if rank == 0 else None
     if restored is not None and logger is not None:
-
         logger.set_tags({"sqgan.restarted_from_step": int(load_checkpoint(resume)["step"])})  # after a failure
 
     def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
@@ -350,7 +349,6 @@ def run_training(
     params = absolute_init_from(params)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     if resume is not None:
-
         resume = latest_checkpoint(resume, "--resume").resolve()
     use_gpu, storage = preflight(params, data_dir, out_dir, resume, project_dir, force)
 
@@ -390,10 +388,8 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
     # a run's folder (tracking.json) is sqgan's even before the loop marked it
     check_output(out_dir, "train", (data_dir,), force or (out_dir / TRACKING_FILE).exists())
     if resume is not None:
-
         check_resume(load_checkpoint(resume), params, resume)
     if params.train.init_from and resume is None:
-
         init_source(params)
     check_prior_file(params)
     use_gpu, storage, _ = check_environment(params, project_dir)

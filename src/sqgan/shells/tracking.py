@@ -51,7 +51,6 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
     fix = "start the server (`make ui` serves http://127.0.0.1:5000) or unset mlflow.tracking_uri and " \
           "MLFLOW_TRACKING_URI to log to sqlite:///mlflow.db in the project"
     if scheme in ("http", "https"):
-
         try:
             r = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
         except requests.RequestException as e:

@@ -197,7 +197,6 @@ def build_scheduler(params: Params, base: Params, tracking_uri: str, parent_run_
     """FIFO, or ASHA recording each early stop on the trial's run (`sqgan.shells.scheduler`)."""
     t = params.tune
     if t.scheduler == "fifo":
-
         return FIFOScheduler()
 
     grace = asha_grace(params, base)

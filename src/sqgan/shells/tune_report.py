@@ -308,7 +308,6 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
     best = None if partial else best_trial(rows, key, interim)
     best_file = out / "best_params.yaml"
     if best is not None:
-
         with tempfile.TemporaryDirectory(prefix="sqgan-best-") as d:
             text = Path(client.download_artifacts(best["run_id"], "params.yaml", d)).read_text()
         warn = (f"# WARNING: every trial was flagged as collapsed (this one at step {best['collapsed']}): the sweep "

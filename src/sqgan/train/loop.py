@@ -319,7 +319,6 @@ class Augmenter:
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.ada is not None and self.ada.p > 0:
-
             x = ada_augment(x, self.ada.p, gen)
         return diff_augment(x, self.policies, gen) if self.policies else x
 
@@ -340,7 +339,6 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
     if tp.init_from and resume is None:
         init_weights(params, G, D, None)
     if params.sq.enabled and params.sq.prior and resume is None:
-
         restore_codebook(G.quantizer, load_prior(params.sq.prior))
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     if tp.init_from and resume is None:
@@ -354,7 +352,6 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
     set_optimiser_settings(params, opt_g, opt_d)
     ada = None
     if params.ada.enabled:
-
         a = params.ada
         ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size,
                             speed_img=a.speed_kimg * 1000, p=a.p_init)
@@ -491,7 +488,6 @@ class Window:
     def flush(self, rt: Runtime) -> dict[str, float]:
         """The window's metrics (SQ counts summed over ranks; FQ's are already, by the all-reduced EMA)."""
         if rt.world_size > 1 and "sq" in self.counts:
-
             dist.all_reduce(self.counts["sq"])
         keys = list(self.sums)
         values = torch.stack([self.sums[k] / self.n[k] for k in keys]).cpu().tolist() if keys else []
@@ -531,7 +527,6 @@ class Diversity:
         self.batch, self.rt = mp.batch_size, rt
         self.clip = None
         if mp.clip_similarity and mp.diversity_every and rt.is_main:
-
             model, preprocess = load_clip(params.prior.clip_model, params.prior.clip_pretrained)
             self.clip = ClipFeatures(model, preprocess, "generated")
             gen = torch.Generator().manual_seed(params.train.seed + 3)
@@ -540,8 +535,6 @@ class Diversity:
     def __call__(self, state: TrainState) -> dict[str, float]:
         out = {"d/feature_similarity": feature_similarity(state.D, self.reals, self.batch)}
         if self.clip is not None:
-
-
             state.G_ema.eval()
             with torch.no_grad():
                 images = torch.cat([to_uint8(state.G_ema(self.z[i : i + self.batch], noise_mode="const").images).cpu()
