@@ -7,6 +7,8 @@ import torch
 
 from sqgan.config import ConfigError, default_params
 from sqgan.data.diffaugment import diff_augment
+from sqgan.losses.gan import GANLoss
+from sqgan.losses.regularizers import r1_penalty
 from sqgan.models.base import Discriminator, Generator
 from sqgan.models.dcgan import DCGANSynthesis, DCGANTrunk
 from sqgan.models.factory import build_discriminator, build_generator
@@ -124,3 +126,69 @@ def test_diffaugment_is_a_function_of_its_generator_and_passes_gradients():
     cut = diff_augment(torch.ones(8, 3, 16, 16), ["cutout"], torch.Generator().manual_seed(0))
     zero_share = (cut == 0).float().mean().item()
     assert 0.1 < zero_share < 0.3  # a half-side square: about a quarter of the pixels
+
+
+# ------------------------------------------------------------------------------------------ PacGAN (model.pack)
+@pytest.mark.parametrize("arch", ["dcgan", "sngan", "stylegan2"])
+def test_a_packing_d_scores_m_consecutive_samples_stacked_along_channels(arch):
+    """pack = 2: one logit per pair (x0, x1), (x2, x3), …, the trunk seeing [x_2i ‖ x_2i+1] on channels; each sample
+    gets its pair's logit, and the pair's order matters (it is one 6-channel image, not two). No minibatch stddev
+    here, so each pack's score is its own."""
+    torch.manual_seed(0)
+    D = build_discriminator(tiny(arch, 32, "model.pack=2", "fq.enabled=false", "model.mbstd_num_channels=0")).eval()
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        out = D(x)
+        h = torch.cat([x[0::2], x[1::2]], dim=1)
+        for block in D.trunk.blocks:
+            h = block(h)
+        ref_logits, ref_features = D.trunk.head(h)
+        swapped = D(x[[1, 0, 2, 3, 4, 5]]).logits
+    assert out.logits.shape == (6,) and out.features.shape[0] == 6
+    torch.testing.assert_close(out.logits, ref_logits.repeat_interleave(2))
+    torch.testing.assert_close(out.features, ref_features.repeat_interleave(2, dim=0))
+    assert (swapped[:2] - out.logits[:2]).abs().min() > 1e-6 and torch.equal(swapped[2:], out.logits[2:])
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])  # stylegan2: minibatch stddev over the packs of one part
+def test_packs_never_mix_parts_and_a_short_part_repeats_its_last_sample(arch):
+    torch.manual_seed(0)
+    D = build_discriminator(tiny(arch, 32, "model.pack=2", "fq.enabled=false")).eval()
+    real, fake = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = D(torch.cat([real, fake]), parts=(3, 3)).logits
+        other = D(torch.cat([real, torch.randn(3, 3, 32, 32)]), parts=(3, 3)).logits
+        last = D(torch.cat([real, real[2:]]), parts=(4,)).logits  # the reals' second pack is (x2, x2)
+    assert torch.equal(out[:3], other[:3]) and not torch.equal(out[3:], other[3:])
+    torch.testing.assert_close(out[:3], last[:3])
+    assert out[0] == out[1] and out[3] == out[4] and out[2] != out[3]
+
+
+def test_packing_d_trains_with_fq_and_its_r1_is_the_packs_gradient():
+    """FQ on a packing D (forward, backward, dictionaries see the packs), and d_r1 ÷ m: R1 of the network D on its
+    own 6-channel input, E over packs ‖∇ D(pack)‖²."""
+    torch.manual_seed(0)
+    p = tiny("dcgan", 32, "model.pack=2", "train.r1_gamma=1.0", "train.r1_every=1", "train.batch_size=4")
+    G, D = build_generator(p), build_discriminator(p)
+    out = D(G(torch.randn(4, 16)).images)
+    assert set(out.quant) == {"fq/layer1", "fq/layer2"} and out.quant["fq/layer1"].indices.shape[0] == 2
+    (out.logits.mean() + out.loss).backward()
+    assert D.trunk.blocks[0][0].weight.shape[1] == 6 and D.trunk.blocks[0][0].weight.grad.abs().sum() > 0
+    loss = GANLoss(p, G, D, lambda x, g: x, torch.device("cpu"), G.num_ws)
+    real = torch.randn(4, 3, 32, 32)
+    got = loss.d_r1(real, torch.Generator().manual_seed(0), 0).stats["loss/r1"]
+    packed = torch.cat([real[0::2], real[1::2]], dim=1).requires_grad_(True)
+    h = packed
+    for block in D.trunk.blocks:
+        h = block(h)
+    want = r1_penalty(D.trunk.head(h)[0], packed)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_config_rejects_a_pack_that_cannot_run():
+    with pytest.raises(ConfigError, match=r"model.pack: D packs 3 samples, so train.batch_size \(16\) must be a "
+                                          r"multiple of it"):
+        default_params(["model.pack=3", "train.batch_size=16"])
+    with pytest.raises(ConfigError, match=r"model.pack: MixDL scores single mixed images"):
+        default_params(["model.pack=2", "mixdl.enabled=true"])
+    assert default_params(["model.pack=4", "train.batch_size=16"]).model.pack == 4

@@ -171,6 +171,8 @@ class ModelParams(Section):
     mbstd_group_size: int = Field(4, ge=1, le=256, description="D's minibatch-stddev group size (StyleGAN2, DCGAN)")
     mbstd_num_channels: int | None = Field(None, ge=0, le=64, description="D's minibatch-stddev channels (0 = none); "
                                                                           "unset = 1 for stylegan2, 0 for dcgan/sngan")
+    pack: int = Field(1, ge=1, le=8, description="PacGAN: D scores this many samples at once, stacked along "
+                                                 "channels (1 = off; 2 brought back a dropped mode, issue 25)")
 
     @field_validator("resolution")
     @classmethod
@@ -609,6 +611,12 @@ class Params(Section):
                 f"got {bad}; pick indices below {n}"
             )
         x = self.mixdl
+        if m.pack > 1 and self.train.batch_size % m.pack:
+            raise ValueError(f"model.pack: D packs {m.pack} samples, so train.batch_size ({self.train.batch_size}) "
+                             f"must be a multiple of it; pick a batch size divisible by {m.pack} or model.pack 1")
+        if m.pack > 1 and x.enabled:
+            raise ValueError("model.pack: MixDL scores single mixed images with D's per-image features, which a "
+                             "packing D does not have; use model.pack 1 with mixdl.enabled")
         if x.enabled and self.train.batch_size < 2:
             raise ValueError(f"mixdl.enabled: MixDL mixes the styles of a step's batch (its anchors) and needs "
                              f"train.batch_size ≥ 2, got {self.train.batch_size}")

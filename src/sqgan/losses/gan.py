@@ -122,7 +122,9 @@ class GANLoss:
         x = real.detach().requires_grad_(True)
         with self._autocast():
             logits = self.D(self.augment(x, gen), feed=step >= self.p.fq.feed_warmup_steps, update=False).logits
-        penalty = r1_penalty(logits.float(), x)
+        # a packing D (model.pack m) gives each sample its pack's logit, so ∇_x of Σ logits is m× the pack's gradient:
+        # ÷ m makes this E over packs of ‖∇ D(pack)‖², R1 of the network D is (m = 1: unchanged)
+        penalty = r1_penalty(logits.float(), x) / self.p.model.pack
         # + 0·logits (as stylegan2-ada's loss.py): D's last bias does not reach ∇_x D, and without it in the graph
         # DDP waits for its gradient forever ("parameters that were not used in producing loss")
         loss = penalty * (self.r1_gamma / 2) * every + logits.float().sum() * 0

@@ -10,6 +10,7 @@ A backbone provides two parts and nothing else:
     block) and `head(x) -> (logits [B], features [B, F])` (F = the penultimate features, for diagnostics); a
     trunk whose head mixes samples (StyleGAN2's minibatch stddev) sets `batch_statistics = True` and takes
     `head(x, parts=(n1, n2, …))`, computing those statistics within each part.
+A trunk takes `in_channels` image channels: 3, or 3·m when D packs m samples (PacGAN, `Discriminator(pack=m)`).
 `Generator` and `Discriminator` below wrap them and put their quantizers' losses and statistics in one form, so
 the loop never asks which backbone or which quantizer it has.
 """
@@ -88,14 +89,48 @@ class Generator(nn.Module):
         return GeneratorOutput(images, ws, loss, quant)
 
 
+def pack_samples(x: torch.Tensor, sizes: tuple[int, ...], m: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """PacGAN's packing: each part of `x` ([Σ sizes, C, H, W], parts in order) becomes ⌈s/m⌉ packs of m consecutive
+    samples stacked along channels ([·, m·C, H, W]); a part whose size is not a multiple of m fills its last pack
+    by repeating its last sample (so any batch can be scored; training batches are multiples of m). Returns the
+    packs and the number of packs per part."""
+    chunks, packed = [], []
+    start = 0
+    for s in sizes:
+        k = -(-s // m)
+        idx = torch.arange(k * m, device=x.device).clamp(max=max(s - 1, 0)) + start
+        chunks.append(x[idx].reshape(k, m * x.shape[1], *x.shape[2:]))
+        packed.append(k)
+        start += s
+    return torch.cat(chunks), tuple(packed)
+
+
+def unpack_samples(t: torch.Tensor, sizes: tuple[int, ...], m: int) -> torch.Tensor:
+    """The inverse for per-pack outputs ([Σ packs, …]): every sample gets its pack's value (logits, features), so
+    the losses, which average over samples, average over packs."""
+    out, start = [], 0
+    for s in sizes:
+        k = -(-s // m)
+        out.append(t[start : start + k].repeat_interleave(m, dim=0)[:s])
+        start += k
+    return torch.cat(out)
+
+
 class Discriminator(nn.Module):
-    """A backbone's trunk with a `FeatureQuantizer` after each block in `fq_layers` (FQ-GAN quantizes several)."""
+    """A backbone's trunk with a `FeatureQuantizer` after each block in `fq_layers` (FQ-GAN quantizes several).
+
+    `pack` = m > 1 is PacGAN (Lin et al. 2018): D scores m samples of one kind at once, stacked along channels (the
+    trunk must take 3·m input channels), so a generator that drops a mode or repeats itself is seen in a single
+    score; the logits come back one per sample (each sample gets its pack's), so every loss is unchanged and a
+    mean over samples is a mean over packs. Packs never mix `parts` (reals with fakes)."""
 
     def __init__(self, trunk: nn.Module, fq_layers: list[int] | None = None, codebook_size: int = 64,
                  decay: float = 0.9, commitment: float = 0.25, eps: float = 1e-5, mode: str = "feed",
-                 init: str = "batch") -> None:
+                 init: str = "batch", pack: int = 1) -> None:
         super().__init__()
-        self.trunk = trunk
+        if pack < 1:
+            raise ValueError(f"pack must be ≥ 1 (samples per D input), got {pack}")
+        self.trunk, self.pack = trunk, pack
         n = len(trunk.blocks)
         fq_layers = list(fq_layers or [])
         bad = [i for i in fq_layers if not 0 <= i < n]
@@ -113,6 +148,11 @@ class Discriminator(nn.Module):
         e.g. (reals, fakes)) keeps batch statistics within each part — StyleGAN2's minibatch stddev groups must not
         mix reals and fakes (stylegan2-ada scores them in separate calls); the FQ dictionaries still learn from
         the whole batch in one EMA step."""
+        n, m = x.shape[0], self.pack
+        sizes = tuple(parts) if parts is not None else (n,)
+        if m > 1:
+            x, packs = pack_samples(x, sizes, m)
+            parts = packs if parts is not None else None  # the head's batch statistics: within each part's packs
         quant: dict[str, QuantizerOutput] = {}
         loss = x.new_zeros(())
         for i, block in enumerate(self.trunk.blocks):
@@ -128,4 +168,6 @@ class Discriminator(nn.Module):
             logits, features = self.trunk.head(x, parts=parts)
         else:
             logits, features = self.trunk.head(x)
+        if m > 1:
+            logits, features = unpack_samples(logits, sizes, m), unpack_samples(features, sizes, m)
         return DiscriminatorOutput(logits, features, loss, quant)

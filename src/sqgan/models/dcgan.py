@@ -68,13 +68,13 @@ class DCGANTrunk(nn.Module):
     an optional minibatch-stddev layer (`mbstd_num_channels` > 0; Karras et al. 2018, §3, as StyleGAN2's head)."""
 
     def __init__(self, resolution: int = 32, channels: int = 64, mbstd_group_size: int = 4,
-                 mbstd_num_channels: int = 0) -> None:
+                 mbstd_num_channels: int = 0, in_channels: int = 3) -> None:
         super().__init__()
         n = _blocks_for(resolution)
         self.resolution = resolution
         self.blocks = nn.ModuleList()
         self.widths: list[int] = []
-        ch_in = 3
+        ch_in = in_channels
         for i in range(n):
             out = channels * 2**i
             self.blocks.append(nn.Sequential(nn.Conv2d(ch_in, out, 4, 2, 1), nn.LeakyReLU(0.2, True)))

@@ -35,7 +35,8 @@ def _dcgan_synthesis(p: Params, latent: int) -> nn.Module:
 
 
 def _dcgan_trunk(p: Params) -> nn.Module:
-    return DCGANTrunk(p.model.resolution, p.model.d_channels, p.model.mbstd_group_size, mbstd_channels(p))
+    return DCGANTrunk(p.model.resolution, p.model.d_channels, p.model.mbstd_group_size, mbstd_channels(p),
+                      in_channels=3 * p.model.pack)
 
 
 def mbstd_channels(p: Params) -> int:
@@ -53,7 +54,7 @@ def _sngan_trunk(p: Params) -> nn.Module:
     if mbstd_channels(p):
         raise ValueError("model.mbstd_num_channels: the SNGAN discriminator has no minibatch-stddev layer; unset it "
                          "or use model.arch dcgan or stylegan2")
-    return SNGANTrunk(p.model.resolution, p.model.d_channels)
+    return SNGANTrunk(p.model.resolution, p.model.d_channels, in_channels=3 * p.model.pack)
 
 
 def _stylegan2_synthesis(p: Params, latent: int) -> nn.Module:
@@ -65,7 +66,7 @@ def _stylegan2_trunk(p: Params) -> nn.Module:
     m = p.model
     return DiscriminatorTrunk(m.resolution, channel_base=m.channel_base, channel_max=m.channel_max,
                               mbstd_group_size=m.mbstd_group_size, mbstd_num_channels=mbstd_channels(p),
-                              conv_clamp=m.conv_clamp)
+                              img_channels=3 * m.pack, conv_clamp=m.conv_clamp)
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -174,7 +175,7 @@ def build_discriminator(params: Params) -> Discriminator:
     fq = params.fq
     bb = backbone(params)
     D = Discriminator(bb.trunk(params), fq.layers if fq.enabled else [], fq.codebook_size, fq.decay, fq.commitment,
-                      fq.eps, fq.mode, fq.init)
+                      fq.eps, fq.mode, fq.init, pack=params.model.pack)
     if bb.d_init is not None:  # after the quantizers drew their start, so DCGAN's init stays what it always was
         bb.d_init(D.trunk)
     return D

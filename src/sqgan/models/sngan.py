@@ -148,9 +148,10 @@ class SNGANTrunk(nn.Module):
     Args:
         resolution: 32 or 64.
         channels: width of the first block; None gives the paper's (128 at 32², 64 at 64²).
+        in_channels: image channels (3; 3·m when D packs m samples).
     """
 
-    def __init__(self, resolution: int = 32, channels: int | None = None) -> None:
+    def __init__(self, resolution: int = 32, channels: int | None = None, in_channels: int = 3) -> None:
         super().__init__()
         _check_resolution(resolution)
         if channels is None:
@@ -163,7 +164,7 @@ class SNGANTrunk(nn.Module):
         else:
             self.widths = [channels * 2**i for i in range(n)]
             downs = [True] * n
-        blocks: list[nn.Module] = [_DBlockOptimized(3, self.widths[0])]
+        blocks: list[nn.Module] = [_DBlockOptimized(in_channels, self.widths[0])]
         for i in range(1, len(self.widths)):
             blocks.append(_DBlock(self.widths[i - 1], self.widths[i], downs[i]))
         self.blocks = nn.ModuleList(blocks)
