@@ -10,6 +10,7 @@ subset cannot hold 16 modes), and must reproduce all of them.
     python benchmarks/modes.py                              # every backbone × method (about 40 min on 2 CPU cores)
     python benchmarks/modes.py --arch dcgan --only fq+sq    # one row
     python benchmarks/modes.py --steps 1500 --out rows.jsonl
+    python benchmarks/modes.py --arch dcgan --only fq+sq --steps 3000 --set model.pack=2 --grids grids/
 
 Prints a markdown table (and `--out` appends JSON lines); exits 1 when a row misses the target. Numbers go in notes
 and benchmarks/results/, never into timed tests.
@@ -59,6 +60,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help="override every row's step count")
     ap.add_argument("--set", action="append", default=[], help="extra key=value for every row")
     ap.add_argument("--out", type=Path, help="append the rows to this JSON-lines file")
+    ap.add_argument("--grids", type=Path, help="keep each row's grid of 64 measured samples here (ARCH-METHOD.png)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,7 +79,11 @@ def main() -> int:
                 params = default_params([f"model.arch={arch}", f"train.steps={steps}", "metrics.eval_every=0",
                                          "metrics.names=[fid]", "metrics.num_fake=64", "metrics.diversity_every=0",
                                          f"train.checkpoint_every={steps}", *sets, *METHODS[method], *args.set])
-                got = train_and_measure(params, data, work / "runs" / f"{arch}-{method.split()[0]}", num=1024)
+                run = work / "runs" / f"{arch}-{method.split()[0]}"
+                got = train_and_measure(params, data, run, num=1024)
+                if args.grids:
+                    args.grids.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(run / "samples_measured.png", args.grids / f"{run.name}.png")
                 row = {"arch": arch, "method": method, **got.as_dict()}
                 good = passes(row)
                 ok &= good
