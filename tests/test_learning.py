@@ -113,7 +113,7 @@ def test_the_collapse_watch_fires_on_a_generator_that_ignores_z_and_not_on_the_r
 def test_a_run_that_cannot_learn_says_so_in_its_metrics_and_summary(demo_dir, tmp_path):
     """lr_g tiny: G stays at its init (near-constant images); the final watch flags it, metrics.json and the
     summary line say so with the figure."""
-    from sqgan.cli import learning_verdict
+    from sqgan.commands.summary import learning_verdict
 
     tags: dict = {}
     p = default_params(tiny_overrides(**{"train.lr_g": 1e-9, "metrics.eval_every": 10}))

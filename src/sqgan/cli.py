@@ -14,7 +14,6 @@ and `sqgan config show` start in well under a second instead of ~10 s.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +21,10 @@ from typing import Annotated
 
 import typer
 
-from sqgan.config import ConfigError, Params, describe, load_params
+from sqgan.commands.config import show, validated
+from sqgan.commands.summary import summary_lines
+from sqgan.config import ConfigError, Params, load_params
 from sqgan.io import sigterm_as_interrupt
-from sqgan.metrics.names import is_quality_metric
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 config_app = typer.Typer(help="Show or check the resolved params.", no_args_is_help=True)
@@ -98,29 +98,26 @@ def run_data_stage(
 ) -> None:
     """Options given on the command line are `--set <section>.<option>` overrides; the stage table does the rest."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.data.stages import get_stage, run_stage
+    from sqgan.commands.data import option_sets, run_data
 
     force = force_value(force, delete_unknown)  # type: ignore[assignment]
-    stage = get_stage(name)
-    sets = list(set_ or []) + [f"{stage.section}.{k}={v}" for k, v in options.items() if v is not None]
-    p = resolve(params, sets, no_params_file)
+    p = resolve(params, list(set_ or []) + option_sets(name, options), no_params_file)
     with stage_errors(), sigterm_as_interrupt():  # SIGTERM unwinds like Ctrl-C: no temp folder is left behind
-        report = run_stage(name, p, src, out, force)
-    where = out or stage.default_out(p)
+        report, where = run_data(name, p, src, out, force)
     typer.echo(f"{name} → {where}: " + ", ".join(f"{k} {v}" for k, v in report.items()))
 
 
 @config_app.command("show")
 def config_show(params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False) -> None:
     """Print the resolved params, each key with its doc and allowed values."""
-    typer.echo(describe(resolve(params, set_, no_params_file)), nl=False)
+    typer.echo(show(resolve(params, set_, no_params_file)), nl=False)
 
 
 @config_app.command("validate")
 def config_validate(params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False) -> None:
     """Check the params; exit 2 naming the first bad key."""
     resolve(params, set_, no_params_file)
-    typer.echo(f"{'built-in defaults' if no_params_file else params or 'params.yaml'}: ok")
+    typer.echo(validated(params, no_params_file))
 
 
 @data_app.command("demo")
@@ -141,15 +138,10 @@ def data_download(
 ) -> None:
     """Download a file (resuming a partial one), verify its sha256, optionally extract it safely."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.data.download import archive_stem, download, extract_archive, file_name
-    from sqgan.io import check_output
+    from sqgan.commands.data import download_file
 
     with stage_errors(), sigterm_as_interrupt():
-        if extract:  # before fetching anything: a refused destination must not cost a download
-            check_output(out / archive_stem(file_name(url, filename)), "extract", (), force)
-        path = download(url, sha256, out, filename, force=force)
-        if extract:
-            path = extract_archive(path, out / archive_stem(path.name), force=force)
+        path = download_file(url, sha256, out, filename, extract, force)
     typer.echo(f"ready: {path}")
 
 
@@ -162,7 +154,7 @@ def data_fetch(
 ) -> None:
     """Copy a curated dataset from storage to a local folder (each pod of a Kubeflow sweep's RayJob runs it)."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.data.fetch import fetch_dataset
+    from sqgan.commands.data import fetch_dataset
 
     with stage_errors(), sigterm_as_interrupt():
         report = fetch_dataset(uri, out, force)
@@ -266,7 +258,7 @@ def data_prepare(
 ) -> None:
     """Build a real dataset from params alone (source: data.<name>.url+sha256 or .path)."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.data.stages import PREPARABLE
+    from sqgan.commands.data import PREPARABLE
 
     if name not in PREPARABLE:
         _err(f"error: unknown dataset {name!r} for prepare; choose one of {', '.join(PREPARABLE)} "
@@ -291,22 +283,13 @@ def train_cmd(
 
     Data, run folder, checkpoint, CPUs/GPUs and the tracking server are checked before Ray starts."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.shells.ray_train import run_training
+    from sqgan.commands.train import run_train
 
     p = resolve(params, set_, no_params_file)
-    data_dir = data or Path(p.data.root) / p.data.dataset
     with stage_errors():
-        out_dir = out or (run_folder_of(resume) if resume is not None else Path(p.train.out_dir))
-        run = run_training(p, data_dir, out_dir, resume=resume, force=force)
+        run, out_dir = run_train(p, data, out, resume, force)
     typer.echo(f"mlflow run {run.run_id} ({run.tracking_uri})")
     summary(out_dir)
-
-
-def run_folder_of(resume: Path) -> Path:
-    """The run folder --resume names: the folder itself, or the one whose checkpoints/ holds the file."""
-    if resume.is_dir():
-        return resume.parent if resume.name == "checkpoints" else resume
-    return resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
 
 
 @app.command("prior")
@@ -349,8 +332,7 @@ def tune_cmd(
 
     The search space, resources, storage and tracking server are checked before any trial starts."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.shells import tune as sweeps
-    from sqgan.shells.tune_report import write_report
+    from sqgan.commands.tune import report_tune, resume_tune, run_tune
 
     if sum(x is not None for x in (resume, report)) > 1:
         _err("error: --resume and --report exclude each other; pass one")
@@ -361,22 +343,17 @@ def tune_cmd(
         raise typer.Exit(2)
     if resume is not None:
         with stage_errors():
-            result = sweeps.resume_sweep(resume)
+            result = resume_tune(resume)
     else:
         p = resolve(params, set_, no_params_file)
         if report is not None:
-            # on demand: this command's stack only (module docstring)
-            from sqgan.shells.tracking import resolve_tracking_uri
-
-            where = out or Path(f"{p.tune.out_dir}-report-{report[:12]}")
             with stage_errors():
-                rows = write_report(resolve_tracking_uri(p), report, where, log=False)
+                rows, where = report_tune(p, report, out)
             typer.echo(f"{len(rows)} trials → {where}")
             typer.echo((where / "trials.md").read_text(), nl=False)
             return
-        data_dir = data or Path(p.data.root) / p.data.dataset
         with stage_errors():
-            result = sweeps.run_sweep(p, data_dir, out or Path(p.tune.out_dir), force=force)
+            result = run_tune(p, data, out, force)
     typer.echo(f"sweep {result.sweep_dir}: {len(result.table)} trials; mlflow parent run {result.parent_run_id} "
                f"({result.tracking_uri})")
     typer.echo((result.sweep_dir / "trials.md").read_text(), nl=False)
@@ -578,46 +555,13 @@ def report_cmd(
 @app.command("summary")
 def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("runs/demo")) -> None:
     """Print a finished run's metrics and where its results are."""
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.exists():
-        _err(f"error: {metrics_file} not found; train first (`make demo` or `sqgan train --out {run_dir}`)")
-        raise typer.Exit(1)
-    m = json.loads(metrics_file.read_text())
-    quality = {k: v for k, v in m.items() if is_quality_metric(k)}
-    usage = {k: v for k, v in m.items() if k.startswith(("sq/", "fq/layer", "d/feature_similarity"))}
-    typer.echo(f"run folder:   {run_dir}  (step {m.get('step')})")
-    typer.echo(f"sample grid:  {run_dir / 'grid.png'}")
-    typer.echo(f"checkpoints:  {run_dir / 'checkpoints'}")
-    for k, v in {**quality, **usage}.items():
-        typer.echo(f"  {k:28s} {v:.4f}")
-    line = learning_verdict(m)
-    if line:
+    try:
+        lines = summary_lines(run_dir)
+    except FileNotFoundError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(1) from None
+    for line in lines:
         typer.echo(line)
-    prov = next(iter(m.get("provenance", {}).values()), None)
-    if prov:
-        typer.echo(f"metrics by:   {prov.get('implementation')}; features: {prov.get('feature_extractor')}; "
-                   f"{prov.get('n_real')} real ({prov.get('reference')}) vs {prov.get('n_generated')} generated")
-    tracking = run_dir / "tracking.json"
-    if tracking.exists():
-        t = json.loads(tracking.read_text())
-        typer.echo(f"mlflow run:   {t['run_id']} in {t['tracking_uri']}")
-    typer.echo("dashboard:    make ui  →  http://127.0.0.1:5000 (the project's mlflow.db; for another tracking URI "
-               "run `mlflow ui --backend-store-uri URI`)")
-
-
-def learning_verdict(m: dict) -> str | None:
-    """One line on whether the run learned, from its metrics.json (the collapse watch's final evaluation)."""
-    if "diversity/pixel" not in m:
-        return None
-    pixel, nn = m["diversity/pixel"], m["diversity/nn_distinct"]
-    figures = (f"G_ema's fixed-z samples are {pixel:.3f}× as varied as the reals, {nn:.3f} of them distinct "
-               f"nearest reals")
-    if m.get("diversity/collapsed", 0.0) >= 1:
-        first = m.get("diversity/collapse_step")
-        since = f", first flagged at step {int(first)}" if first is not None else ""
-        return (f"NOT LEARNED: the run collapsed or did not learn ({figures} at step {m.get('step')}{since}); "
-                f"see the grid, and try other learning rates or more steps")
-    return f"learned:      {figures}"
 
 
 def main() -> None:  # pragma: no cover - console entry
