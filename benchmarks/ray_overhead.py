@@ -107,8 +107,8 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
         import ray.train.torch  # noqa: F401  (the driver builds a TorchTrainer)
 
         from sqgan.shells.ray_train import init_ray, run_training
-        from sqgan.shells.tracking import TRIAL_TAG
         from sqgan.shells.tune import run_sweep
+        from sqgan.tags import TRIAL_ID
     else:
         from sqgan.train.loop import Hooks, Runtime, train
     from mlflow.tracking import MlflowClient
@@ -174,7 +174,7 @@ def _child(kind: str, spec_path: Path, result_path: Path) -> None:
                 ray_results[lines[-1]["trial_id"]] = lines[-1]
         trials = []
         for r in sorted(children, key=lambda r: r.info.start_time):
-            tid = r.data.tags.get(TRIAL_TAG, "?")
+            tid = r.data.tags.get(TRIAL_ID, "?")
             loop_s = _loop_seconds(_history(client, r.info.run_id))
             trials.append({"trial_id": tid, "values": json.loads(r.data.tags.get("sqgan.trial_values", "{}")),
                            "status": r.info.status, "mlflow_span_s": _span(r),

@@ -16,7 +16,7 @@ from conftest import ROOT
 
 SRC = ROOT / "src"
 LAYERS = [  # bottom to top: (name, module prefixes)
-    ("foundations", ("sqgan", "sqgan.config", "sqgan.io")),
+    ("foundations", ("sqgan", "sqgan.config", "sqgan.io", "sqgan.tags")),
     ("core", ("sqgan.quant", "sqgan.models", "sqgan.losses", "sqgan.metrics", "sqgan.data")),
     ("loop", ("sqgan.train", "sqgan.sampling")),
     ("shells", ("sqgan.shells",)),
@@ -137,6 +137,35 @@ def hidden_imports(src: Path) -> list[str]:
     return bad
 
 
+def spelled_tags(src: Path) -> list[str]:
+    """MLflow tag names spelled outside `sqgan/tags.py` (their one home): a string equal to a tag name, a query
+    naming one (`tags.<name>`), or an f-string built on a tag prefix (`sqgan.metric.`, `sqgan.resume.`)."""
+    names = {}
+    for node in ast.parse((src / "sqgan" / "tags.py").read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            target = node.targets[0]
+            if isinstance(target, ast.Name) and not target.id.startswith("STAGE_") and target.id != "COMMAND":
+                names[node.value.value] = target.id
+    prefixes = [v for v in names if v.endswith(".")] + ["sqgan.resume."]
+    found = []
+    for m, f in modules(src).items():
+        if m == "sqgan.tags":
+            continue
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            parts: list[str] = []
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                parts = [node.value]
+            if isinstance(node, ast.JoinedStr):
+                parts = [v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+            for text in parts:
+                hit = (text in names or any(f"tags.{v}" in text or f"tags.`{v}`" in text for v in names)
+                       or isinstance(node, ast.JoinedStr) and any(text.startswith(p) for p in prefixes))
+                if hit:
+                    found.append(f"{m}: line {node.lineno} spells the tag {text!r}")
+    return found
+
+
 # --------------------------------------------------------------------------------------------------- the tree
 def test_every_module_sits_in_a_layer():
     homeless = []
@@ -158,6 +187,10 @@ def test_there_is_no_import_circle():
 
 def test_imports_sit_at_the_top_of_their_module():
     assert not hidden_imports(SRC)
+
+
+def test_mlflow_tag_names_are_spelled_only_in_tags_py():
+    assert not spelled_tags(SRC)
 
 
 @pytest.mark.parametrize("lib", ORCHESTRATION)
@@ -189,6 +222,13 @@ def test_a_planted_circle_is_caught_also_through_a_function_local_import(tree):
     assert circles(tree) == [["sqgan.quant.common", "sqgan.quant.sq"]]
     line = len(f.read_text().splitlines())
     assert hidden_imports(tree) == [f"sqgan.quant.common: line {line} imports inside a function"]
+
+
+def test_a_planted_tag_spelling_is_caught(tree):
+    f = tree / "sqgan" / "shells" / "tune_report.py"
+    f.write_text(f.read_text() + '\n\ndef _status(run):\n    return run.data.tags.get("sqgan.trial_status")\n')
+    line = len(f.read_text().splitlines())
+    assert spelled_tags(tree) == [f"sqgan.shells.tune_report: line {line} spells the tag 'sqgan.trial_status'"]
 
 
 def test_a_module_outside_the_layers_is_named(tree):

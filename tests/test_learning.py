@@ -16,8 +16,9 @@ from conftest import tiny_overrides
 from sqgan.config import default_params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.modes import build_modes, classify_modes, mode_coverage, render_mode
-from sqgan.metrics.collapse import COLLAPSE_TAG, collapse_stats, mean_pairwise_rms
+from sqgan.metrics.collapse import collapse_stats, mean_pairwise_rms
 from sqgan.models.factory import MappingMLP, build_discriminator, build_generator, lazy_ratios, r1_gamma
+from sqgan.tags import COLLAPSE_STEP
 from sqgan.train.checkpoint import load_checkpoint
 from sqgan.train.loop import CollapseWatch, Hooks, Runtime, TrainingDiverged, setup, train
 
@@ -103,9 +104,9 @@ def test_the_collapse_watch_fires_on_a_generator_that_ignores_z_and_not_on_the_r
     watch = CollapseWatch(params, ds, z)
     m = watch_collapse(watch, _Planted(ds.images, ignore_z=True), 250, hooks)
     assert m["diversity/collapsed"] == 1.0 and m["diversity/pixel"] < 0.01 and m["diversity/nn_distinct"] == 1 / 64
-    assert watch.first == 250 and tags == {COLLAPSE_TAG: "250"}
+    assert watch.first == 250 and tags == {COLLAPSE_STEP: "250"}
     watch_collapse(watch, _Planted(ds.images, ignore_z=True), 500, hooks)
-    assert watch.first == 250 and tags == {COLLAPSE_TAG: "250"}  # the first step, tagged once
+    assert watch.first == 250 and tags == {COLLAPSE_STEP: "250"}  # the first step, tagged once
     off = CollapseWatch(default_params(["metrics.collapse_pixel=0", "metrics.collapse_nn=0"]), ds, z)
     assert off(_Planted(ds.images, ignore_z=True), 250)[0]["diversity/collapsed"] == 0.0
 
@@ -118,7 +119,7 @@ def test_a_run_that_cannot_learn_says_so_in_its_metrics_and_summary(demo_dir, tm
     tags: dict = {}
     p = default_params(tiny_overrides(**{"train.lr_g": 1e-9, "metrics.eval_every": 10}))
     result = train(p, demo_dir, tmp_path / "run", hooks=Hooks(set_tags=tags.update))
-    assert result.metrics["diversity/collapsed"] == 1.0 and tags[COLLAPSE_TAG] == "10"
+    assert result.metrics["diversity/collapsed"] == 1.0 and tags[COLLAPSE_STEP] == "10"
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["diversity/collapse_step"] == 10.0
     line = learning_verdict(m)
@@ -260,7 +261,7 @@ def test_a_sweep_ranks_only_trials_that_did_not_collapse(tmp_path):
     for name, (kid, collapsed, tag) in trials.items():
         tags = {"mlflow.parentRunId": parent.info.run_id, "sqgan.trial_id": name, "sqgan.trial_status": "completed"}
         if tag:
-            tags[COLLAPSE_TAG] = tag
+            tags[COLLAPSE_STEP] = tag
         run = client.create_run(exp, tags=tags)
         client.log_param(run.info.run_id, "fq.decay", "0.9")
         client.log_metric(run.info.run_id, key, kid, step=60)

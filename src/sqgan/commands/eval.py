@@ -33,6 +33,7 @@ from sqgan.shells.tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from sqgan.tags import DATA_DIR, EVAL_CHECKPOINT, EVAL_LAST_CHECKPOINT, METRIC_PROVENANCE, STAGE, STAGE_EVAL
 from sqgan.train.checkpoint import latest_checkpoint, load_generator
 
 
@@ -74,7 +75,7 @@ def run_eval(
         source = ckpt if run_id is None else f"mlflow run {run_id}: {ckpt.name}"
         run = existing_run(target)
         target = target if run is not None else None
-        tagged = run.data.tags.get("data.dir") if run is not None else None
+        tagged = run.data.tags.get(DATA_DIR) if run is not None else None
         data = Path(data_dir or tagged or Path(trained.data.root) / trained.data.dataset)
         if not (data / "manifest.parquet").is_file():
             raise FileNotFoundError(f"reference data {data}: no manifest.parquet; pass --data with the curated dataset "
@@ -95,13 +96,13 @@ def run_eval(
             uri = resolve_tracking_uri(params, project_dir)
             check_tracking(uri)
             logged = trained.model_copy(update={"mlflow": params.mlflow, "metrics": mp, "eval": ep})
-            uri, new_id = start_run(logged, data, project_dir, tags={"sqgan.stage": "eval",
-                                                                     "sqgan.eval.checkpoint": str(ckpt)})
+            uri, new_id = start_run(logged, data, project_dir, tags={STAGE: STAGE_EVAL,
+                                                                     EVAL_CHECKPOINT: str(ckpt)})
             target = (uri, new_id)
         logger = MlflowLogger(*target, skip_logged=True)  # an identical re-evaluation adds no second point
         logger.log_metrics(ev.metrics, step)
-        logger.set_tags({f"sqgan.metric.{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
-        logger.set_tags({"sqgan.eval.last_checkpoint": str(source)})
+        logger.set_tags({f"{METRIC_PROVENANCE}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
+        logger.set_tags({EVAL_LAST_CHECKPOINT: str(source)})
         if out is None:
             out = ckpt.parent.parent / "eval.json" if run_id is None and ckpt.parent.name == "checkpoints" \
                 else Path(project_dir) / "runs" / "eval" / f"{target[1]}.json"

@@ -25,9 +25,10 @@ from sqgan.io import sha256_file, stage_output, write_bytes_atomic, write_json_a
 from sqgan.models.ada_pickle import load_into, networks_of, read_pickle
 from sqgan.models.factory import build_discriminator, build_generator
 from sqgan.shells.tracking import TRACKING_FILE, end_run, mlflow_client, start_run
+from sqgan.tags import IMPORT_HAS_D, IMPORT_KIMG, IMPORT_SHA256, IMPORT_SOURCE, STAGE, STAGE_IMPORT
 from sqgan.train.checkpoint import CHECKPOINT_FORMAT
 
-STAGE = "import"
+MARKER = STAGE_IMPORT  # its run's sqgan.stage and the marker of its run folder
 
 
 @dataclass
@@ -70,10 +71,10 @@ def run_import(params: Params, pkl: str | Path, out: str | Path, data_dir: str |
         "imported": {"source": str(pkl), "sha256": digest, "kimg": kimg},
     }
     data = Path(data_dir) if data_dir is not None else Path(p.data.root) / p.data.dataset
-    tags = {"sqgan.stage": STAGE, "sqgan.import.sha256": digest, "sqgan.import.source": str(pkl.resolve()),
-            "sqgan.import.kimg": str(kimg) if kimg is not None else "unknown", "sqgan.import.has_D":
+    tags = {STAGE: STAGE_IMPORT, IMPORT_SHA256: digest, IMPORT_SOURCE: str(pkl.resolve()),
+            IMPORT_KIMG: str(kimg) if kimg is not None else "unknown", IMPORT_HAS_D:
             str(nets.D is not None).lower()}
-    with stage_output(out, STAGE, (pkl,), force) as tmp:
+    with stage_output(out, MARKER, (pkl,), force) as tmp:
         uri, run_id = start_run(p, data, project_dir, tags=tags)
         try:
             client = mlflow_client(uri)

@@ -35,9 +35,16 @@ from sqgan.io import atomic_path, sha256_file
 from sqgan.shells import ray_train, tracking
 from sqgan.shells.kuberay import RayJobSpec, kubernetes_api, rayjob_manifest, submit, wait_for_rayjob
 from sqgan.shells.tracking import check_tracking, child_runs, end_run, resolve_tracking_uri, start_run
-
-PIPELINE_STAGE = "pipeline"  # sqgan.stage of a pipeline's parent run
-DATA_STAGE = "data"  # sqgan.stage of a data task's run
+from sqgan.tags import (
+    DATA_TASK_STAGE,
+    KFP_FAILED_TASK,
+    KFP_PIPELINE,
+    KFP_RUN,
+    STAGE,
+    STAGE_DATA,
+    STAGE_PIPELINE,
+    STAGE_SWEEP,
+)
 
 
 class MissingInput(FileNotFoundError):
@@ -90,7 +97,7 @@ def open_pipeline_run(params_path: str | Path, overrides: list[str], tracking_ur
     run tagged sqgan.stage = pipeline with the params. Returns its id."""
     p = task_params(params_path, overrides, tracking_uri)
     check_tracking(resolve_tracking_uri(p))
-    tags = {"sqgan.kfp.pipeline": pipeline, "sqgan.kfp.run": kfp_run}
+    tags = {KFP_PIPELINE: pipeline, KFP_RUN: kfp_run}
     if parent_run_id:
         client = _client(p)
         try:
@@ -103,7 +110,7 @@ def open_pipeline_run(params_path: str | Path, overrides: list[str], tracking_ur
         return parent_run_id
     p = p.model_copy(update={"mlflow": p.mlflow.model_copy(update={"run_name": p.mlflow.run_name or pipeline})})
     with tempfile.TemporaryDirectory() as nothing:  # a pipeline run has no dataset of its own yet
-        _, run_id = start_run(p, nothing, tags={"sqgan.stage": PIPELINE_STAGE, **tags})
+        _, run_id = start_run(p, nothing, tags={STAGE: STAGE_PIPELINE, **tags})
     return run_id
 
 
@@ -126,7 +133,7 @@ def _task(p: Params, name: str) -> Iterator[None]:
         if parent:
             with contextlib.suppress(Exception):  # the task's own error is the one to report
                 client = _client(p)
-                client.set_tag(parent, "sqgan.kfp.failed_task", name)
+                client.set_tag(parent, KFP_FAILED_TASK, name)
                 client.set_terminated(parent, status="FAILED")
         raise
 
@@ -134,7 +141,7 @@ def _task(p: Params, name: str) -> Iterator[None]:
 def _log_data_run(p: Params, stage: str, out: Path, report: dict[str, Any]) -> str:
     """A data task's run: its params, the stage's report as metrics, the manifest and the stage's JSON and plots."""
     p = p.model_copy(update={"mlflow": p.mlflow.model_copy(update={"run_name": p.mlflow.run_name or f"data-{stage}"})})
-    uri, run_id = start_run(p, out, tags={"sqgan.stage": DATA_STAGE, "sqgan.data.stage": stage})
+    uri, run_id = start_run(p, out, tags={STAGE: STAGE_DATA, DATA_TASK_STAGE: stage})
     client = _client(p)
     for k, v in numbers(report).items():
         client.log_metric(run_id, k, v, step=0)
@@ -215,7 +222,7 @@ def find_sweep_run(p: Params, parent_run_id: str, since_ms: int) -> Any:
     client = _client(p)
     parent = client.get_run(parent_run_id)
     found = [r for r in child_runs(client, parent)
-             if r.data.tags.get("sqgan.stage") == "sweep" and r.info.start_time >= since_ms]
+             if r.data.tags.get(STAGE) == STAGE_SWEEP and r.info.start_time >= since_ms]
     if not found:
         raise RuntimeError(f"the RayJob succeeded, but MLflow holds no sweep run under the pipeline's run "
                            f"{parent_run_id} (at {p.mlflow.tracking_uri}); did the RayJob's pods reach that "

@@ -20,6 +20,7 @@ from sqgan.io import write_json_atomic
 from sqgan.models.factory import build_generator
 from sqgan.quant.prior import CodebookPrior, clip_image_features, load_clip, pretrain_codebook, save_prior
 from sqgan.shells.tracking import MlflowLogger, end_run, start_run
+from sqgan.tags import PRIOR_L_OT_FINAL, STAGE, STAGE_PRIOR
 
 
 def check_prior_params(params: Params) -> None:
@@ -69,11 +70,11 @@ def run_prior(params: Params, data_dir: str | Path, out: str | Path | None = Non
 
 def _log(params: Params, data_dir: Path, out: Path, history: list[dict[str, float]], meta: dict[str, Any],
          project_dir: str | Path) -> None:
-    uri, run_id = start_run(params, data_dir, project_dir, tags={"sqgan.stage": "prior"})
+    uri, run_id = start_run(params, data_dir, project_dir, tags={STAGE: STAGE_PRIOR})
     log = MlflowLogger(uri, run_id)
     for i, h in enumerate(history):
         log.log_metrics({f"prior/{k}": v for k, v in h.items()}, i + 1)
     log.log_artifact(out, "prior")
     log.log_artifact(out.with_suffix(".json"), "prior")
-    log.set_tags({"sqgan.prior.l_ot_final": f"{meta['l_ot_final']:.6f}"})
+    log.set_tags({PRIOR_L_OT_FINAL: f"{meta['l_ot_final']:.6f}"})
     end_run(uri, run_id)

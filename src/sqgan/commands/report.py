@@ -52,10 +52,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from sqgan.io import MARKER, atomic_path, check_output, stage_output
-from sqgan.metrics.collapse import COLLAPSE_TAG
 from sqgan.metrics.names import QUALITY_METRICS, MetricKey, parse_metric_key
 from sqgan.shells.tracking import child_runs, git_sha, open_existing, search_all
 from sqgan.shells.tune_report import write_report
+from sqgan.tags import COLLAPSE_STEP, GIT_SHA, PARENT_RUN_ID, REPORT_OF, REPORT_RUNS, RUN_NAME, STAGE
 
 REPORT_STAGE = "report"  # the marker of a report folder (sqgan.io.stage_output)
 TABLE_STAGE = "report-table"
@@ -133,15 +133,15 @@ class Selection:
         if len(self.sweeps) != 1:
             return None
         pid = self.sweeps[0].info.run_id
-        return pid if all(r.data.tags.get("mlflow.parentRunId") == pid for r in self.runs) else None
+        return pid if all(r.data.tags.get(PARENT_RUN_ID) == pid for r in self.runs) else None
 
 
 def _stage(run: Any) -> str | None:
-    return run.data.tags.get("sqgan.stage")
+    return run.data.tags.get(STAGE)
 
 
 def label(run: Any) -> str:
-    return run.data.tags.get("mlflow.runName") or run.info.run_id[:8]
+    return run.data.tags.get(RUN_NAME) or run.info.run_id[:8]
 
 
 def open_tracking(tracking_uri: str) -> Any:
@@ -332,7 +332,7 @@ def plot_quality_curves(runs: list[Any], hist: dict[str, Any], path: Path) -> li
                     ax.plot(*zip(*pts, strict=True), marker=".", color=colour[r.info.run_id],
                             linestyle=LINESTYLES[i % len(LINESTYLES)], label=f"{label(r)}: {k}")
                     n += 1
-            collapsed = r.data.tags.get(COLLAPSE_TAG)
+            collapsed = r.data.tags.get(COLLAPSE_STEP)
             if collapsed is not None:  # the step the collapse watch first flagged this run's G_ema
                 ax.axvline(int(collapsed), color=colour[r.info.run_id], linestyle=":", linewidth=1.5,
                            label=f"{label(r)}: collapsed at step {collapsed}")
@@ -560,8 +560,8 @@ def log_folder(client: Any, sel: Selection, folder: Path, artifact_path: str) ->
     target, new = sel.one_sweep(), False
     if target is None:
         ids = ",".join(r.info.run_id for r in sel.runs)
-        tags = {"sqgan.stage": REPORT_STAGE, "sqgan.report.of": artifact_path, "git_sha": git_sha(),
-                "sqgan.report.runs": ids if len(ids) <= TAG_LIMIT else ids[: TAG_LIMIT - 1] + "…"}
+        tags = {STAGE: REPORT_STAGE, REPORT_OF: artifact_path, GIT_SHA: git_sha(),
+                REPORT_RUNS: ids if len(ids) <= TAG_LIMIT else ids[: TAG_LIMIT - 1] + "…"}
         run = client.create_run(sel.experiment_id, run_name=f"{artifact_path}-{time.strftime('%Y%m%d-%H%M%S')}",
                                 tags=tags)
         target, new = run.info.run_id, True

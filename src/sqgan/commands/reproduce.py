@@ -32,11 +32,26 @@ from mlflow.exceptions import MlflowException
 from sqgan.config import ConfigError, Params, flatten, load_params
 from sqgan.io import free_sibling, sha256_file, write_json_atomic
 from sqgan.shells import ray_train, tracking
+from sqgan.tags import (
+    DATA_DIR,
+    DATA_MANIFEST_SHA256,
+    DATA_MD5,
+    GIT_DIRTY,
+    GIT_SHA,
+    REPRODUCE_DIFFERING,
+    REPRODUCE_EQUAL,
+    REPRODUCE_FORCED,
+    REPRODUCES,
+    RUN_NAME,
+    STAGE,
+    STOPPED_AT_STEP,
+    TRIAL_STATUS,
+    VERSION,
+)
 
 REPORT_FILE = "reproduce.json"
 TRAINING_STAGES = ("train", "trial")  # sqgan.stage of the runs that trained a model
 NUMERIC_PACKAGES = ("sqgan", "torch", "torchvision", "numpy", "torchmetrics")  # their versions change the numbers
-REPRODUCES_TAG = "sqgan.reproduces"
 
 
 def is_timing(key: str) -> bool:
@@ -48,7 +63,7 @@ def is_timing(key: str) -> bool:
 class Check:
     """One provenance item of the recorded run against this checkout."""
 
-    item: str  # "git_sha", "data.manifest_sha256", "version.torch", …
+    item: str  # "git_sha", "data.manifest_sha256", "version.torch", … (the tag it checks)
     recorded: str
     now: str
     status: Literal["same", "differs", "unverifiable"]
@@ -187,13 +202,13 @@ def read_run(run_id: str, tracking_uri: str) -> RecordedRun:
                          f"`sqgan train` printed (or the MLflow UI shows), with --tracking-uri if it is in another "
                          f"store") from None
     tags = dict(run.data.tags)
-    stage = tags.get("sqgan.stage")
+    stage = tags.get(STAGE)
     if stage not in TRAINING_STAGES:
         raise ValueError(f"run {run_id} is not a training run: its sqgan.stage tag is {stage!r}, reproduce takes "
                          f"{' or '.join(TRAINING_STAGES)} runs (for a sweep, reproduce one of its trials)")
-    if run.info.status != "FINISHED" or tags.get("sqgan.trial_status", "completed") != "completed":
-        how = tags.get("sqgan.trial_status") or run.info.status
-        at = tags.get("sqgan.stopped_at_step")
+    if run.info.status != "FINISHED" or tags.get(TRIAL_STATUS, "completed") != "completed":
+        how = tags.get(TRIAL_STATUS) or run.info.status
+        at = tags.get(STOPPED_AT_STEP)
         raise ValueError(f"run {run_id} did not finish ({how}{f' at step {at}' if at else ''}): its last metrics are "
                          f"not those of its params' full schedule; reproduce a finished run")
     params, source = _recorded_params(client, run_id, dict(run.data.params))
@@ -245,16 +260,16 @@ def _schema_changed(msg: str) -> str:
 def verify_provenance(tags: dict[str, str], project_dir: str | Path = ".") -> list[Check]:
     """The recorded git sha, data hashes and package versions against this checkout, one Check each."""
     now = tracking.git_sha(project_dir)
-    checks = [_check_git(tags.get("git_sha"), now, tags.get("git_dirty"),
+    checks = [_check_git(tags.get(GIT_SHA), now, tags.get(GIT_DIRTY),
                          tracking.git_dirty_files(project_dir) if now.endswith("-dirty") else [])]
     checks += _check_data(tags, Path(project_dir))
     now = tracking.package_versions()
-    recorded = {k.removeprefix("version."): v for k, v in tags.items() if k.startswith("version.")}
+    recorded = {k.removeprefix(VERSION): v for k, v in tags.items() if k.startswith(VERSION)}
     for name in sorted(set(recorded) | set(now)):
         was, cur = recorded.get(name, "not recorded"), now.get(name, "not tracked now")
         counts = name in NUMERIC_PACKAGES
         note = "it computes the numbers" if counts else "does not change the numbers"
-        checks.append(Check(f"version.{name}", was, cur, "same" if was == cur else "differs", counts,
+        checks.append(Check(f"{VERSION}{name}", was, cur, "same" if was == cur else "differs", counts,
                             "" if was == cur else note))
     return checks
 
@@ -274,45 +289,45 @@ def _check_git(recorded: str | None, now: str, recorded_dirty: str | None = None
     now_dirty = now_dirty or []
     rec_files = [f for f in (recorded_dirty or "").split(",") if f]
     if not recorded or recorded == "unknown":
-        return Check("git_sha", recorded or "not recorded", now, "unverifiable", True,
+        return Check(GIT_SHA, recorded or "not recorded", now, "unverifiable", True,
                      "the run recorded no commit")
     if recorded.endswith("-dirty") and not (rec_files and _not_code(rec_files) and "…" not in recorded_dirty):
         what = f" to {', '.join(rec_files)}" if rec_files else ""
-        return Check("git_sha", recorded, now, "unverifiable", True,
+        return Check(GIT_SHA, recorded, now, "unverifiable", True,
                      f"the run had uncommitted changes{what}, which git does not record: its code cannot be verified")
     if now == "unknown":
-        return Check("git_sha", recorded, now, "unverifiable", True, "this folder is not a git checkout")
+        return Check(GIT_SHA, recorded, now, "unverifiable", True, "this folder is not a git checkout")
     base, now_base = recorded.removesuffix("-dirty"), now.removesuffix("-dirty")
     if now_base == base and (now == now_base or _not_code(now_dirty)):
         changed = sorted(set(rec_files) | set(now_dirty))
-        return Check("git_sha", recorded, now, "same", True,
+        return Check(GIT_SHA, recorded, now, "same", True,
                      f"the same commit; uncommitted changes only outside the code ({', '.join(changed)})"
                      if changed else "")
     if now_base == base:
-        return Check("git_sha", recorded, now, "differs", True,
+        return Check(GIT_SHA, recorded, now, "differs", True,
                      f"this checkout has uncommitted changes to {', '.join(now_dirty) or 'tracked files'}; "
                      f"commit or stash them")
-    return Check("git_sha", recorded, now, "differs", True)
+    return Check(GIT_SHA, recorded, now, "differs", True)
 
 
 def data_folder(tags: dict[str, str], project_dir: str | Path) -> Path | None:
     """The dataset folder the run trained on (its data.dir tag; a relative one is under the project)."""
-    where = tags.get("data.dir")
+    where = tags.get(DATA_DIR)
     if not where:
         return None
     return Path(where) if Path(where).is_absolute() else Path(project_dir) / where
 
 
 def _check_data(tags: dict[str, str], project_dir: Path) -> list[Check]:
-    items = ("data.manifest_sha256", "data.md5")
+    items = (DATA_MANIFEST_SHA256, DATA_MD5)
     folder = data_folder(tags, project_dir)
     if folder is None:
         return [Check(k, tags.get(k, "not recorded"), "?", "unverifiable", True, "the run recorded no data.dir")
                 for k in items]
     manifest = folder / "manifest.parquet"
     now = {
-        "data.manifest_sha256": sha256_file(manifest) if manifest.is_file() else "missing",
-        "data.md5": tracking.dvc_dir_md5(folder) if folder.is_dir() else f"missing ({folder} does not exist)",
+        DATA_MANIFEST_SHA256: sha256_file(manifest) if manifest.is_file() else "missing",
+        DATA_MD5: tracking.dvc_dir_md5(folder) if folder.is_dir() else f"missing ({folder} does not exist)",
     }
     checks = []
     for k in items:
@@ -330,9 +345,9 @@ def refusal_message(run_id: str, blocking: list[Check], tags: dict[str, str]) ->
     lines = [f"run {run_id} cannot be reproduced faithfully from this checkout; nothing was trained:"]
     lines += [c.line() for c in blocking]
     fixes = []
-    recorded = tags.get("git_sha", "")
+    recorded = tags.get(GIT_SHA, "")
     sha = recorded.removesuffix("-dirty")
-    git = next((c for c in blocking if c.item == "git_sha"), None)
+    git = next((c for c in blocking if c.item == GIT_SHA), None)
     if git is not None and git.now.removesuffix("-dirty") == sha and git.status == "differs":
         fixes.append("commit or stash this checkout's uncommitted changes (" + git.note.split(" to ", 1)[-1].split(
             ";")[0] + ")")
@@ -343,12 +358,12 @@ def refusal_message(run_id: str, blocking: list[Check], tags: dict[str, str]) ->
             else ""))
     elif git is not None and git.now.removesuffix("-dirty") == sha:
         fixes.append("this is the run's commit, but its uncommitted changes are recorded nowhere (" +
-                     (tags.get("git_dirty") or "files unknown") + "): only you can tell whether this checkout has "
+                     (tags.get(GIT_DIRTY) or "files unknown") + "): only you can tell whether this checkout has "
                      "them; if so add --force (train from committed code to make runs verifiable)")
     if any(c.item.startswith("data.") for c in blocking):
-        fixes.append(f"restore the recorded data in {tags.get('data.dir')} (`dvc checkout` or `dvc pull` at that "
+        fixes.append(f"restore the recorded data in {tags.get(DATA_DIR)} (`dvc checkout` or `dvc pull` at that "
                      f"commit, or `dvc repro` of its stage)")
-    if any(c.item.startswith("version.") for c in blocking):
+    if any(c.item.startswith(VERSION) for c in blocking):
         fixes.append("install the recorded versions (`make setup` at that commit)")
     fixes.append("or add --force to train anyway and compare the numbers")
     return "\n".join(lines) + "\nTo reproduce it: " + "; ".join(fixes)
@@ -440,9 +455,9 @@ def reproduce(
     finally:  # tag the new run even when its training failed (open_run recorded it in tracking.json)
         new_id = new_id or _recorded_run_id(out_dir)
         if new_id:
-            tags = {REPRODUCES_TAG: run_id}
+            tags = {REPRODUCES: run_id}
             if params.mlflow.run_name is None:
-                tags["mlflow.runName"] = f"reproduce-{run_id[:8]}"
+                tags[RUN_NAME] = f"reproduce-{run_id[:8]}"
             tracking.MlflowLogger(uri, new_id).set_tags(tags)
 
     later: list[str] = []
@@ -452,9 +467,9 @@ def reproduce(
     write_json_atomic(out_dir / REPORT_FILE, report_json(result))
     logger = tracking.MlflowLogger(uri, new_id)
     logger.log_artifact(out_dir / REPORT_FILE)
-    logger.set_tags({"sqgan.reproduce.equal": str(comparison.equal).lower(),
-                     "sqgan.reproduce.differing": len(comparison.differing),
-                     "sqgan.reproduce.forced": ",".join(result.forced) or "none"})
+    logger.set_tags({REPRODUCE_EQUAL: str(comparison.equal).lower(),
+                     REPRODUCE_DIFFERING: len(comparison.differing),
+                     REPRODUCE_FORCED: ",".join(result.forced) or "none"})
     return result
 
 

@@ -64,6 +64,7 @@ from sqgan.shells.tracking import (
     previous_run,
     resolve_tracking_uri,
 )
+from sqgan.tags import DATA_DIR, METRIC_PROVENANCE, SAMPLE_LAST_CHECKPOINT, SAMPLE_LAST_OUT
 from sqgan.train.checkpoint import latest_checkpoint, load_generator
 
 STAGE = "sample"  # the marker of its output folders (sqgan.io.stage_output)
@@ -284,14 +285,14 @@ def _log(target: tuple[str, str], out: Path, step: int, cluster: ClusterInfo | N
     logger = MlflowLogger(*target)
     for name in ("grid.png", "sample.json"):
         logger.log_artifact(out / name, f"samples/{out.name}")
-    logger.set_tags({"sqgan.sample.last_out": str(out), "sqgan.sample.last_checkpoint": source})
+    logger.set_tags({SAMPLE_LAST_OUT: str(out), SAMPLE_LAST_CHECKPOINT: source})
     if cluster is None or report is None:
         return
     logger.log_metrics({"cluster/accuracy": cluster.accuracy, "cluster/chance": cluster.chance,
                         "cluster/fid_cost": cluster.fid_cost}, step)
     prov = {"k": cluster.k, "feature_network": report["feature_network"], "sampler": report["sampler"],
             "evaluation": report["evaluation"], "reference_n": report["reference_n"]}
-    logger.set_tags({f"sqgan.metric.cluster/{name}": json.dumps({"metric": name, **prov}, sort_keys=True)
+    logger.set_tags({f"{METRIC_PROVENANCE}cluster/{name}": json.dumps({"metric": name, **prov}, sort_keys=True)
                      for name in ("accuracy", "chance", "fid_cost")})
 
 
@@ -427,7 +428,7 @@ def _dataset_of(trained: Params, target: tuple[str, str] | None, project_dir: Pa
     candidates = []
     if target is not None:
         run = existing_run(target)
-        tagged = run.data.tags.get("data.dir") if run is not None else None
+        tagged = run.data.tags.get(DATA_DIR) if run is not None else None
         if tagged:
             candidates.append(Path(tagged))
     candidates.append(project_dir / trained.data.root / trained.data.dataset)

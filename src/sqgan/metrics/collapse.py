@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-COLLAPSE_TAG = "sqgan.collapse_step"  # MLflow tag: the first evaluation step at which G_ema was flagged as collapsed
 SIDE = 32  # images are compared at 32² (area-resized), whatever the training resolution
 
 

@@ -41,6 +41,7 @@ from sqgan.io import (
 )
 from sqgan.quant.prior import load_prior
 from sqgan.shells.tracking import TRACKING_FILE, MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
+from sqgan.tags import RAY_RUN_PATH, RESTARTED_FROM_STEP, RESUMED_FROM, STAGE, STAGE_TRAIN
 from sqgan.train.checkpoint import checkpoints_in, latest_checkpoint, load_checkpoint
 from sqgan.train.loop import Hooks, Runtime, absolute_init_from, check_resume, init_source, train
 
@@ -269,7 +270,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # points its MLflow run already holds are not logged twice.
     logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=True) if rank == 0 else None
     if restored is not None and logger is not None:
-        logger.set_tags({"sqgan.restarted_from_step": int(load_checkpoint(resume)["step"])})  # after a failure
+        logger.set_tags({RESTARTED_FROM_STEP: int(load_checkpoint(resume)["step"])})  # after a failure
 
     def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
         _maybe_fail(cfg.fault, rank, step)
@@ -353,9 +354,9 @@ def run_training(
     use_gpu, storage = preflight(params, data_dir, out_dir, resume, project_dir, force)
 
     init_ray(params)
-    tags = {"sqgan.stage": "train"}
+    tags = {STAGE: STAGE_TRAIN}
     if resume is not None:
-        tags["resumed_from"] = str(resume)
+        tags[RESUMED_FROM] = str(resume)
     tracking_uri, run_id = open_run(params, data_dir, out_dir, project_dir, tags=tags, parent_run_id=parent_run_id,
                                     resume=resume)
     # One Ray run name per invocation: Ray Train restores a run name it already holds from *its* latest checkpoint,
@@ -364,7 +365,7 @@ def run_training(
     trainer = build_trainer(params, data_dir, out_dir, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
                             storage_path=storage, name=name, resume=resume)
     result = fit_tracked(trainer, tracking_uri, run_id, out_dir)
-    MlflowLogger(tracking_uri, run_id).set_tags({"ray.run_path": result.path})
+    MlflowLogger(tracking_uri, run_id).set_tags({RAY_RUN_PATH: result.path})
     end_run(tracking_uri, run_id, "FINISHED")
     return TrainRun(run_id, tracking_uri, out_dir, dict(result.metrics or {}), result.path)
 

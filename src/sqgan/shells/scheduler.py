@@ -8,7 +8,8 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from sqgan.shells.tracking import TRIAL_TAG, mlflow_client
+from sqgan.shells.tracking import mlflow_client, trial_runs
+from sqgan.tags import STOPPED_AT_STEP, TRIAL_STATUS
 
 STOPPED_BY_ASHA = "stopped by asha"
 
@@ -32,7 +33,6 @@ def record_stop(tracking_uri: str, parent_run_id: str, trial_id: str, step: int)
     """Tag the nested run of `trial_id` as stopped by the scheduler at `step`."""
     client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    for run in client.search_runs([parent.info.experiment_id], query):
-        client.set_tag(run.info.run_id, "sqgan.trial_status", STOPPED_BY_ASHA)
-        client.set_tag(run.info.run_id, "sqgan.stopped_at_step", str(step))
+    for run in trial_runs(client, parent, trial_id):
+        client.set_tag(run.info.run_id, TRIAL_STATUS, STOPPED_BY_ASHA)
+        client.set_tag(run.info.run_id, STOPPED_AT_STEP, str(step))

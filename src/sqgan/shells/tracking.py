@@ -29,9 +29,24 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from sqgan.config import Params
 from sqgan.io import sha256_file, write_json_atomic
+from sqgan.tags import (
+    DATA_DIR,
+    DATA_DVC_LOCK_MD5,
+    DATA_MANIFEST_SHA256,
+    DATA_MATCHES_DVC_LOCK,
+    DATA_MD5,
+    GIT_DIRTY,
+    GIT_SHA,
+    PARENT_RUN_ID,
+    RESUMED_FROM_RUN,
+    RESUMES,
+    TRIAL_ID,
+    VERSION,
+    resume_from,
+    resume_status_before,
+)
 
 TRACKING_FILE = "tracking.json"  # in a run folder: {"tracking_uri", "run_id"} of the MLflow run it belongs to
-TRIAL_TAG = "sqgan.trial_id"  # the Ray trial id, on each nested run of a sweep
 PACKAGES = ("sqgan", "torch", "torchvision", "ray", "mlflow", "dvc", "torchmetrics", "numpy", "pydantic")
 
 
@@ -94,7 +109,13 @@ def search_all(client: Any, experiment_id: str, filter_string: str = "") -> list
 
 def child_runs(client: Any, parent: Any) -> list[Any]:
     """The runs nested under `parent` (a sweep's trials)."""
-    return search_all(client, parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return search_all(client, parent.info.experiment_id, f"tags.`{PARENT_RUN_ID}` = '{parent.info.run_id}'")
+
+
+def trial_runs(client: Any, parent: Any, trial_id: str) -> list[Any]:
+    """The run(s) nested under sweep `parent` for Ray trial `trial_id` (one, or none before it starts)."""
+    query = f"tags.`{PARENT_RUN_ID}` = '{parent.info.run_id}' and tags.`{TRIAL_ID}` = '{trial_id}'"
+    return client.search_runs([parent.info.experiment_id], query)
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
@@ -196,16 +217,16 @@ def provenance_tags(data_dir: str | Path, project_dir: str | Path = ".") -> dict
     on_disk = dvc_dir_md5(data_dir)
     locked = dvc_lock_hash(data_dir, project_dir)
     tags = {
-        "git_sha": git_sha(project_dir),
-        "git_dirty": dirty_tag(git_dirty_files(project_dir)),  # which tracked files the -dirty is about
-        "data.dir": str(data_dir),
-        "data.manifest_sha256": sha256_file(manifest) if manifest.exists() else "missing",
-        "data.md5": on_disk,  # of the data on disk, the way DVC hashes a folder
-        "data.dvc_lock_md5": locked or "not in dvc.lock",
-        "data.matches_dvc_lock": "not in dvc.lock" if locked is None else str(locked == on_disk).lower(),
+        GIT_SHA: git_sha(project_dir),
+        GIT_DIRTY: dirty_tag(git_dirty_files(project_dir)),  # which tracked files the -dirty is about
+        DATA_DIR: str(data_dir),
+        DATA_MANIFEST_SHA256: sha256_file(manifest) if manifest.exists() else "missing",
+        DATA_MD5: on_disk,  # of the data on disk, the way DVC hashes a folder
+        DATA_DVC_LOCK_MD5: locked or "not in dvc.lock",
+        DATA_MATCHES_DVC_LOCK: "not in dvc.lock" if locked is None else str(locked == on_disk).lower(),
         "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
     }
-    tags.update({f"version.{k}": v for k, v in package_versions().items()})
+    tags.update({f"{VERSION}{k}": v for k, v in package_versions().items()})
     return tags
 
 
@@ -279,20 +300,20 @@ def open_run(
             same = old.data.params == {k: str(v) for k, v in params.flat().items()}
             if same and old.info.status != "FINISHED":
                 client.update_run(old.info.run_id, status="RUNNING")
-                n = int(old.data.tags.get("sqgan.resumes", "0")) + 1
-                for k, v in {**tags, "sqgan.resumes": str(n), f"sqgan.resume.{n}.status_before":
-                             old.info.status, f"sqgan.resume.{n}.from": str(resume)}.items():
+                n = int(old.data.tags.get(RESUMES, "0")) + 1
+                for k, v in {**tags, RESUMES: str(n), resume_status_before(n):
+                             old.info.status, resume_from(n): str(resume)}.items():
                     client.set_tag(old.info.run_id, k, v)
-                _record(out_dir, uri, old.info.run_id)
+                record_run(out_dir, uri, old.info.run_id)
                 return uri, old.info.run_id
             parent_run_id = parent_run_id or old.info.run_id
-            tags["sqgan.resumed_from_run"] = old.info.run_id
+            tags[RESUMED_FROM_RUN] = old.info.run_id
     uri, run_id = start_run(params, data_dir, project_dir, tags=tags, parent_run_id=parent_run_id)
-    _record(out_dir, uri, run_id)
+    record_run(out_dir, uri, run_id)
     return uri, run_id
 
 
-def _record(out_dir: str | Path, uri: str, run_id: str) -> None:
+def record_run(out_dir: str | Path, uri: str, run_id: str) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out_dir) / TRACKING_FILE, {"tracking_uri": uri, "run_id": run_id})
 

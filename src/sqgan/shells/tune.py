@@ -38,8 +38,28 @@ from sqgan.metrics.names import (
 from sqgan.shells import ray_train
 from sqgan.shells.ray_train import available_resources, build_trainer, check_environment
 from sqgan.shells.scheduler import RecordingASHA
-from sqgan.shells.tracking import TRIAL_TAG, MlflowLogger, _record, end_run, mlflow_client, start_run
+from sqgan.shells.tracking import MlflowLogger, end_run, mlflow_client, record_run, start_run, trial_runs
 from sqgan.shells.tune_report import settle_trials, write_report
+from sqgan.tags import (
+    RAY_RUN_PATH,
+    RAY_TRIAL_ID,
+    RUN_NAME,
+    STAGE,
+    STAGE_SWEEP,
+    STAGE_TRIAL,
+    TRIAL_ID,
+    TRIAL_STARTS,
+    TRIAL_STATUS,
+    TRIAL_VALUES,
+    TUNE_AXES,
+    TUNE_INTERIM_KEY,
+    TUNE_METRIC,
+    TUNE_METRIC_KEY,
+    TUNE_MODE,
+    TUNE_SCHEDULER,
+    TUNE_SEARCHER,
+    TUNE_STEPS,
+)
 from sqgan.train import loop
 from sqgan.train.loop import absolute_init_from, init_source, interim_key, quality_keys, reported_metrics
 
@@ -263,7 +283,7 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         end_run(spec.tracking_uri, run_id, "FAILED")
         raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
 
-    MlflowLogger(spec.tracking_uri, run_id).set_tags({"sqgan.trial_status": "completed", "ray.run_path": result.path})
+    MlflowLogger(spec.tracking_uri, run_id).set_tags({TRIAL_STATUS: "completed", RAY_RUN_PATH: result.path})
     end_run(spec.tracking_uri, run_id, "FINISHED")
 
 
@@ -286,23 +306,22 @@ def trial_run(
     when resumed or retried, else a new one with the resolved params, the trial's values and the Ray trial id."""
     client = mlflow_client(spec.tracking_uri)
     parent = client.get_run(spec.parent_run_id)
-    query = f"tags.mlflow.parentRunId = '{spec.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    found = client.search_runs([parent.info.experiment_id], query)
+    found = trial_runs(client, parent, trial_id)
     if found:
         run = found[0]
-        if run.info.status == "FINISHED" and run.data.tags.get("sqgan.trial_status") == "completed":
+        if run.info.status == "FINISHED" and run.data.tags.get(TRIAL_STATUS) == "completed":
             return run.info.run_id, dict(run.data.metrics)
         client.update_run(run.info.run_id, status="RUNNING")
-        n = int(run.data.tags.get("sqgan.trial_starts", "1")) + 1
-        client.set_tag(run.info.run_id, "sqgan.trial_starts", str(n))
+        n = int(run.data.tags.get(TRIAL_STARTS, "1")) + 1
+        client.set_tag(run.info.run_id, TRIAL_STARTS, str(n))
         return run.info.run_id, None
-    tags = {"sqgan.stage": "trial", TRIAL_TAG: trial_id, "ray.trial_id": trial_id, "sqgan.trial_starts": "1",
-            "sqgan.trial_values": json.dumps(values, sort_keys=True)}
+    tags = {STAGE: STAGE_TRIAL, TRIAL_ID: trial_id, RAY_TRIAL_ID: trial_id, TRIAL_STARTS: "1",
+            TRIAL_VALUES: json.dumps(values, sort_keys=True)}
     if params.mlflow.run_name is None:
-        tags["mlflow.runName"] = f"trial-{trial_id}"
+        tags[RUN_NAME] = f"trial-{trial_id}"
     _, run_id = start_run(params, data_dir or spec.data_dir, spec.project_dir, tags=tags,
                           parent_run_id=spec.parent_run_id)
-    _record(out_dir, spec.tracking_uri, run_id)
+    record_run(out_dir, spec.tracking_uri, run_id)
     return run_id, None
 
 
@@ -350,13 +369,13 @@ def run_sweep(
 def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path) -> str:
     """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags."""
     t = params.tune
-    tags = {"sqgan.stage": "sweep", "sqgan.tune.axes": json.dumps(list(t.axes())), "sqgan.tune.metric": t.metric,
-            "sqgan.tune.metric_key": metric_key(base, t.metric),
-            "sqgan.tune.interim_key": interim_key(base, metric_key(base, t.metric)), "sqgan.tune.mode": t.mode,
-            "sqgan.tune.searcher": t.searcher, "sqgan.tune.scheduler": t.scheduler,
-            "sqgan.tune.steps": str(base.train.steps)}
+    tags = {STAGE: STAGE_SWEEP, TUNE_AXES: json.dumps(list(t.axes())), TUNE_METRIC: t.metric,
+            TUNE_METRIC_KEY: metric_key(base, t.metric),
+            TUNE_INTERIM_KEY: interim_key(base, metric_key(base, t.metric)), TUNE_MODE: t.mode,
+            TUNE_SEARCHER: t.searcher, TUNE_SCHEDULER: t.scheduler,
+            TUNE_STEPS: str(base.train.steps)}
     if params.mlflow.run_name is None:
-        tags["mlflow.runName"] = f"sweep-{'-'.join(k.split('.')[-1] for k in t.axes())}"
+        tags[RUN_NAME] = f"sweep-{'-'.join(k.split('.')[-1] for k in t.axes())}"
     return start_run(params, data_dir, project_dir, tags=tags)[1]
 
 

@@ -26,23 +26,30 @@ import yaml
 
 from sqgan.config import Params, flatten
 from sqgan.io import atomic_path
-from sqgan.metrics.collapse import COLLAPSE_TAG
-from sqgan.shells.tracking import child_runs
-from sqgan.shells.tracking import mlflow_client as client
+from sqgan.shells.tracking import child_runs, mlflow_client
+from sqgan.tags import (
+    COLLAPSE_STEP,
+    STAGE,
+    STAGE_SWEEP,
+    STOPPED_AT_STEP,
+    TRIAL_ERROR,
+    TRIAL_ID,
+    TRIAL_STATUS,
+    TUNE_AXES,
+    TUNE_BEST_RUN_ID,
+    TUNE_BEST_TRIAL,
+    TUNE_INTERIM_KEY,
+    TUNE_METRIC,
+    TUNE_METRIC_KEY,
+    TUNE_MODE,
+    TUNE_STEPS,
+)
 
 REPORT_FILES = ("trials.csv", "trials.md", "metric_vs_axes.png", "curves.png", "best_params.yaml")
 
 
-def _client(uri: str) -> Any:
-    return client(uri)
-
-
-def _children(client: Any, parent: Any) -> list[Any]:
-    return child_runs(client, parent)
-
-
 def _last_step(client: Any, run: Any) -> int:
-    tag = run.data.tags.get("sqgan.stopped_at_step")
+    tag = run.data.tags.get(STOPPED_AT_STEP)
     if tag is not None:
         return int(tag)
     return max((m.step for m in client.get_metric_history(run.info.run_id, "loss/d")), default=0)
@@ -53,7 +60,7 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any,
     before train.steps (KILLED, its actor was ended mid-run; ASHA tags the run when it decides), killed by the
     sweep's interruption (KILLED; `grid` is None when Tune did not return) or error (FAILED) — and the step it
     stopped at."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
 
     errors: dict[str, str] = {}
@@ -64,52 +71,52 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any,
             trial_id = found.group(1) if found else None
         if result.error is not None and trial_id:
             errors[trial_id] = f"{type(result.error).__name__}: {str(result.error).splitlines()[0][:200]}"
-    steps, key = int(parent.data.tags["sqgan.tune.steps"]), parent.data.tags["sqgan.tune.metric_key"]
-    for run in _children(client, parent):
+    steps, key = int(parent.data.tags[TUNE_STEPS]), parent.data.tags[TUNE_METRIC_KEY]
+    for run in child_runs(client, parent):
         tags = run.data.tags
-        trial_id = tags.get("sqgan.trial_id", "")
+        trial_id = tags.get(TRIAL_ID, "")
         step = _last_step(client, run)
-        client.set_tag(run.info.run_id, "sqgan.stopped_at_step", str(step))
-        if tags.get("sqgan.trial_status") == "completed" and run.info.status == "FINISHED":
+        client.set_tag(run.info.run_id, STOPPED_AT_STEP, str(step))
+        if tags.get(TRIAL_STATUS) == "completed" and run.info.status == "FINISHED":
             continue
         if step >= steps and key in run.data.metrics and trial_id not in errors:  # ended between report and tag
-            client.set_tag(run.info.run_id, "sqgan.trial_status", "completed")
+            client.set_tag(run.info.run_id, TRIAL_STATUS, "completed")
             client.set_terminated(run.info.run_id, status="FINISHED")
             continue
         if trial_id in errors:
-            client.set_tag(run.info.run_id, "sqgan.trial_status", "error")
-            client.set_tag(run.info.run_id, "sqgan.trial_error", errors[trial_id])
+            client.set_tag(run.info.run_id, TRIAL_STATUS, "error")
+            client.set_tag(run.info.run_id, TRIAL_ERROR, errors[trial_id])
             client.set_terminated(run.info.run_id, status="FAILED")
-        elif tags.get("sqgan.trial_status", "").startswith("stopped by"):  # the scheduler's stop, recorded then
+        elif tags.get(TRIAL_STATUS, "").startswith("stopped by"):  # the scheduler's stop, recorded then
             client.set_terminated(run.info.run_id, status="KILLED")
         elif interrupted:
-            client.set_tag(run.info.run_id, "sqgan.trial_status", "killed")
+            client.set_tag(run.info.run_id, TRIAL_STATUS, "killed")
             client.set_terminated(run.info.run_id, status="KILLED")
         else:
-            client.set_tag(run.info.run_id, "sqgan.trial_status", f"stopped by {params.tune.scheduler}")
+            client.set_tag(run.info.run_id, TRIAL_STATUS, f"stopped by {params.tune.scheduler}")
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
     """(rows sorted best first, the parent's tags, the axes) from MLflow alone."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     ptags = parent.data.tags
-    if ptags.get("sqgan.stage") != "sweep":
+    if ptags.get(STAGE) != STAGE_SWEEP:
         raise ValueError(f"run {parent_run_id} in {tracking_uri} is not a sweep's parent run (its sqgan.stage tag is "
-                         f"{ptags.get('sqgan.stage')!r}); pass the run id `sqgan tune` printed")
-    axes = json.loads(ptags["sqgan.tune.axes"])
-    key, mode = ptags["sqgan.tune.metric_key"], ptags["sqgan.tune.mode"]
-    interim = ptags.get("sqgan.tune.interim_key", key)
+                         f"{ptags.get(STAGE)!r}); pass the run id `sqgan tune` printed")
+    axes = json.loads(ptags[TUNE_AXES])
+    key, mode = ptags[TUNE_METRIC_KEY], ptags[TUNE_MODE]
+    interim = ptags.get(TUNE_INTERIM_KEY, key)
     rows = []
-    for run in _children(client, parent):
+    for run in child_runs(client, parent):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
-        status = tags.get("sqgan.trial_status") or {"RUNNING": "running", "FINISHED": "completed"}.get(
+        status = tags.get(TRIAL_STATUS) or {"RUNNING": "running", "FINISHED": "completed"}.get(
             run.info.status, run.info.status.lower())
         # collapsed: the step the collapse watch first flagged G_ema, while its latest evaluation still does
-        collapsed = tags.get(COLLAPSE_TAG, "-") if m.get("diversity/collapsed", 0.0) >= 1 else "-"
+        collapsed = tags.get(COLLAPSE_STEP, "-") if m.get("diversity/collapsed", 0.0) >= 1 else "-"
         # the final and the last interim evaluation are separate columns, named with their N (never one mixed column)
-        row = {"trial": tags.get("sqgan.trial_id", ""), "status": status, "step": _last_step(client, run),
+        row = {"trial": tags.get(TRIAL_ID, ""), "status": status, "step": _last_step(client, run),
                key: m.get(key, math.nan), **({interim: m.get(interim, math.nan)} if interim != key else {}),
                "collapsed": collapsed}
         row.update({a: _parse(p.get(a)) for a in axes})
@@ -249,8 +256,8 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
     matplotlib.use("Agg")
 
 
-    metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
-    interim = ptags.get("sqgan.tune.interim_key", key)
+    metric, key = ptags[TUNE_METRIC], ptags[TUNE_METRIC_KEY]
+    interim = ptags.get(TUNE_INTERIM_KEY, key)
     series = axis_series(rows, key, interim)
     fig, axs = plt.subplots(len(series), len(axes), figsize=(4 * len(axes), 3.2 * len(series)), squeeze=False)
     for (name, what, subset), panel in zip(series, axs, strict=True):
@@ -297,14 +304,14 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
     sweep's answer."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     rows, ptags, axes = trial_table(tracking_uri, parent_run_id)
     for name, text in (("trials.csv", _csv(rows)), ("trials.md", _markdown(rows))):
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(text)
     _plots(client, rows, ptags, axes, out)
-    metric, key = ptags["sqgan.tune.metric"], ptags["sqgan.tune.metric_key"]
-    interim = ptags.get("sqgan.tune.interim_key", key)
+    metric, key = ptags[TUNE_METRIC], ptags[TUNE_METRIC_KEY]
+    interim = ptags.get(TUNE_INTERIM_KEY, key)
     best = None if partial else best_trial(rows, key, interim)
     best_file = out / "best_params.yaml"
     if best is not None:
@@ -331,7 +338,7 @@ def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bo
             if (out / name).exists():
                 client.log_artifact(parent_run_id, str(out / name), "sweep")
         if best is not None:
-            client.set_tag(parent_run_id, "sqgan.tune.best_trial", best["trial"])
-            client.set_tag(parent_run_id, "sqgan.tune.best_run_id", best["run_id"])
+            client.set_tag(parent_run_id, TUNE_BEST_TRIAL, best["trial"])
+            client.set_tag(parent_run_id, TUNE_BEST_RUN_ID, best["run_id"])
             client.log_metric(parent_run_id, f"best_{metric}", float(rank_value(best, key, interim)))
     return rows

@@ -44,7 +44,7 @@ from sqgan.io import atomic_path, mark_output, write_json_atomic
 from sqgan.losses.gan import GANLoss, Phase, alpha_at, unwrap
 from sqgan.losses.mixdl import MixDLHeads
 from sqgan.metrics.codebook import perplexity, utilisation
-from sqgan.metrics.collapse import COLLAPSE_TAG, collapse_stats, mean_pairwise_rms
+from sqgan.metrics.collapse import collapse_stats, mean_pairwise_rms
 from sqgan.metrics.diversity import mean_pairwise_cosine
 from sqgan.metrics.evaluate import Evaluator, Reference, keys_of, to_uint8
 from sqgan.metrics.features import feature_net_name
@@ -60,6 +60,7 @@ from sqgan.models.factory import (
 from sqgan.quant.digest import dictionary_digest
 from sqgan.quant.prior import load_clip, load_prior, restore_codebook
 from sqgan.sampling.generator import eval_generator
+from sqgan.tags import COLLAPSE_STEP, METRIC_PROVENANCE
 from sqgan.train.checkpoint import (
     CHECKPOINT_FORMAT,
     latest_checkpoint,
@@ -286,11 +287,10 @@ def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, ho
         for prov in ev.provenance.values():
             prov["truncation"] = truncation
     hooks.log_metrics({**ev.metrics, **(extra or {})}, step)
-    hooks.set_tags({f"{PROVENANCE_TAG}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
+    hooks.set_tags({f"{METRIC_PROVENANCE}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
     return ev
 
 
-PROVENANCE_TAG = "sqgan.metric."  # + metric name: the JSON provenance of that metric's values
 
 
 # ------------------------------------------------------------------------------------- train
@@ -617,7 +617,7 @@ def watch_collapse(watch: CollapseWatch, g_ema: nn.Module, step: int, hooks: Hoo
     if warning is not None:
         tqdm.write(warning)
         if first is None:
-            hooks.set_tags({COLLAPSE_TAG: str(step)})
+            hooks.set_tags({COLLAPSE_STEP: str(step)})
     return metrics
 
 
