@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from sqgan.data.features import BlipFeatures, ClipFeatures, FeatureExtractor, PixelFeatures, extract_features
+from sqgan.data.clip import ClipWeightsUnavailable
+from sqgan.data.features import (
+    BlipFeatures,
+    ClipFeatures,
+    FeatureExtractor,
+    PixelFeatures,
+    build_extractor,
+    extract_features,
+)
 from sqgan.data.ffhq import build_ffhq2k5, smallest_cluster
 
 
@@ -122,3 +130,11 @@ def test_offline_hub_names_fail_with_a_message_naming_the_fix(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="local folder"):
         BlipFeatures.load("Salesforce/blip-itm-base-coco")
+
+
+def test_clip_features_load_through_the_one_loader_and_name_their_param(tmp_path):
+    """`--features clip` fails as fast as the prior does, naming data.ffhq2k5.pretrained and the pixels fallback."""
+    with pytest.raises(ClipWeightsUnavailable, match=r"data\.ffhq2k5\.pretrained = .*no such file.*--features pixels"):
+        ClipFeatures.load("ViT-B-32", str(tmp_path / "missing.bin"))
+    with pytest.raises(ClipWeightsUnavailable, match=r"data\.ffhq2k5\.pretrained is not set"):
+        build_extractor("clip")

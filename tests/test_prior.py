@@ -13,13 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from sqgan.data.clip import ClipWeightsUnavailable, load_clip
 from sqgan.quant.prior import (
-    ClipWeightsUnavailable,
     CodebookPrior,
     clip_image_features,
     codebook_losses,
     interpolate_positional_embedding,
-    load_clip,
     load_prior,
     ot_loss,
     pretrain_codebook,
@@ -248,7 +247,7 @@ def test_load_clip_fails_fast_on_a_missing_file():
 def test_load_clip_fails_fast_on_a_hub_tag_offline(monkeypatch):
     from open_clip.pretrained import get_pretrained_cfg
 
-    from sqgan.quant.prior import _tag_is_cached
+    from sqgan.data.clip import _tag_is_cached
 
     if _tag_is_cached(get_pretrained_cfg("ViT-B-32", "laion2b_s34b_b79k")):
         pytest.skip("the ViT-B-32 weights are cached here: the tag would load")

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from sqgan.config import ConfigError, Params
+from sqgan.data.clip import load_clip
 from sqgan.data.manifest import read_manifest
 from sqgan.io import write_json_atomic
 from sqgan.models.factory import build_generator
-from sqgan.quant.prior import CodebookPrior, clip_image_features, load_clip, pretrain_codebook, save_prior
+from sqgan.quant.prior import CodebookPrior, clip_image_features, pretrain_codebook, save_prior
 from sqgan.shells.tracking import MlflowLogger, end_run, start_run
 from sqgan.tags import PRIOR_L_OT_FINAL, STAGE, STAGE_PRIOR
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from sqgan.data.clip import ClipWeightsUnavailable, load_clip
 from sqgan.io import atomic_path
 
 
@@ -70,17 +71,13 @@ class ClipFeatures(NetworkFeatures):
     """open_clip image embeddings, l2-normalised."""
 
     @classmethod
-    def load(cls, model_name: str = "ViT-B-32", pretrained: str | None = None) -> ClipFeatures:
-        # on demand: CLIP is optional and heavy (loaded only when CLIP features are asked for)
-        import open_clip
-
+    def load(cls, model_name: str = "ViT-B-32", pretrained: str | None = None,
+             key: str = "data.ffhq2k5.pretrained") -> ClipFeatures:
+        """Through the one CLIP loader (`sqgan.data.clip`); its errors name `key` and end with the pixels fallback."""
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-        except Exception as e:  # a hub tag offline, a missing file
-            raise RuntimeError(
-                f"could not load CLIP {model_name!r} with pretrained={pretrained!r} ({e}); give a local weights "
-                f"file, or use --features pixels"
-            ) from None
+            model, preprocess = load_clip(model_name, pretrained, key=key)
+        except ClipWeightsUnavailable as e:
+            raise ClipWeightsUnavailable(f"{e}; or use --features pixels") from None
         return cls(model, preprocess, f"clip-{model_name}-{Path(str(pretrained)).name}")
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from sqgan.config import Params, flatten
 from sqgan.data.ada import AdaController, ada_augment
+from sqgan.data.clip import load_clip
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
 from sqgan.data.features import ClipFeatures
@@ -58,7 +59,7 @@ from sqgan.models.factory import (
     r1_gamma,
 )
 from sqgan.quant.digest import dictionary_digest
-from sqgan.quant.prior import load_clip, load_prior, restore_codebook
+from sqgan.quant.prior import load_prior, restore_codebook
 from sqgan.sampling.generator import eval_generator
 from sqgan.tags import COLLAPSE_STEP, METRIC_PROVENANCE
 from sqgan.train.checkpoint import (
