@@ -46,7 +46,7 @@ def bench_kmeans(n: int, dim: int, k: int) -> None:
 def bench_features(n: int, batch: int) -> None:
     from transformers import BlipImageProcessor, BlipVisionConfig, BlipVisionModel
 
-    from sqgan.data.features import BlipFeatures, PixelFeatures
+    from sqgan.data.embeddings import BlipFeatures, PixelFeatures
 
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (256, 256, 3), dtype=np.uint8))
               for i in range(n)]

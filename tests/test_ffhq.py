@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sqgan.data.clip import ClipWeightsUnavailable
-from sqgan.data.features import (
+from sqgan.data.embeddings import (
     BlipFeatures,
     ClipFeatures,
     FeatureExtractor,

@@ -242,3 +242,12 @@ def _placed(m: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_no_two_modules_share_a_name():
+    """A name says which module it is (no `features.py` in two folders, no `prior.py` beside `prior.py`)."""
+    names: dict[str, list[str]] = {}
+    for m in modules(SRC):
+        if m != "sqgan" and not (SRC / Path(*m.split("."))).is_dir():
+            names.setdefault(m.rsplit(".", 1)[-1], []).append(m)
+    assert not {k: v for k, v in names.items() if len(v) > 1}

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from sqgan.data.clip import ClipWeightsUnavailable, load_clip
-from sqgan.quant.prior import (
+from sqgan.quant.codebook_prior import (
     CodebookPrior,
     clip_image_features,
     codebook_losses,

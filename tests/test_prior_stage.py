@@ -30,7 +30,7 @@ def test_prior_pretrains_the_codebook_logs_it_and_train_starts_from_it(demo_dir,
     from mlflow.tracking import MlflowClient
 
     from sqgan.config import default_params
-    from sqgan.quant.prior import load_prior
+    from sqgan.quant.codebook_prior import load_prior
     from sqgan.train.loop import Runtime, setup
 
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "sqgan-tiny-prior", TINY_CLIP)

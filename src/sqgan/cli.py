@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from sqgan.commands.config import show, validated
+from sqgan.commands.params import show, validated
 from sqgan.commands.summary import summary_lines
 from sqgan.config import ConfigError, Params, load_params
 from sqgan.io import sigterm_as_interrupt
@@ -332,7 +332,7 @@ def tune_cmd(
 
     The search space, resources, storage and tracking server are checked before any trial starts."""
     # on demand: this command's stack only (module docstring)
-    from sqgan.commands.tune import report_tune, resume_tune, run_tune
+    from sqgan.commands.sweep import report_tune, resume_tune, run_tune
 
     if sum(x is not None for x in (resume, report)) > 1:
         _err("error: --resume and --report exclude each other; pass one")

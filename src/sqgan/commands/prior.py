@@ -1,9 +1,9 @@
 """`sqgan prior`: pre-train SQ's codebook against CLIP image features of the training set (SQ-GAN, seed 000 A.1-A.2).
 
-The shell around `sqgan.quant.prior`: load CLIP (fails fast, before any feature is extracted, when the weights are
-not there), extract the training split's CLIP features (cached by image sha256), build G as `sqgan train` will
-(same seed, so the frozen mapping network the codebook is fitted to is the one training starts from), pre-train the
-codebook and the MLP with L_sq + L_uf + λ_OT·L_OT, write `prior.out` atomically, log it to MLflow. `sqgan train`
+The shell around `sqgan.quant.codebook_prior`: load CLIP (fails fast, before any feature is extracted, when the
+weights are not there), extract the training split's CLIP features (cached by image sha256), build G as `sqgan train`
+will (same seed, so the frozen mapping network the codebook is fitted to is the one training starts from), pre-train
+the codebook and the MLP with L_sq + L_uf + λ_OT·L_OT, write `prior.out` atomically, log it to MLflow. `sqgan train`
 starts from it when `sq.prior` names the file.
 """
 
@@ -19,7 +19,7 @@ from sqgan.data.clip import load_clip
 from sqgan.data.manifest import read_manifest
 from sqgan.io import write_json_atomic
 from sqgan.models.factory import build_generator
-from sqgan.quant.prior import CodebookPrior, clip_image_features, pretrain_codebook, save_prior
+from sqgan.quant.codebook_prior import CodebookPrior, clip_image_features, pretrain_codebook, save_prior
 from sqgan.shells.tracking import MlflowLogger, end_run, start_run
 from sqgan.tags import PRIOR_L_OT_FINAL, STAGE, STAGE_PRIOR
 

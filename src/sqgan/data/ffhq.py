@@ -20,7 +20,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from sqgan.data.features import FeatureExtractor, extract_features
+from sqgan.data.embeddings import FeatureExtractor, extract_features
 from sqgan.data.manifest import read_manifest, write_manifest
 from sqgan.io import check_output, link_or_copy, stage_output, write_json_atomic
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqgan.config import Params
 from sqgan.data.curate import curate
-from sqgan.data.features import build_extractor
+from sqgan.data.embeddings import build_extractor
 from sqgan.data.manifest import read_manifest
 from sqgan.data.prepare import find_root, raw_source
 from sqgan.io import UnsafeOutput, check_output

@@ -39,7 +39,7 @@ from sqgan.io import (
     stage_of,
     write_json_atomic,
 )
-from sqgan.quant.prior import load_prior
+from sqgan.quant.codebook_prior import load_prior
 from sqgan.shells.tracking import TRACKING_FILE, MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
 from sqgan.tags import RAY_RUN_PATH, RESTARTED_FROM_STEP, RESUMED_FROM, STAGE, STAGE_TRAIN
 from sqgan.train.checkpoint import checkpoints_in, latest_checkpoint, load_checkpoint

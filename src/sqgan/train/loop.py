@@ -40,7 +40,7 @@ from sqgan.data.ada import AdaController, ada_augment
 from sqgan.data.clip import load_clip
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.diffaugment import diff_augment
-from sqgan.data.features import ClipFeatures
+from sqgan.data.embeddings import ClipFeatures
 from sqgan.io import atomic_path, mark_output, write_json_atomic
 from sqgan.losses.gan import GANLoss, Phase, alpha_at, unwrap
 from sqgan.losses.mixdl import MixDLHeads
@@ -58,8 +58,8 @@ from sqgan.models.factory import (
     mbstd_channels,
     r1_gamma,
 )
+from sqgan.quant.codebook_prior import load_prior, restore_codebook
 from sqgan.quant.digest import dictionary_digest
-from sqgan.quant.prior import load_prior, restore_codebook
 from sqgan.sampling.generator import eval_generator
 from sqgan.tags import COLLAPSE_STEP, METRIC_PROVENANCE
 from sqgan.train.checkpoint import (

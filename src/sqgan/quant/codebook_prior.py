@@ -11,7 +11,7 @@ CLIP's joint embedding space:
    L_OT = ⟨γ, C⟩ with C_ij = 1 − cos(T_i, F_j), uniform marginals;
 4. the codebook and the MLP minimise L_sq + L_uf + λ_OT · L_OT (Adam).
 
-The image features come from `sqgan.data.features` (`ClipFeatures` + `extract_features`, cached by image sha256);
+The image features come from `sqgan.data.embeddings` (`ClipFeatures` + `extract_features`, cached by image sha256);
 `clip_image_features` wires a CLIP (loaded by `sqgan.data.clip.load_clip`, the one loader) into that cache rather
 than keeping a second one.
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sqgan.data.features import ClipFeatures, extract_features
+from sqgan.data.embeddings import ClipFeatures, extract_features
 from sqgan.io import atomic_path, read_torch_file
 from sqgan.quant.common import QuantizerOutput
 from sqgan.quant.sinkhorn import sinkhorn
@@ -62,7 +62,7 @@ def clip_image_features(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """F [N, E]: l2-normalised CLIP image features of the images `paths`, through the curation cache
-    (`sqgan.data.features.extract_features`, keyed by image sha256) under the same key as `ClipFeatures.load`,
+    (`sqgan.data.embeddings.extract_features`, keyed by image sha256) under the same key as `ClipFeatures.load`,
     so images already embedded for curation are not embedded again. Moves `model` to the GPU when there is one."""
     ext = ClipFeatures(model, preprocess, f"clip-{model_name}-{Path(str(pretrained)).name}")  # = ClipFeatures.load
     return torch.from_numpy(extract_features(root, paths, shas, ext, cache_dir, batch_size=batch_size))
