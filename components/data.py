@@ -92,4 +92,15 @@ def subset(params: Input[Artifact], overrides: list, tracking_uri: str, parent_r
     log_numbers(report, r)
 
 
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def selffilter(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, src: Input[Dataset],
+               data: Output[Dataset], report: Output[Metrics]):
+    """Stage `selffilter`: the images a StyleGAN2 + encoder reconstruct worst, quarantined (data.selffilter)."""
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
+
+    r = data_task("selffilter", params.path, overrides, tracking_uri, parent_run_id, data.path, src=src.path)
+    data.metadata.update(r)
+    log_numbers(report, r)
+
+
 PREPARE = {"ffhq2k5": ffhq2k5, "brecahad": brecahad, "dogface": dogface, "metfaces": metfaces}
