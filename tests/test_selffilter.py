@@ -126,7 +126,7 @@ def test_output_manifest_quarantine_plot_and_report_agree_and_the_source_is_unto
     assert report["seen"] == report["kept"] + report["quarantined"] == N
     assert report["kept"] == counts["kept"] and report["steps"] == 40 and report["lpips"] == "randalex"
     assert report["threshold"] == pytest.approx(q["score"].min())
-    assert set(report["final_losses"]) >= {"d_adv", "g_adv", "l1", "lpips", "w"}
+    assert set(report["final_losses"]) >= {"d_adv", "r1", "g_adv", "l1", "lpips", "w"}  # R1 at steps 0, 16, 32
     assert all(np.isfinite(v) for v in report["final_losses"].values())
 
 

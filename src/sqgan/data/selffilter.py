@@ -4,11 +4,14 @@ quarantine the images a GAN finds hardest to reproduce.
 A StyleGAN2 generator G (with its discriminator D, trained adversarially as usual) and an encoder E are trained
 together so that G(E(x)) reconstructs each image x. E has the architecture of StyleGAN2's discriminator, without
 minibatch stddev (a code must not depend on the rest of its batch), and its last layer gives a w (w_dim values)
-instead of one logit; the w is broadcast to every layer of the synthesis network. Per step:
-    D:     L_adv^D (non-saturating logistic) on reals vs G(z), plus lazy R1 (every 16 steps, γ = 0.0002·R²/B as
-           stylegan2-ada's `auto` config)
-    G, E:  L_adv^G(G(z)) + λ_L1·‖G(E(x)) − x‖₁ + λ_LPIPS·LPIPS(G(E(x)), x)   on the real batch (into G and E)
-           + λ_w·‖E(G(w)) − w‖²,  w = f_W(z) detached                        on the generated batch (into E only)
+instead of one logit; the w is broadcast to every layer of the synthesis network. G and D are built by the model
+factory and trained by the training loop's own phases (`sqgan.losses.gan.GANLoss`, no style mixing, no
+augmentation), so this is the loop's GAN with an encoder beside it, not a second GAN loop. Per step:
+    D:     `d_main` (non-saturating logistic on reals vs G(z), reals and fakes in one call with separate
+           minibatch-stddev groups), then `d_r1` (lazy R1 every 16 steps, γ = 0.0002·R²/B as stylegan2-ada's `auto`)
+           as its own step
+    G, E:  `g_main` (L_adv^G(G(z))) + λ_L1·‖G(E(x)) − x‖₁ + λ_LPIPS·LPIPS(G(E(x)), x)   (into G and E)
+           + λ_w·‖E(G(w)) − w‖²,  w = f_W(z) of a batch drawn without gradient          (into E only)
 (the norms are means over elements). Then every image is scored with λ_L1·L1 + λ_LPIPS·LPIPS of its
 reconstruction (G and E in eval mode, constant noise), and the round(fraction·N) worst are quarantined: images
 the model cannot invert are the outliers of the set (wrong subject, clutter, corrupt content).
@@ -44,10 +47,9 @@ from sqgan.config import Params
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.manifest import MANIFEST, read_manifest, write_manifest
 from sqgan.io import check_output, link_or_copy, stage_output, write_json_atomic
-from sqgan.losses.adversarial import d_loss, g_loss
-from sqgan.losses.regularizers import r1_penalty
+from sqgan.losses.gan import GANLoss
 from sqgan.metrics.features import LPIPSNet
-from sqgan.models.factory import build_discriminator, build_generator, r1_gamma
+from sqgan.models.factory import build_discriminator, build_generator
 from sqgan.models.stylegan2 import DiscriminatorTrunk, FullyConnectedLayer
 
 STAGE = "selffilter"
@@ -151,7 +153,8 @@ def self_filter(
     params = Params().override({
         "model.arch": "stylegan2", "model.resolution": resolution, "model.z_dim": z_dim, "model.w_dim": w_dim,
         "model.mapping_layers": mapping_layers, "model.channel_base": channel_base, "model.channel_max": channel_max,
-        "sq.enabled": False, "fq.enabled": False, "train.batch_size": batch_size,
+        "sq.enabled": False, "fq.enabled": False, "train.batch_size": batch_size, "model.style_mixing": 0.0,
+        "train.r1_every": R1_EVERY, "train.loss": "nonsaturating",
     }, source="self_filter arguments")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,10 +170,10 @@ def self_filter(
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=betas, eps=1e-8)
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=betas, eps=1e-8)
     opt_e = torch.optim.Adam(E.parameters(), lr=lr, betas=betas, eps=1e-8)
-    gamma = r1_gamma(params)
+    phases = GANLoss(params, G, D, lambda x, gen: x, device, G.num_ws)  # the loop's D and G terms, no augmentation
 
-    cpu_gen = torch.Generator().manual_seed(seed)  # batches and z
-    noise_gen = torch.Generator(device=device).manual_seed(seed + 1)  # StyleGAN2's per-pixel noise
+    cpu_gen = torch.Generator().manual_seed(seed)  # batches
+    gen = torch.Generator(device=device).manual_seed(seed + 1)  # z and StyleGAN2's per-pixel noise
     batches = _batches(n, batch_size, cpu_gen)
     history: dict[str, list[float]] = {"d_adv": [], "r1": [], "g_adv": [], "l1": [], "lpips": [], "w": []}
 
@@ -187,40 +190,37 @@ def self_filter(
         x = data.batch(next(batches)).to(device)
         b = x.shape[0]
 
-        # D: non-saturating logistic loss on reals vs G(z), lazy R1 on reals.
+        # D: the loop's main phase, then its lazy R1 as a step of its own (as the training loop applies them).
         D.requires_grad_(True)
-        z = torch.randn(b, z_dim, generator=cpu_gen).to(device)
-        with torch.no_grad():
-            fake = G(z, generator=noise_gen).images
-        r1_now = gamma > 0 and step % R1_EVERY == 0
-        real = x.detach().requires_grad_(r1_now)
-        real_logits = D(real).logits
-        loss_d = d_loss(real_logits, D(fake).logits, "nonsaturating")
-        r1 = r1_penalty(real_logits, real) if r1_now else x.new_zeros(())
+        d = phases.d_main(x, gen, step)
         opt_d.zero_grad(set_to_none=True)
-        (loss_d + gamma / 2 * r1 * R1_EVERY).backward()
+        d.loss.backward()
         opt_d.step()
+        r1 = phases.d_r1(x, gen, step)
+        if r1 is not None:
+            opt_d.zero_grad(set_to_none=True)
+            r1.loss.backward()
+            opt_d.step()
 
-        # G and E: adversarial + reconstruction of the reals (into G and E) + latent loss on G(w) (into E).
+        # G and E: the loop's G phase + reconstruction of the reals (into G and E) + latent loss on G(w) (into E).
         D.requires_grad_(False)
-        z = torch.randn(b, z_dim, generator=cpu_gen).to(device)
-        gen = G(z, generator=noise_gen)
-        loss_adv = g_loss(D(gen.images).logits, "nonsaturating")
+        g = phases.g_main(gen, step)
         rec = reconstruct(x)
         loss_l1 = (rec - x).abs().mean()
         loss_lpips = lpips_distance(rec, x).mean()
-        w = gen.ws[:, 0].detach()
-        loss_w = (E(gen.images.detach()) - w).square().mean()
+        with torch.no_grad():
+            drawn = G(torch.randn(b, z_dim, generator=gen, device=device), generator=gen)
+        loss_w = (E(drawn.images) - drawn.ws[:, 0]).square().mean()
         opt_g.zero_grad(set_to_none=True)
         opt_e.zero_grad(set_to_none=True)
-        (loss_adv + lambda_l1 * loss_l1 + lambda_lpips * loss_lpips + lambda_w * loss_w).backward()
+        (g.loss + lambda_l1 * loss_l1 + lambda_lpips * loss_lpips + lambda_w * loss_w).backward()
         opt_g.step()
         opt_e.step()
-        for key, value in (("d_adv", loss_d), ("g_adv", loss_adv), ("l1", loss_l1), ("lpips", loss_lpips),
-                           ("w", loss_w)):
+        for key, value in (("d_adv", d.stats["loss/d_adv"]), ("g_adv", g.stats["loss/g_adv"]), ("l1", loss_l1),
+                           ("lpips", loss_lpips), ("w", loss_w)):
             history[key].append(float(value.detach()))
-        if r1_now:
-            history["r1"].append(float(r1.detach()))
+        if r1 is not None:
+            history["r1"].append(float(r1.stats["loss/r1"]))
 
     # Score every image: λ_L1·L1 + λ_LPIPS·LPIPS of its reconstruction.
     G.eval()
