@@ -67,8 +67,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="sqgan-modes-"))
     full = build_modes(work / "modes", resolution=32, shapes=4, colours=4, per_mode=64)
     shots = build_modes(work / "modes-16shot", resolution=32, shapes=4, colours=4, per_mode=1)
-    print("| arch | method | steps | modes covered | KL(p‖uniform) | clean | pixel div. | s | target |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arch | method | steps | modes covered | KL(p‖uniform) | clean | pixel div. | s | target | missing |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
     try:
         for arch in args.arch or list(ARCHS):
@@ -87,8 +87,9 @@ def main() -> int:
                 row = {"arch": arch, "method": method, **got.as_dict()}
                 good = passes(row)
                 ok &= good
+                missing = ", ".join(got.missing or []) or "-"
                 print(f"| {arch} | {method} | {steps} | {got.covered}/{got.modes} | {got.kl:.3f} | {got.clean:.2f} | "
-                      f"{got.pixel:.2f} | {got.seconds:.0f} | {'pass' if good else 'FAIL'} |", flush=True)
+                      f"{got.pixel:.2f} | {got.seconds:.0f} | {'pass' if good else 'FAIL'} | {missing} |", flush=True)
                 if args.out:
                     with args.out.open("a") as f:
                         f.write(json.dumps({**row, "pass": good}) + "\n")

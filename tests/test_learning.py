@@ -15,7 +15,7 @@ from conftest import tiny_overrides
 
 from sqgan.config import default_params
 from sqgan.data.dataset import ManifestDataset
-from sqgan.data.modes import build_modes, classify_modes, mode_coverage, render_mode
+from sqgan.data.modes import build_modes, classify_modes, mode_coverage, mode_names, render_mode
 from sqgan.metrics.collapse import collapse_stats, mean_pairwise_rms
 from sqgan.models.factory import MappingMLP, build_discriminator, build_generator, lazy_ratios, r1_gamma
 from sqgan.tags import COLLAPSE_STEP
@@ -35,7 +35,7 @@ def test_the_classifier_reads_back_every_image_of_the_modes_data(modes_dir):
     assert (reading.mode == ds.manifest["mode"].to_numpy()).all()
     assert reading.clean.all()
     cov = mode_coverage(ds.images)
-    assert (cov.covered, cov.clean, cov.histogram) == (16, 1.0, [16] * 16)
+    assert (cov.covered, cov.clean, cov.histogram, cov.missing) == (16, 1.0, [16] * 16, [])
     assert cov.kl == pytest.approx(0.0, abs=1e-12)
 
 
@@ -44,6 +44,7 @@ def test_mode_coverage_of_one_mode_noise_and_a_blank_canvas():
     one = np.stack([render_mode(5, 32, rng) for _ in range(40)])
     cov = mode_coverage(one)
     assert cov.covered == 1 and cov.histogram[5] == 40
+    assert len(cov.missing) == 15 and mode_names()[5] not in cov.missing and cov.missing[:2] == mode_names()[:2]
     assert cov.kl == pytest.approx(math.log(16))  # all mass on one of 16 modes
     noise = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     assert mode_coverage(noise).clean == 0.0

@@ -172,6 +172,7 @@ class Coverage:
     kl: float  # KL(p ‖ uniform) of the clean samples' mode histogram p, nats (0 = every mode equally often)
     clean: float  # share of samples that are a clean mode
     histogram: list[int]  # clean samples per mode
+    missing: list[str]  # the names of the modes not covered ("red-plus", …), in mode order
 
     def as_dict(self) -> dict[str, float]:
         return {"modes/covered": float(self.covered), "modes/kl": self.kl, "modes/clean": self.clean}
@@ -183,10 +184,12 @@ def mode_coverage(images: np.ndarray | torch.Tensor, shapes: int = 4, colours: i
     reading = classify_modes(images, shapes, colours)
     hist = np.bincount(reading.mode[reading.clean], minlength=k)
     n_clean = int(hist.sum())
+    names = mode_names(shapes, colours)
     if n_clean == 0:
-        return Coverage(k, 0, math.log(k), 0.0, hist.tolist())
+        return Coverage(k, 0, math.log(k), 0.0, hist.tolist(), names)
     p = hist / n_clean
     nz = p > 0
     kl = float((p[nz] * np.log(p[nz] * k)).sum())
-    covered = int((hist >= max(1.0, n_clean / k / 4)).sum())
-    return Coverage(k, covered, kl, n_clean / len(reading.mode), hist.tolist())
+    held = hist >= max(1.0, n_clean / k / 4)
+    missing = [name for name, ok in zip(names, held, strict=True) if not ok]
+    return Coverage(k, int(held.sum()), kl, n_clean / len(reading.mode), hist.tolist(), missing)

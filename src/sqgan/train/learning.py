@@ -37,6 +37,7 @@ class Learned:
     covered: int | None = None
     kl: float | None = None
     clean: float | None = None
+    missing: list[str] | None = None  # the modes not covered ("red-plus", …)
     grid: str | None = None  # the 8 × 8 grid of the first 64 samples
     quality: dict[str, float] | None = None  # the run's final evaluation (metrics.names: fid, pr, lpips, …)
 
@@ -55,7 +56,7 @@ def measure(G: torch.nn.Module, dataset: ManifestDataset, z_dim: int, num: int =
         names = dataset.manifest["mode_name"].drop_duplicates().tolist()
         shapes = len({n.split("-", 1)[1] for n in names})
         cov = mode_coverage(fake, shapes, k // shapes)
-        out.update(modes=cov.modes, covered=cov.covered, kl=cov.kl, clean=cov.clean)
+        out.update(modes=cov.modes, covered=cov.covered, kl=cov.kl, clean=cov.clean, missing=cov.missing)
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
         save_image(make_grid(fake[:64].float() / 255.0, nrow=8), grid)
