@@ -115,14 +115,15 @@ def test_sinkhorn_rejects_bad_shapes_and_epsilon():
 
 @pytest.mark.parametrize("length", [2, 4, 7, 16, 40])
 def test_positional_interpolation_keeps_both_ends(length):
-    pos = torch.randn(16, 8)
+    pos = torch.randn(16, 8, generator=torch.Generator().manual_seed(length))
     out = interpolate_positional_embedding(pos, length)
     assert out.shape == (length, 8)
     assert torch.equal(out[0], pos[0]) and torch.equal(out[-1], pos[-1])
     if length == 16:
         assert torch.equal(out, pos)
     ref = F.interpolate(pos.t()[None], size=length, mode="linear", align_corners=True)[0].t()
-    assert torch.allclose(out, ref, atol=1e-6)  # align_corners=True semantics
+    # align_corners=True semantics; the two float32 formulas differ by rounding (≤ 3.4e-6 over 300 draws at 40)
+    assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_positional_interpolation_of_length_one_is_the_first_row():
