@@ -7,8 +7,8 @@ generated mode histogram from uniform, and the share of samples that are a clean
 covered, KL ≤ 0.3, ≥ 80 % clean. MixDL is a few-shot method: its row trains on 16 images, one per mode (a 10-shot
 subset cannot hold 16 modes), and must reproduce all of them.
 
-    python benchmarks/modes.py                              # every backbone × method (hours on 2 CPU cores: one
-                                                            # DCGAN row of 3000 steps takes ~25 min on one core)
+    python benchmarks/modes.py                              # every backbone × method (hours on 2 CPU cores: a
+                                                            # DCGAN row of 3000 steps took 16–27 min on one core)
     python benchmarks/modes.py --arch dcgan --only fq+sq    # one row
     python benchmarks/modes.py --steps 1500 --out rows.jsonl
     python benchmarks/modes.py --arch dcgan --only fq+sq --steps 3000 --set model.pack=2 --grids grids/
@@ -38,16 +38,16 @@ METHODS = {
     "fq+sq": ["fq.enabled=true", "sq.enabled=true"],
     "mixdl (16-shot)": ["fq.enabled=true", "sq.enabled=true", "mixdl.enabled=true", "train.batch_size=16"],
 }
-# each backbone at a size 2 CPU cores train in minutes, with its own optimiser settings (StyleGAN2: stylegan2-ada's
-# lr 0.0025, betas (0, 0.99)); the step counts are what the table states. Every backbone trains without DiffAugment's
-# cutout (its 16 × 16 hole erases most of the one shape of a 32² image); DCGAN/SNGAN at twice the shipped rates, TTUR
-# kept (lr_g 2e-4, lr_d 8e-4): at the shipped rates the samples are still blobs at 2000 steps, and the plus never
-# forms (benchmarks/results/learning.md, 2026-12-06)
+# each backbone at a size a CPU core trains in tens of minutes, with its own optimiser settings (StyleGAN2:
+# stylegan2-ada's lr 0.0025, betas (0, 0.99)); the step counts are what the table states. Every backbone trains
+# without DiffAugment's cutout (its 16 × 16 hole can cover most of a 32² image's one shape); DCGAN/SNGAN at twice the
+# shipped rates, TTUR kept: at the shipped rates 16 modes reach 10/16 in 3000 steps, at these 16/16
+# (benchmarks/results/learning.md, 2026-12-06)
 NO_CUTOUT = "train.diffaugment=[color,translation]"
-SMALL_IMAGE = [NO_CUTOUT, "train.lr_g=0.0002", "train.lr_d=0.0008"]
+DOUBLE_RATES = [NO_CUTOUT, "train.lr_g=0.0002", "train.lr_d=0.0008"]
 ARCHS = {
-    "dcgan": (["model.g_channels=64", "model.d_channels=64", *SMALL_IMAGE], 3000),
-    "sngan": (["model.g_channels=64", "model.d_channels=64", *SMALL_IMAGE], 3000),
+    "dcgan": (["model.g_channels=64", "model.d_channels=64", *DOUBLE_RATES], 3000),
+    "sngan": (["model.g_channels=64", "model.d_channels=64", *DOUBLE_RATES], 3000),
     "stylegan2": (["model.channel_base=2048", "model.channel_max=128", "model.mapping_layers=2",
                    "train.lr_g=0.0025", "train.lr_d=0.0025", "train.beta1=0", "train.beta2=0.99", NO_CUTOUT], 1000),
 }
