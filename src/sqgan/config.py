@@ -308,8 +308,8 @@ def gpu_spelling(v: Any) -> Any:
 class TrainParams(Section):
     steps: int = Field(1000, ge=1, description="total optimisation steps (one D step + one G step each)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
-    lr_g: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate of G (TTUR: below lr_d)")
-    lr_d: float = Field(4e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
+    lr_g: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of G (TTUR: below lr_d)")
+    lr_d: float = Field(8e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
     loss: Literal["auto", "hinge", "nonsaturating"] = Field(
@@ -326,8 +326,9 @@ class TrainParams(Section):
         1e4, ge=0.0, description="stop the run as diverged when a logged window mean of D's logits or an adversarial "
                                  "loss exceeds this in magnitude (divergence without NaN); 0 = never")
     diffaugment: list[Literal["color", "translation", "cutout"]] = Field(
-        default_factory=lambda: ["color", "translation", "cutout"],
-        description="DiffAugment policies applied to real and fake images before D ([] = off)",
+        default_factory=lambda: ["color", "translation"],
+        description="DiffAugment policies applied to real and fake images before D ([] = off; cutout's R/2 hole can "
+                    "cover a small image's one object)",
     )
     log_every: int = Field(10, ge=1, description="steps between metric logs (also the FQ utilisation window)")
     sample_every: int = Field(100, ge=1, description="steps between fixed-z sample grids")
