@@ -99,17 +99,45 @@ def test_the_collapse_watch_fires_on_a_generator_that_ignores_z_and_not_on_the_r
     hooks = Hooks(set_tags=tags.update)
     from sqgan.train.loop import watch_collapse
 
-    healthy = CollapseWatch(params, ds, z)
-    m = watch_collapse(healthy, _Planted(ds.images, ignore_z=False), 250, hooks)
-    assert m["diversity/collapsed"] == 0.0 and m["diversity/pixel"] > 0.7 and healthy.first is None and not tags
+    healthy, collapsed = _Planted(ds.images, ignore_z=False), _Planted(ds.images, ignore_z=True)
     watch = CollapseWatch(params, ds, z)
-    m = watch_collapse(watch, _Planted(ds.images, ignore_z=True), 250, hooks)
+    m = watch_collapse(watch, healthy, 100, hooks)
+    assert m["diversity/collapsed"] == 0.0 and m["diversity/pixel"] > 0.7 and watch.first is None and not tags
+    m = watch_collapse(watch, collapsed, 250, hooks)  # it had learned: a collapse
     assert m["diversity/collapsed"] == 1.0 and m["diversity/pixel"] < 0.01 and m["diversity/nn_distinct"] == 1 / 64
     assert watch.first == 250 and tags == {COLLAPSE_STEP: "250"}
-    watch_collapse(watch, _Planted(ds.images, ignore_z=True), 500, hooks)
+    watch_collapse(watch, collapsed, 500, hooks, final=True)
     assert watch.first == 250 and tags == {COLLAPSE_STEP: "250"}  # the first step, tagged once
     off = CollapseWatch(default_params(["metrics.collapse_pixel=0", "metrics.collapse_nn=0"]), ds, z)
-    assert off(_Planted(ds.images, ignore_z=True), 250)[0]["diversity/collapsed"] == 0.0
+    assert off(collapsed, 250)[0]["diversity/collapsed"] == 0.0
+
+
+def test_the_collapse_watch_tells_not_yet_learned_from_collapsed(demo_dir):
+    """Low before G_ema ever learned is 'not yet' (logged, not flagged) — unless it is still low at the end: then the
+    run never learned, flagged at its first evaluation."""
+    from sqgan.train.loop import watch_collapse
+
+    ds = ManifestDataset(demo_dir, 32)
+    z = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    healthy, collapsed = _Planted(ds.images, ignore_z=False), _Planted(ds.images, ignore_z=True)
+    tags: dict = {}
+    hooks = Hooks(set_tags=tags.update)
+    late = CollapseWatch(default_params(), ds, z)  # the demo's course: low at 250, learned from 500
+    assert watch_collapse(late, collapsed, 250, hooks)["diversity/collapsed"] == 1.0
+    watch_collapse(late, healthy, 500, hooks)
+    watch_collapse(late, healthy, 1000, hooks, final=True)
+    assert late.first is None and not tags
+    never = CollapseWatch(default_params(), ds, z)
+    for step in (250, 500):
+        watch_collapse(never, collapsed, step, hooks)
+    assert never.first is None and not tags
+    watch_collapse(never, collapsed, 1000, hooks, final=True)
+    assert never.first == 250 and tags == {COLLAPSE_STEP: "250"}
+    again = CollapseWatch(default_params(), ds, z)  # learned, fell, recovered, fell again: the first fall is tagged
+    tags.clear()
+    for step, g in ((100, healthy), (200, collapsed), (300, healthy), (400, collapsed)):
+        watch_collapse(again, g, step, hooks)
+    assert again.first == 200 and tags == {COLLAPSE_STEP: "200"}
 
 
 def test_a_run_that_cannot_learn_says_so_in_its_metrics_and_summary(demo_dir, tmp_path):
@@ -228,15 +256,23 @@ SMALL_MODES = {"shapes": 2, "colours": 4, "per_mode": 64}  # 8 modes at 32²: di
 
 @pytest.mark.slow
 def test_the_small_mode_benchmark_is_covered_by_the_demo_config(tmp_path):
-    """DCGAN + FQ + SQ at the shipped optimiser and augmentation settings (the demo's) covers 8 known modes: 8/8,
-    KL 0.18, 84 % clean when measured (one thread, ~10 min); at 2000 steps it had 7/8 and 79 % clean."""
+    """DCGAN + FQ + SQ at the shipped optimiser and augmentation settings (the demo's) covers 8 known modes, on one
+    thread (the arithmetic measured; ~10 min). Measured: seed 0 (this test) 8/8, KL 0.18, 84 % clean; seed 2 8/8,
+    KL 0.14; seed 1 6/8, KL 0.36 — one seed in three misses, so a change that only moves the random streams may flip
+    this: re-measure over seeds before blaming it. It failed for the settings before (lr 1e-4/4e-4 with cutout: 5/8,
+    KL 0.59) and for FQ in feed mode (6/8, KL 0.36)."""
     from sqgan.train.learning import train_and_measure
 
     data = build_modes(tmp_path / "modes", resolution=32, **SMALL_MODES)
     p = default_params(["fq.enabled=true", "sq.enabled=true", "metrics.eval_every=0", "metrics.names=[fid]",
                         "metrics.num_fake=64", "metrics.diversity_every=0", "train.checkpoint_every=100000",
                         "model.arch=dcgan", "model.g_channels=32", "model.d_channels=32", "train.steps=3000"])
-    got = train_and_measure(p, data, tmp_path / "run", num=512)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = train_and_measure(p, data, tmp_path / "run", num=512)
+    finally:
+        torch.set_num_threads(threads)
     assert got.covered >= 7 and got.kl <= 0.3 and got.clean >= 0.8, got
 
 

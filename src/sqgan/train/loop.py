@@ -577,8 +577,13 @@ def check_divergence(metrics: dict[str, float], step: int, params: Params, last:
 
 class CollapseWatch:
     """At each evaluation: the pixel diversity of G_ema's fixed-z samples relative to the reals' and the share of
-    distinct nearest reals (sqgan.metrics.collapse), and whether they fell below metrics.collapse_pixel /
-    collapse_nn. `first` is the first step flagged (the run's `sqgan.collapse_step` tag)."""
+    distinct nearest reals (sqgan.metrics.collapse), and whether they are below metrics.collapse_pixel /
+    collapse_nn (`diversity/collapsed`, every evaluation).
+
+    A run is *flagged* (warning line, the `sqgan.collapse_step` tag, `first`) when it falls below after an evaluation
+    above both — a collapse — or is still below at the final evaluation without ever having been above — it never
+    learned; then `first` is its first evaluation. A low reading before G_ema first learned is "not yet",
+    not a collapse: the demo's G_ema is below both at step 250 and well above from step 500 (issue 25)."""
 
     MAX_REALS = 1000  # reals compared against (evenly spaced over the split): a few seconds at any dataset size
 
@@ -588,10 +593,12 @@ class CollapseWatch:
             images = images[torch.linspace(0, len(images) - 1, self.MAX_REALS).long()]
         self.reals, self.z, self.mp = images, z, params.metrics
         self.real_diversity = mean_pairwise_rms(images) if len(images) >= 2 else 0.0
-        self.first: int | None = None
+        self.first: int | None = None  # the step flagged
+        self.learned = False  # an evaluation above both thresholds was seen
+        self.low_since: int | None = None  # the first step below them (all of them below while not learned)
 
     @torch.no_grad()
-    def __call__(self, g_ema: nn.Module, step: int) -> tuple[dict[str, float], str | None]:
+    def __call__(self, g_ema: nn.Module, step: int, final: bool = False) -> tuple[dict[str, float], str | None]:
         """(metrics, a warning when this evaluation is flagged)."""
         if self.real_diversity <= 0:  # one real image (or identical ones): nothing to measure spread against
             return {}, None
@@ -602,23 +609,30 @@ class CollapseWatch:
         collapsed = st.pixel < self.mp.collapse_pixel or st.nn_distinct < self.mp.collapse_nn
         metrics = {**st.as_metrics(), "diversity/collapsed": float(collapsed)}
         if not collapsed:
+            self.learned = True
             return metrics, None
+        if self.low_since is None:
+            self.low_since = step
+        if not (self.learned or final):
+            return metrics, None  # not learned yet: flagged only if still so at the end
         if self.first is None:
-            self.first = step
-        return metrics, (f"warning: step {step}: G_ema collapsed: its {len(fake)} fixed-z samples are "
+            self.first = step if self.learned else self.low_since
+        what = "collapsed" if self.learned else f"never learned (below since step {self.low_since})"
+        return metrics, (f"warning: step {step}: G_ema {what}: its {len(fake)} fixed-z samples are "
                          f"{st.pixel:.3f}× as varied as the reals in pixels (metrics.collapse_pixel = "
                          f"{self.mp.collapse_pixel:g}) and have {st.nn_count} distinct nearest reals "
                          f"(share {st.nn_distinct:.3f}, metrics.collapse_nn = {self.mp.collapse_nn:g})")
 
 
-def watch_collapse(watch: CollapseWatch, g_ema: nn.Module, step: int, hooks: Hooks) -> dict[str, float]:
-    """Run the collapse watch, log its warning and tag the first collapse on the run (rank 0)."""
+def watch_collapse(watch: CollapseWatch, g_ema: nn.Module, step: int, hooks: Hooks,
+                   final: bool = False) -> dict[str, float]:
+    """Run the collapse watch, log its warning and tag the step it first flagged on the run (rank 0)."""
     first = watch.first
-    metrics, warning = watch(g_ema, step)
+    metrics, warning = watch(g_ema, step, final)
     if warning is not None:
         tqdm.write(warning)
         if first is None:
-            hooks.set_tags({COLLAPSE_STEP: str(step)})
+            hooks.set_tags({COLLAPSE_STEP: str(watch.first)})
     return metrics
 
 
@@ -720,7 +734,8 @@ def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fix
     if rt.is_main:
         grid = sample_grid(state.G_ema, fixed_z, out_dir / "grid.png")
         hooks.log_artifact(grid, "samples")
-        diversity_now = watch_collapse(watch, state.G_ema, tp.steps, hooks) if watch is not None else {}
+        diversity_now = ({} if watch is None else
+                         watch_collapse(watch, state.G_ema, tp.steps, hooks, final=True))
         ev = evaluate(params, evaluator, state.G_ema, params.metrics.num_fake, hooks, tp.steps, diversity_now)
         final.update(ev.metrics)
         final.update(diversity_now)
