@@ -237,8 +237,8 @@ def test_ctrl_c_on_dvc_repro_sweep_exits_130_lists_every_trial_and_dvc_records_n
     from sqgan.shells.tracking import child_runs
 
     sets = _sets(tmp_path, **{"tune.scheduler": "fifo", "tune.max_concurrent_trials": 1, "tune.fixed": "{}",
-                              "tune.space": "{fq: {decay: {grid: [0.6, 0.7, 0.8]}}}", "train.steps": 40,
-                              "train.checkpoint_every": 10, "train.log_every": 5, "metrics.eval_every": 0,
+                              "tune.space": "{fq: {decay: {grid: [0.6, 0.7, 0.8]}}}", "train.steps": 160,
+                              "train.checkpoint_every": 40, "train.log_every": 20, "metrics.eval_every": 0,
                               "metrics.diversity_every": 0, "ray.num_cpus": 2})
     cmd = " ".join(_cli(["tune", "--data", str(demo_dir), "--out", "sweep"], [f"'{s}'" for s in sets]))
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sweep": {"cmd": cmd, "outs": ["sweep"]}}}))
@@ -261,7 +261,8 @@ def test_ctrl_c_on_dvc_repro_sweep_exits_130_lists_every_trial_and_dvc_records_n
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(1)
             # the second trial is running: its nested run exists (waited for, not slept for: a trial's process may
-            # take several seconds to import its stack on a busy machine)
+            # take several seconds to import its stack on a busy machine); 160 steps (~6 s here), so it is still
+            # training when the signal comes: a workers: 1 trial has no worker group to start
             while not any(r.info.status == "RUNNING" for r in child_runs(client, client.get_run(parent_id))):
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)

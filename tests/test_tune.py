@@ -238,6 +238,67 @@ def test_a_sweep_logs_one_parent_and_a_nested_run_per_trial_and_its_report_reads
 
 
 @pytest.mark.ray
+def test_a_one_worker_trial_trains_in_its_process_as_sqgan_train_does_and_a_two_worker_trial_logs_alike(
+        ray_session, demo_dir, tmp_path, monkeypatch):
+    """train.workers 1 and 2 in one sweep, one trial at a time. The 1-worker trial runs the loop in the trial's own
+    process (no Ray Train run of its own), exits once at step 6 (the fault switch) and Tune restarts it from its
+    step-4 checkpoint: each step logged once, tagged restarted_from_step 4, and its final checkpoint is bit-identical
+    to `sqgan train`'s with the same params. The 2-worker trial starts a TorchTrainer and logs the same metrics,
+    artifacts and tags."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from sqgan.shells.ray_train import run_training
+    from sqgan.shells.tune import run_sweep
+
+    params = default_params(sweep_overrides(tmp_path, **{
+        "tune.scheduler": "fifo", "tune.max_concurrent_trials": 1, "tune.max_failures": 1,
+        "tune.space": "{train: {workers: {grid: [1, 2]}}}", "train.steps": 12, "train.checkpoint_every": 4,
+        "train.log_every": 2, "metrics.eval_every": 0, "ray.num_cpus": 2}))
+    flag = tmp_path / "trial-exited"
+    monkeypatch.setenv("SQGAN_TEST_WORKER_FAULT", f"0:6:{flag}")
+    sweep = run_sweep(params, demo_dir, tmp_path / "sweep", project_dir=ROOT)
+    monkeypatch.delenv("SQGAN_TEST_WORKER_FAULT")
+    assert flag.read_text() == "rank 0 exited at step 6\n"  # the fault happened (in the 1-worker trial, first)
+
+    client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    runs = {r.data.params["train.workers"]: r for r in _children(client, sweep.parent_run_id)}
+    one, two = runs["1"], runs["2"]
+    for r in (one, two):
+        assert r.info.status == "FINISHED" and r.data.tags["sqgan.trial_status"] == "completed", r.data.tags
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss/d")] == [2, 4, 6, 8, 10, 12]
+    assert one.data.tags["sqgan.restarted_from_step"] == "4" and one.data.tags["sqgan.trial_starts"] == "2"
+    assert "sqgan.restarted_from_step" not in two.data.tags
+
+    # Ray's storage: the sweep's experiment, and a Ray Train run for the 2-worker trial only
+    experiment = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["experiment_path"]
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(
+        [Path(experiment).name, f"{Path(experiment).name}-{two.data.tags['sqgan.trial_id']}"])
+    assert one.data.tags["ray.run_path"].startswith(experiment + "/") and Path(one.data.tags["ray.run_path"]).is_dir()
+
+    # one MLflow layout for both paths
+    assert set(one.data.metrics) == set(two.data.metrics)
+    assert set(one.data.tags) - {"sqgan.restarted_from_step"} == set(two.data.tags)
+
+    def artifacts(run_id: str, path: str | None = None) -> set[str]:
+        found = set()
+        for f in client.list_artifacts(run_id, path):
+            found |= artifacts(run_id, f.path) if f.is_dir else {f.path}
+        return found
+
+    assert artifacts(one.info.run_id) == artifacts(two.info.run_id)
+    assert "checkpoints/step_000012.pt" in artifacts(one.info.run_id)
+
+    # bit-identical to `sqgan train` with the trial's params, the restart notwithstanding
+    run_training(params, demo_dir, tmp_path / "train", project_dir=ROOT)
+    a = torch.load(tmp_path / "train" / "checkpoints" / "step_000012.pt", weights_only=True)
+    b = torch.load(tmp_path / "sweep" / "trials" / one.data.tags["sqgan.trial_id"] / "checkpoints" /
+                   "step_000012.pt", weights_only=True)
+    for part in ("G", "D", "G_ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.ray
 def test_a_sweep_driver_killed_after_a_trial_finished_resumes_without_rerunning_it(demo_dir, tmp_path):
     """SIGKILL of `sqgan tune` (its own local Ray dies with it); `sqgan tune --resume` completes the rest."""
     from mlflow.tracking import MlflowClient

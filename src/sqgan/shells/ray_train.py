@@ -221,7 +221,7 @@ class WorkerConfig:
     fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT): "RANK:STEP:FLAG_FILE", that rank exits once
 
 
-def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
+def maybe_fail(fault: str | None, rank: int, step: int) -> None:
     """The fault switch of the restart tests: rank RANK exits at step STEP unless FLAG_FILE exists (created first,
     so the restarted worker group runs through). It waits 5 s first: Ray Train polls its workers every 2 s, and a
     checkpoint reported less than one poll before a crash is lost (the group restarts from the one before)."""
@@ -250,6 +250,31 @@ def restored_checkpoint(folder: Path, local_tmp: Path) -> str:
     return str(path)
 
 
+def restore(restored: Any, local_tmp: Path) -> str | None:
+    """The checkpoint file to continue from after a restart: the one Ray's checkpoint (`ray.train.get_checkpoint()`
+    or `ray.tune.get_checkpoint()`) stands for, or None when Ray holds none."""
+    if restored is None:
+        return None
+    with restored.as_directory() as d:
+        return restored_checkpoint(Path(d), local_tmp)
+
+
+def checkpoint_folder(path: Path, step: int, reference: bool, into: Path) -> Path:
+    """Fill `into` with what Ray keeps of the loop's checkpoint `path`: a reference to the run folder's file (a
+    local Ray: no second copy) or the file itself (Ray copies the folder into shared storage)."""
+    if reference:
+        write_json_atomic(into / REFERENCE_FILE, {"path": str(Path(path).resolve()), "step": step,
+                                                  "bytes": Path(path).stat().st_size})
+    else:
+        link_or_copy(path, into / CHECKPOINT_FILE)
+    return into
+
+
+def uses_reference(params: Params, storage_path: str) -> bool:
+    """Ray's checkpoints may name the run folder's file when every trial and worker shares this machine's disk."""
+    return not params.ray.address and "://" not in storage_path
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """`train_loop_per_worker`: one DDP rank of the training loop; reports every `hooks.report` to Ray Train."""
     cfg = WorkerConfig(**config["worker"])
@@ -259,12 +284,9 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, cfg.threads))
     device = ray.train.torch.get_device()
 
-    resume = cfg.resume
     local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
-    restored = ray.train.get_checkpoint()
-    if restored is not None:  # a restart after a failure: continue from Ray's latest checkpoint
-        with restored.as_directory() as d:
-            resume = restored_checkpoint(Path(d), local_tmp)
+    restored = restore(ray.train.get_checkpoint(), local_tmp)  # a restart after a failure: Ray's latest checkpoint
+    resume = restored or cfg.resume
 
     # A resumed, restarted or retried run replays steps (those after its checkpoint, or all when it had none): the
     # points its MLflow run already holds are not logged twice.
@@ -273,18 +295,14 @@ def train_worker(config: dict[str, Any]) -> None:
         logger.set_tags({RESTARTED_FROM_STEP: int(load_checkpoint(resume)["step"])})  # after a failure
 
     def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
-        _maybe_fail(cfg.fault, rank, step)
+        maybe_fail(cfg.fault, rank, step)
         payload = {**metrics, "step": step}
         if path is None:
             ray.train.report(payload, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
-            if cfg.reference:  # the run folder holds the file: Ray keeps where it is, not a second copy
-                write_json_atomic(Path(d) / REFERENCE_FILE, {"path": str(Path(path).resolve()), "step": step,
-                                                             "bytes": Path(path).stat().st_size})
-            else:  # Ray copies the folder into (shared) storage
-                link_or_copy(path, Path(d) / CHECKPOINT_FILE)
-            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(d))
+            folder = checkpoint_folder(path, step, cfg.reference, Path(d))
+            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     hooks = Hooks(
         log_metrics=logger.log_metrics if logger else Hooks.log_metrics,
@@ -319,7 +337,7 @@ def build_trainer(
     worker = WorkerConfig(params=params.model_dump(mode="json"), data_dir=str(data_dir), out_dir=str(out_dir),
                           tracking_uri=tracking_uri, run_id=run_id, threads=threads,
                           resume=str(resume) if resume else None,
-                          reference=not params.ray.address and "://" not in storage_path,
+                          reference=uses_reference(params, storage_path),
                           fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
     return ray_torch.TorchTrainer(
         train_worker,

@@ -16,12 +16,15 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -36,13 +39,22 @@ from sqgan.metrics.names import (
     parse_metric_key,
 )
 from sqgan.shells import ray_train
-from sqgan.shells.ray_train import available_resources, build_trainer, check_environment
+from sqgan.shells.ray_train import (
+    available_resources,
+    build_trainer,
+    check_environment,
+    checkpoint_folder,
+    maybe_fail,
+    restore,
+    uses_reference,
+)
 from sqgan.shells.scheduler import RecordingASHA
 from sqgan.shells.tracking import MlflowLogger, end_run, mlflow_client, record_run, start_run, trial_runs
 from sqgan.shells.tune_report import settle_trials, write_report
 from sqgan.tags import (
     RAY_RUN_PATH,
     RAY_TRIAL_ID,
+    RESTARTED_FROM_STEP,
     RUN_NAME,
     STAGE,
     STAGE_SWEEP,
@@ -61,12 +73,13 @@ from sqgan.tags import (
     TUNE_STEPS,
 )
 from sqgan.train import loop
+from sqgan.train.checkpoint import load_checkpoint
 from sqgan.train.loop import absolute_init_from, init_source, interim_key, quality_keys, reported_metrics
 
 SWEEP_FILE = "sweep.json"  # in a sweep folder: tracking URI, parent run, Ray experiment path, params
 METRIC_ALIASES = ("kid", "fid")
-# A trial's own process only starts its TorchTrainer and waits: no CPU (its workers hold them), but Ray needs some
-# resource in the bundle, so it asks for a little memory.
+# With train.workers > 1 a trial's own process only starts its TorchTrainer and waits: no CPU (its workers hold
+# them), but Ray needs some resource in the bundle, so it asks for a little memory.
 TRIAL_DRIVER = {"CPU": 0, "memory": 256 * 2**20}
 
 
@@ -84,6 +97,7 @@ class SweepSpec:
     name: str
     use_gpu: bool
     metric: str  # the key Tune ranks on: an alias (kid, fid) or a logged metric
+    fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT, as ray_train's): a workers: 1 trial exits once
 
 
 @dataclass
@@ -205,12 +219,20 @@ def ray_space(params: Params) -> dict[str, Any]:
 def build_searcher(params: Params, metric: str, concurrency: int) -> Any:
     t = params.tune
     if t.searcher == "optuna":  # a Searcher: TuneConfig.max_concurrent_trials limits it
-
-        return OptunaSearch(metric=metric, mode=t.mode, seed=t.seed)
+        return RankedOptunaSearch(metric=metric, mode=t.mode, seed=t.seed)
 
     # Ray ignores TuneConfig.max_concurrent_trials for this generator: it takes the limit itself, or every trial
     # starts at once and those whose workers cannot start in 60 s fail.
     return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+
+
+class RankedOptunaSearch(OptunaSearch):
+    """OptunaSearch that takes a trial's intermediate value from the reports that hold the metric and passes over
+    the others (a workers: 1 trial reports every log step to Tune; Optuna's own would fail on a missing key)."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
 
 
 def build_scheduler(params: Params, base: Params, tracking_uri: str, parent_run_id: str) -> Any:
@@ -230,33 +252,47 @@ def build_scheduler(params: Params, base: Params, tracking_uri: str, parent_run_
 COLLAPSED_VALUE = {"min": float("inf"), "max": float("-inf")}  # what Tune sees of a collapsed trial's metric
 
 
-def _report_callback(metric: str, final_key: str, interim: str, mode: str = "min") -> Any:
-    """A Train callback (built inside the trial) that hands each report with the ranked metric to Tune, the
-    alias (kid, fid) filled from the final evaluation or else the interim one. Reports without it are not passed
-    on: ASHA and the searchers need the metric in every result. From an evaluation that flagged G_ema as collapsed
-    (diversity/collapsed) until one that does not, the metric is reported as the worst value, so ASHA stops the
-    trial and the searcher ranks it last."""
-    class ReportToTune(TuneReportCallback):
-        collapsed = False  # the latest evaluation's verdict of the collapse watch
+class TuneMetric:
+    """What Tune sees of a trial's reports: the ranked metric, the alias (kid, fid) filled from the final evaluation
+    or else the interim one. From an evaluation that flagged G_ema as collapsed (diversity/collapsed) until one that
+    does not, the metric is reported as the worst value, so ASHA stops the trial and the searcher ranks it last. Both
+    trial paths (a TorchTrainer's callback, the loop in the trial's process) rank through one of these."""
 
+    def __init__(self, params: Params, metric: str) -> None:
+        self.metric, self.mode = metric, params.tune.mode
+        self.final_key = metric_key(params, metric)
+        self.interim = loop.interim_key(params, self.final_key)
+        self.collapsed = False  # the latest evaluation's verdict of the collapse watch
+
+    def translate(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The report as Tune gets it; it holds `self.metric` only where the run measured it."""
+        m = dict(metrics)
+        if self.metric in METRIC_ALIASES:
+            value = m.get(self.final_key, m.get(self.interim))
+            if value is not None:
+                m[self.metric] = value
+        self.collapsed = bool(m.get("diversity/collapsed", self.collapsed))
+        if self.collapsed and self.metric in m:  # a collapsed generator ranks last, whatever its FID says
+            m[self.metric] = COLLAPSED_VALUE[self.mode]
+        return m
+
+
+def _report_callback(ranking: TuneMetric) -> Any:
+    """A Train callback (built inside the trial) that hands each report of the TorchTrainer that holds the ranked
+    metric to Tune (the others need not reach it: Train holds the checkpoints and stops its workers itself)."""
+    class ReportToTune(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            m = dict(metrics[0])
-            if metric in METRIC_ALIASES:
-                value = m.get(final_key, m.get(interim))
-                if value is not None:
-                    m[metric] = value
-            self.collapsed = bool(m.get("diversity/collapsed", self.collapsed))
-            if self.collapsed and metric in m:  # a collapsed generator ranks last, whatever its FID says
-                m[metric] = COLLAPSED_VALUE[mode]
-            if metric in m:
+            m = ranking.translate(metrics[0])
+            if ranking.metric in m:
                 super().after_report(run_context, [m], None)  # Train keeps the checkpoints; Tune needs none
 
     return ReportToTune()
 
 
 def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
-    """One trial: the sweep's params with this trial's values, trained by the shared TorchTrainer into
-    SWEEP_DIR/trials/<trial id>, logged to a nested MLflow run (the same one again when the trial is resumed)."""
+    """One trial: the sweep's params with this trial's values, trained into SWEEP_DIR/trials/<trial id> and logged
+    to a nested MLflow run (the same one again when the trial is resumed). With train.workers = 1 the loop runs in
+    the trial's own process (`train_in_trial`); with more, the trial starts the same TorchTrainer as `sqgan train`."""
     trial_id = tune.get_context().get_trial_id()
     params = Params.model_validate(spec.base).override(config, source=f"trial {trial_id}")
     out_dir = Path(spec.sweep_dir) / "trials" / trial_id
@@ -268,23 +304,71 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
         tune.report({**done, "step": params.train.steps,
                      **({spec.metric: done[final_key]} if final_key in done else {})})
         return
-    trainer = build_trainer(
-        params, data_dir, out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
-        storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
-        callbacks=[_report_callback(spec.metric, metric_key(params, spec.metric),
-                                    loop.interim_key(params, metric_key(params, spec.metric)), params.tune.mode)],
-    )
     try:
-        result = trainer.fit()
+        if params.train.workers == 1:
+            ray_path = train_in_trial(params, spec, run_id, out_dir, data_dir)
+        else:
+            ray_path = train_with_trainer(params, spec, trial_id, run_id, out_dir, data_dir)
+    except SystemExit:  # Tune ended the trial (ASHA, an interrupted sweep): the sweep settles its run
+        raise
     except BaseException:
         end_run(spec.tracking_uri, run_id, "FAILED")
         raise
-    if result.error is not None:
-        end_run(spec.tracking_uri, run_id, "FAILED")
-        raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
-
-    MlflowLogger(spec.tracking_uri, run_id).set_tags({TRIAL_STATUS: "completed", RAY_RUN_PATH: result.path})
+    MlflowLogger(spec.tracking_uri, run_id).set_tags({TRIAL_STATUS: "completed", RAY_RUN_PATH: ray_path})
     end_run(spec.tracking_uri, run_id, "FINISHED")
+
+
+def train_with_trainer(params: Params, spec: SweepSpec, trial_id: str, run_id: str, out_dir: Path,
+                       data_dir: Path) -> str:
+    """train.workers > 1: the trial's process starts the shared TorchTrainer (a worker group of its own) and waits;
+    returns Ray Train's run folder."""
+    trainer = build_trainer(
+        params, data_dir, out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
+        storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
+        callbacks=[_report_callback(TuneMetric(params, spec.metric))],
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"trial {trial_id} failed: {result.error}") from result.error
+    return result.path
+
+
+def train_in_trial(params: Params, spec: SweepSpec, run_id: str, out_dir: Path, data_dir: Path) -> str:
+    """train.workers = 1: the plain loop in the trial's own process, on the CPUs (and GPU) the trial holds — no
+    worker group to start. Every report of the loop goes to Tune, with the checkpoint taken at it: Tune keeps the
+    checkpoints (a restarted or resumed trial continues from the latest) and a trial that ASHA or an interruption
+    stops ends at its next report (Tune ends a trial's function only there). Those between evaluations lack the ranked
+    metric, which Tune is told to allow (TUNE_DISABLE_STRICT_METRIC_CHECKING; ASHA skips them, the Optuna searcher
+    is `RankedOptunaSearch`). Logs like a Train worker: each step once after a restart. Returns the trial's folder
+    in Ray's storage."""
+    torch.set_num_threads(max(1, params.ray.cpus_per_worker))
+    device = torch.device("cuda" if spec.use_gpu else "cpu")
+    local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
+    try:
+        resume = restore(tune.get_checkpoint(), local_tmp)
+        logger = MlflowLogger(spec.tracking_uri, run_id, skip_logged=True)
+        if resume is not None:
+            logger.set_tags({RESTARTED_FROM_STEP: int(load_checkpoint(resume)["step"])})
+        ranking = TuneMetric(params, spec.metric)
+        reference = uses_reference(params, spec.storage)
+
+        def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
+            maybe_fail(spec.fault, 0, step)
+            m = ranking.translate({**metrics, "step": step})
+            if path is None:
+                tune.report(m)
+                return
+            with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
+                tune.report(m, checkpoint=tune.Checkpoint.from_directory(checkpoint_folder(path, step, reference,
+                                                                                           Path(d))))
+
+        hooks = loop.Hooks(log_metrics=logger.log_metrics, log_artifact=logger.log_artifact, set_tags=logger.set_tags,
+                           report=report)
+        loop.train(params, data_dir, out_dir, resume=resume, runtime=loop.Runtime(device=device), hooks=hooks)
+    finally:
+        shutil.rmtree(local_tmp, ignore_errors=True)
+    # get_trial_dir() is this node's staging folder; the trial's folder of the same name lies in the sweep's storage
+    return _join(_join(spec.storage, spec.name), Path(tune.get_context().get_trial_dir()).name)
 
 
 def trial_data(params: Params, values: dict[str, Any], data_dir: Path, out_dir: Path) -> Path:
@@ -358,7 +442,8 @@ def run_sweep(
     (out_dir / "params.yaml").write_text(_dump_params(params))
     spec = SweepSpec(base=base.model_dump(mode="json"), data_dir=str(data_dir), sweep_dir=str(out_dir),
                      project_dir=str(project_dir), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     storage=storage, name=name, use_gpu=use_gpu, metric=params.tune.metric)
+                     storage=storage, name=name, use_gpu=use_gpu, metric=params.tune.metric,
+                     fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
     spec_fields = {k: v for k, v in asdict(spec).items() if k != "base"}  # base: params.yaml beside it
     write_json_atomic(out_dir / SWEEP_FILE, {**spec_fields, "experiment_path": _join(storage, name),
                                              "max_concurrent_trials": concurrency})
@@ -399,7 +484,7 @@ def resume_sweep(sweep_dir: str | Path) -> Sweep:
     ray_train.init_ray(params)
     mlflow_client(info["tracking_uri"]).update_run(info["parent_run_id"], status="RUNNING")
     spec = SweepSpec(base=base.model_dump(mode="json"),
-                     **{f.name: info[f.name] for f in fields(SweepSpec) if f.name != "base"})
+                     **{f.name: info[f.name] for f in fields(SweepSpec) if f.name != "base" and f.name in info})
     tuner = tune.Tuner.restore(info["experiment_path"], trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=True)
     return _fit_and_report(tuner, params, spec, sweep_dir)
@@ -415,7 +500,24 @@ def _preflight(base: Params, data_dir: Path, project_dir: Path) -> tuple[bool, s
 def _trainable(spec: SweepSpec) -> Any:
     """The trial function as Tune runs it, for a new sweep and a restored one alike."""
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Ray's sweep state at most ~1 s behind (default ≥ 10)
-    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # reports between evaluations lack the metric
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), TrialResources(spec))
+
+
+class TrialResources:
+    """What a trial asks Ray for, from its own values: with train.workers = 1 the loop's ray.cpus_per_worker CPUs
+    (and a GPU when the sweep trains on them), held by the trial's process that runs it; with more, TRIAL_DRIVER
+    (its worker group holds the CPUs)."""
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.base, self.use_gpu = spec.base, spec.use_gpu
+
+    def __call__(self, config: dict[str, Any]) -> PlacementGroupFactory:
+        workers = config.get("train.workers", self.base["train"]["workers"])
+        if workers > 1:
+            return PlacementGroupFactory([TRIAL_DRIVER])
+        cpus = config.get("ray.cpus_per_worker", self.base["ray"]["cpus_per_worker"])
+        return PlacementGroupFactory([{"CPU": cpus, **({"GPU": 1} if self.use_gpu else {})}])
 
 
 def _tuner(params: Params, base: Params, spec: SweepSpec, concurrency: int) -> Any:
