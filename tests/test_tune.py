@@ -119,6 +119,11 @@ def test_the_optuna_searcher_draws_trials_from_the_search_space():
         assert 0.1 <= config["fq.alpha"] <= 10
         p.override(config)  # every draw is valid params
     assert len({c["fq.alpha"] for c in drawn}) == 6
+    # a workers: 1 trial reports every log step; only the reports with the metric reach Optuna's trial
+    searcher.on_trial_result("t0", {"loss/d": 1.0, "step": 2, "training_iteration": 1})
+    searcher.on_trial_result("t0", {"kid": 0.25, "step": 4, "training_iteration": 2})
+    assert searcher._ot_trials["t0"].storage.get_trial(searcher._ot_trials["t0"]._trial_id).intermediate_values \
+        == {2: 0.25}
 
 
 def test_a_multi_node_ray_refuses_a_local_storage_folder_but_takes_shared_storage(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ marked KILLED, one that raises FAILED.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -25,7 +26,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train import torch as ray_torch
 
 from sqgan.config import Params
@@ -40,7 +41,15 @@ from sqgan.io import (
     write_json_atomic,
 )
 from sqgan.quant.codebook_prior import load_prior
-from sqgan.shells.tracking import TRACKING_FILE, MlflowLogger, check_tracking, end_run, open_run, resolve_tracking_uri
+from sqgan.shells.tracking import (
+    TRACKING_FILE,
+    MlflowLogger,
+    RunProgress,
+    check_tracking,
+    end_run,
+    open_run,
+    resolve_tracking_uri,
+)
 from sqgan.tags import RAY_RUN_PATH, RESTARTED_FROM_STEP, RESUMED_FROM, STAGE, STAGE_TRAIN
 from sqgan.train.checkpoint import checkpoints_in, latest_checkpoint, load_checkpoint
 from sqgan.train.loop import Hooks, Runtime, absolute_init_from, check_resume, init_source, train
@@ -217,6 +226,7 @@ class WorkerConfig:
     run_id: str
     threads: int
     resume: str | None = None  # checkpoint to start from (a restart after a failure uses Ray's latest instead)
+    report_logs: bool = False  # report every log step to Ray Train (a sweep's trial), not only `reported_to_ray`
     reference: bool = False  # Ray's checkpoints name the run folder's file (a local Ray) instead of copying it
     fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT): "RANK:STEP:FLAG_FILE", that rank exits once
 
@@ -232,6 +242,34 @@ def maybe_fail(fault: str | None, rank: int, step: int) -> None:
         Path(flag).write_text(f"rank {rank} exited at step {step}\n")
         time.sleep(5.0)
         os._exit(1)
+
+
+def say(line: str) -> None:
+    """A line for the terminal from a Ray worker or trial (Ray forwards it with the process's prefix)."""
+    print(line, flush=True)
+
+
+def quiet_console() -> None:
+    """In a Ray worker or trial process: Ray's INFO lines — Train V2's `Reporting training result N:
+    TrainingReport(…30 metrics…)` at every report, `Checkpoint successfully created at: …`, the process-group set-up
+    — go to Ray's log files only (session_*/logs/train/ray-train-{app,sys}-worker-*.log; Ray Train's report line is
+    logged under its module's file path, so RunConfig's LoggingConfig does not reach it), not to the terminal the
+    driver forwards worker output to: the console handlers Ray sets on the root, `ray` and `ray.train` loggers are
+    raised to WARNING; their file handlers keep every level."""
+    for name in ("", "ray", "ray.train"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def reported_to_ray(params: Params, step: int) -> bool:
+    """Whether the loop's report at `step` goes to Ray Train: at checkpoints (Ray keeps them for a restart), interim
+    evaluations and the end. Every log step would cost a barrier across the ranks and a hand-over to Train's
+    controller (one at a time: a report waits until the controller, polling every 2 s, took the previous one) for
+    nothing `sqgan train` uses; a sweep's TorchTrainer still reports them (Tune may rank on a logged metric). The same
+    steps on every rank, as Train requires."""
+    t, every = params.train, params.metrics.eval_every
+    return step % t.checkpoint_every == 0 or bool(every and step % every == 0) or step >= t.steps
 
 
 REFERENCE_FILE = "sqgan_checkpoint.json"  # a Ray checkpoint that names the run folder's file instead of holding it
@@ -283,6 +321,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, cfg.threads))
     device = ray.train.torch.get_device()
+    quiet_console()
 
     local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
     restored = restore(ray.train.get_checkpoint(), local_tmp)  # a restart after a failure: Ray's latest checkpoint
@@ -296,6 +335,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
         maybe_fail(cfg.fault, rank, step)
+        if not (cfg.report_logs or reported_to_ray(params, step)):
+            return
         payload = {**metrics, "step": step}
         if path is None:
             ray.train.report(payload, checkpoint=None)
@@ -309,6 +350,8 @@ def train_worker(config: dict[str, Any]) -> None:
         log_artifact=logger.log_artifact if logger else Hooks.log_artifact,
         set_tags=logger.set_tags if logger else Hooks.set_tags,
         report=report,
+        progress=None,  # the driver draws the run's bar (RunProgress): a worker's tqdm reaches the terminal as
+        say=say,        # Ray's forwarded log lines, one prefixed line per redraw
     )
     try:
         train(params, cfg.data_dir, cfg.out_dir, resume=resume,
@@ -329,6 +372,7 @@ def build_trainer(
     name: str,
     resume: Path | None = None,
     callbacks: list[Any] | None = None,
+    report_logs: bool = False,
 ) -> Any:
     """The TorchTrainer of one training (train.workers ranks of `train_worker`), shared by `sqgan train` and each
     trial of `sqgan tune` (which adds its callbacks). A run `name` already in `storage_path` resumes from its latest
@@ -337,7 +381,7 @@ def build_trainer(
     worker = WorkerConfig(params=params.model_dump(mode="json"), data_dir=str(data_dir), out_dir=str(out_dir),
                           tracking_uri=tracking_uri, run_id=run_id, threads=threads,
                           resume=str(resume) if resume else None,
-                          reference=uses_reference(params, storage_path),
+                          reference=uses_reference(params, storage_path), report_logs=report_logs,
                           fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
     return ray_torch.TorchTrainer(
         train_worker,
@@ -351,6 +395,7 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=params.ray.max_failures,
                                          controller_failure_limit=params.ray.controller_failure_limit),
             callbacks=list(callbacks or []),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Train's own INFO lines: its log files only
         ),
     )
 
@@ -382,7 +427,9 @@ def run_training(
     name = f"train-{run_id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     trainer = build_trainer(params, data_dir, out_dir, tracking_uri=tracking_uri, run_id=run_id, use_gpu=use_gpu,
                             storage_path=storage, name=name, resume=resume)
-    result = fit_tracked(trainer, tracking_uri, run_id, out_dir)
+    start = int(load_checkpoint(resume)["step"]) if resume is not None else 0
+    with RunProgress(tracking_uri, run_id, params.train.steps, start):
+        result = fit_tracked(trainer, tracking_uri, run_id, out_dir)
     MlflowLogger(tracking_uri, run_id).set_tags({RAY_RUN_PATH: result.path})
     end_run(tracking_uri, run_id, "FINISHED")
     return TrainRun(run_id, tracking_uri, out_dir, dict(result.metrics or {}), result.path)

@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from tqdm import tqdm
 
 from sqgan.config import Params
 from sqgan.io import sha256_file, write_json_atomic
@@ -354,6 +356,56 @@ class MlflowLogger:
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+
+class RunProgress:
+    """The one progress bar of a run whose loop runs elsewhere (a Ray worker, maybe on another node), drawn by the
+    driver from what the run logged: every `interval` seconds a thread reads the run's `loss/d` and `loss/g` points
+    from MLflow (the same server the workers log to, so it works on a cluster too) and moves the bar to the last
+    logged step. The bar appears with the first logged step (its rate then counts training, not Ray's start). Use as
+    a context manager around the wait; on a normal exit the bar is brought up to date, and closed either way."""
+
+    def __init__(self, tracking_uri: str, run_id: str, total: int, initial: int = 0, interval: float = 2.0) -> None:
+        self.client = mlflow_client(tracking_uri)
+        self.run_id, self.total, self.initial, self.interval = run_id, total, initial, interval
+        self.bar: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="sqgan-run-progress", daemon=True)
+
+    def refresh(self) -> None:
+        """Move the bar to the last step the run logged (never back: a restarted run replays logged steps)."""
+        d = self.client.get_metric_history(self.run_id, "loss/d")
+        last = max(d, key=lambda m: m.step, default=None)
+        if last is None or last.step <= (self.bar.n if self.bar is not None else self.initial):
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=self.initial, desc="train", unit="step")
+        g = {m.step: m.value for m in self.client.get_metric_history(self.run_id, "loss/g")}
+        self.bar.set_postfix({"d": f"{last.value:.3f}", **({"g": f"{g[last.step]:.3f}"} if last.step in g else {})},
+                             refresh=False)
+        self.bar.update(last.step - self.bar.n)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001  (a busy tracking server: the bar waits for the next poll)
+                continue
+
+    def __enter__(self) -> RunProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001
+                pass
+        if self.bar is not None:
+            self.bar.close()
 
 
 def checkpoint_of_run(tracking_uri: str, run_id: str, into: Path) -> Path:

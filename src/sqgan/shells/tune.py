@@ -45,7 +45,9 @@ from sqgan.shells.ray_train import (
     check_environment,
     checkpoint_folder,
     maybe_fail,
+    quiet_console,
     restore,
+    say,
     uses_reference,
 )
 from sqgan.shells.scheduler import RecordingASHA
@@ -325,7 +327,7 @@ def train_with_trainer(params: Params, spec: SweepSpec, trial_id: str, run_id: s
     trainer = build_trainer(
         params, data_dir, out_dir, tracking_uri=spec.tracking_uri, run_id=run_id, use_gpu=spec.use_gpu,
         storage_path=spec.storage, name=f"{spec.name}-{trial_id}",
-        callbacks=[_report_callback(TuneMetric(params, spec.metric))],
+        callbacks=[_report_callback(TuneMetric(params, spec.metric))], report_logs=True,
     )
     result = trainer.fit()
     if result.error is not None:
@@ -343,6 +345,7 @@ def train_in_trial(params: Params, spec: SweepSpec, run_id: str, out_dir: Path, 
     in Ray's storage."""
     torch.set_num_threads(max(1, params.ray.cpus_per_worker))
     device = torch.device("cuda" if spec.use_gpu else "cpu")
+    quiet_console()
     local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
     try:
         resume = restore(tune.get_checkpoint(), local_tmp)
@@ -363,7 +366,7 @@ def train_in_trial(params: Params, spec: SweepSpec, run_id: str, out_dir: Path, 
                                                                                            Path(d))))
 
         hooks = loop.Hooks(log_metrics=logger.log_metrics, log_artifact=logger.log_artifact, set_tags=logger.set_tags,
-                           report=report)
+                           report=report, progress=None, say=say)  # Tune's table
         loop.train(params, data_dir, out_dir, resume=resume, runtime=loop.Runtime(device=device), hooks=hooks)
     finally:
         shutil.rmtree(local_tmp, ignore_errors=True)

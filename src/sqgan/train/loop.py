@@ -79,6 +79,10 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _tqdm_bar(total: int, initial: int) -> Any:
+    return tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=5.0)
+
+
 @dataclass
 class Runtime:
     """Where this process sits in a (possibly distributed) run."""
@@ -102,6 +106,11 @@ class Hooks:
     log_artifact: Callable[[Path, str], None] = _noop
     set_tags: Callable[[dict[str, Any]], None] = _noop
     report: Callable[[dict[str, float], int, Path | None], None] = _noop
+    # the terminal (rank 0): progress(total, initial) makes the one progress bar (update(n), set_postfix(**kw),
+    # close()), None for none (a shell that draws its own); say(line) prints a line beside it (the collapse watch's
+    # warnings, one line per evaluation)
+    progress: Callable[[int, int], Any] | None = _tqdm_bar
+    say: Callable[[str], None] = tqdm.write
 
 
 @dataclass
@@ -292,6 +301,10 @@ def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, ho
     return ev
 
 
+def evaluation_line(step: int, metrics: dict[str, float]) -> str:
+    """The one line an interim evaluation prints: its quality metrics (KID's mean, not its std)."""
+    shown = {k: v for k, v in metrics.items() if (key := parse_metric_key(k)) is not None and key.stat != "std"}
+    return f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
 
 
 # ------------------------------------------------------------------------------------- train
@@ -630,7 +643,7 @@ def watch_collapse(watch: CollapseWatch, g_ema: nn.Module, step: int, hooks: Hoo
     first = watch.first
     metrics, warning = watch(g_ema, step, final)
     if warning is not None:
-        tqdm.write(warning)
+        hooks.say(warning)
         if first is None:
             hooks.set_tags({COLLAPSE_STEP: str(watch.first)})
     return metrics
@@ -675,12 +688,12 @@ def train(
         prune_checkpoints(ckpt_dir, tp.keep_checkpoints, keep=best.path)
         return last["checkpoint"]
 
-    progress = tqdm(total=tp.steps, initial=state.step, desc="train", unit="step", disable=not rt.is_main,
-                    mininterval=5.0)
+    progress = hooks.progress(tp.steps, state.step) if rt.is_main and hooks.progress is not None else None
     while state.step < tp.steps:
         window.add(train_step(state, params, dataset, rt))
         done = state.step
-        progress.update(1)
+        if progress is not None:
+            progress.update(1)
 
         report: dict[str, float] | None = None
         if done % tp.log_every == 0 or done == tp.steps:
@@ -695,6 +708,7 @@ def train(
             state.metrics = metrics
             if rt.is_main:
                 hooks.log_metrics(metrics, done)
+            if progress is not None:
                 progress.set_postfix(d=f"{metrics['loss/d']:.3f}", g=f"{metrics['loss/g']:.3f}")
             report = dict(metrics)
 
@@ -707,8 +721,10 @@ def train(
             report = dict(state.metrics) if report is None else report
             if rt.is_main:  # eval_num_fake images: their own names (fid200_…), a fixed seed like the final one
                 diversity_now = watch_collapse(watch, state.G_ema, done, hooks)
-                report.update(evaluate(params, evaluator, state.G_ema, params.metrics.eval_num_fake, hooks,
-                                       done, diversity_now).metrics)
+                evaluated = evaluate(params, evaluator, state.G_ema, params.metrics.eval_num_fake, hooks, done,
+                                     diversity_now).metrics
+                hooks.say(evaluation_line(done, evaluated))
+                report.update(evaluated)
                 report.update(diversity_now)
 
         path: Path | None = None
@@ -719,7 +735,8 @@ def train(
             report = dict(state.metrics) if report is None else report
         if report is not None and done != tp.steps:
             hooks.report(report, done, path)
-    progress.close()
+    if progress is not None:
+        progress.close()
     return finish(params, state, evaluator, out_dir, fixed_z, rt, hooks, checkpoint, watch)
 
 
