@@ -174,3 +174,35 @@ def test_a_format_1_checkpoint_is_refused_with_what_to_do(tmp_path):
     torch.save({"format": 1, "step": 10}, old)
     with pytest.raises(ValueError, match="format 1, from before the model factory.*start a new run"):
         load_checkpoint(old)
+
+
+def test_the_loop_draws_one_bar_and_says_one_line_per_interim_evaluation(demo_dir, tmp_path):
+    """The terminal side of the loop goes through Hooks: one bar (every step, a postfix per log, closed) and one
+    line per interim evaluation naming its quality metrics (KID's mean, not its std); `progress=None` draws none."""
+    class Bar:
+        def __init__(self, total: int, initial: int) -> None:
+            self.total, self.n, self.postfixes, self.closed = total, initial, [], False
+            bars.append(self)
+
+        def update(self, n: int = 1) -> None:
+            self.n += n
+
+        def set_postfix(self, **values: str) -> None:
+            self.postfixes.append(values)
+
+        def close(self) -> None:
+            self.closed = True
+
+    bars: list[Bar] = []
+    lines: list[str] = []
+    params = _params(**{"train.steps": 10, "metrics.eval_every": 5, "metrics.eval_num_fake": 20})
+    train(params, demo_dir, tmp_path / "run", hooks=Hooks(progress=Bar, say=lines.append))
+    assert len(bars) == 1 and (bars[0].total, bars[0].n, bars[0].closed) == (10, 10, True)
+    assert len(bars[0].postfixes) == 2 and set(bars[0].postfixes[0]) == {"d", "g"}
+    said = [line for line in lines if not line.startswith("warning: ")]  # the collapse watch says its warnings too
+    assert len(said) == 1 and said[0].startswith("step 5: fid20_train_randcnn "), lines
+    assert "kid20_train_randcnn_mean" in said[0] and "_std" not in said[0]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000010.pt"
+    train(params.override({"train.steps": 12}), demo_dir, tmp_path / "run", resume=ckpt,
+          hooks=Hooks(progress=None, say=lines.append))  # no bar; the resumed loop needs none
+    assert len(bars) == 1
