@@ -12,9 +12,10 @@
    torch uses the same number of threads in every row (`--threads`: ray.cpus_per_worker in the Ray worker,
    torch.set_num_threads and OMP_NUM_THREADS in the plain child).
 2. Ray Tune's overhead per trial: a sweep (`sqgan.shells.tune.run_sweep`) of `--trials` trials, a grid over
-   fq.decay, scheduler fifo, max_concurrent_trials 1, tune.fixed = the same schedule as above. Per trial: its
-   wall time (Ray Tune's `time_total_s`, and the span of its nested MLflow run) minus its training time (the
-   loop's steps/s windows from the run's metric history), split into before and after the loop; for the sweep:
+   fq.decay, scheduler fifo, max_concurrent_trials 1, tune.fixed = the same schedule as above; with train.workers
+   1 (the loop runs in the trial's own process) and, with `--workers W > 1`, W (a TorchTrainer per trial).
+   Per trial: its wall time (Ray Tune's `time_total_s`, and the span of its nested MLflow run) minus its training
+   time (the loop's steps/s windows from the run's metric history), split into before and after the loop; for the sweep:
    run_sweep's wall time (and the child process's) minus the sum of the trainings. Where trials run at the same
    time, a trial's wall time holds its wait for the other's workers; 'waited s' (another trial's loop within this
    trial's run) is subtracted in the last column, and run_sweep − Σ loop stays the fair total.
@@ -275,6 +276,63 @@ def _load() -> str:
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
+def _sweep_table(a: argparse.Namespace, label: str, workers: int, sweeps: list[dict[str, Any]],
+                 derived: dict[str, Any]) -> dict[str, Any]:
+    """Print one sweep row's per-trial table and totals; returns them."""
+    print()
+    how = "the loop in the trial process" if workers == 1 else "a TorchTrainer per trial"
+    print(f"Tune sweep: {a.trials} trials of train.workers={workers} ({how}; grid over fq.decay, fifo, "
+          f"max_concurrent_trials 1, same schedule); per trial, from Ray's result and the trial's MLflow run")
+    head = ("round", "trial", "fq.decay", "time_total s", "mlflow span s", "loop s", "steps/s", "pre-loop s",
+            "post-loop s", "waited s", "total−loop s", "span−loop s", "span−loop−wait")
+    print(" | ".join(f"{h:>13}" for h in head))
+    per_trial: dict[str, list[float]] = {"time_total": [], "span": [], "span_wait": []}
+    overlapped = False
+    for rep, sweep in enumerate(sweeps):
+        for t in sweep["trials"]:
+            o_total = t["ray_time_total_s"] - t["loop_s"] if t["ray_time_total_s"] is not None else None
+            o_span = t["mlflow_span_s"] - t["loop_s"]
+            o_wait = o_span - t["waited_s"]
+            t.update(overhead_time_total_s=o_total, overhead_span_s=o_span, overhead_span_minus_wait_s=o_wait)
+            for k, v in (("time_total", o_total), ("span", o_span), ("span_wait", o_wait)):
+                per_trial[k] += [v] if v is not None else []
+            overlapped |= t["runs_overlapped"]
+            cells = (rep + 1, t["trial_id"], t["values"].get("fq.decay"), t["ray_time_total_s"],
+                     t["mlflow_span_s"], t["loop_s"], t["steps_per_s"], t["pre_loop_s"], t["post_loop_s"],
+                     t["waited_s"], o_total, o_span, o_wait)
+            print(" | ".join(f"{_fmt(c):>13}" for c in cells))
+    sw: dict[str, Any] = {
+        "process_wall_s": _median(sweeps, "wall_s"),
+        "run_sweep_s": _median(sweeps, "run_s"),
+        "sum_loop_s": _median(sweeps, "loop_s"),
+        "ray_init_s": _median(sweeps, "ray_init_s"),
+        "trials_overlapped": overlapped,
+    }
+    sw["run_sweep_minus_loops_s"] = sw["run_sweep_s"] - sw["sum_loop_s"]
+    sw["process_wall_minus_loops_s"] = sw["process_wall_s"] - sw["sum_loop_s"]
+    sw["per_trial_run_sweep_minus_loops_s"] = sw["run_sweep_minus_loops_s"] / a.trials
+    for k, v in per_trial.items():
+        sw[f"per_trial_median_{k}_overhead_s"] = statistics.median(v) if v else None
+    sw["single_run_training_minus_loop_s"] = derived["in_process_overhead_s"]["ray ×1"]
+    sw["plain_train_minus_loop_s"] = derived["in_process_overhead_s"]["plain"]
+    print(f"sweep: process wall {sw['process_wall_s']:.2f} s (ray.init {sw['ray_init_s']:.2f} s), run_sweep "
+          f"{sw['run_sweep_s']:.2f} s, Σ loop {sw['sum_loop_s']:.2f} s")
+    print(f"run_sweep − Σ loop: {sw['run_sweep_minus_loops_s']:.2f} s = "
+          f"{sw['per_trial_run_sweep_minus_loops_s']:.2f} s per trial; process wall − Σ loop: "
+          f"{sw['process_wall_minus_loops_s']:.2f} s")
+    print(f"per trial (median): time_total − loop {_fmt(sw['per_trial_median_time_total_overhead_s'])} s; "
+          f"span − loop {_fmt(sw['per_trial_median_span_overhead_s'])} s; span − loop − waited "
+          f"{_fmt(sw['per_trial_median_span_wait_overhead_s'])} s")
+    print(f"for comparison, in one process: run_training − loop (ray ×1 row) "
+          f"{sw['single_run_training_minus_loop_s']:.2f} s; train() − loop (plain row: data, models, final "
+          f"FID/KID) {sw['plain_train_minus_loop_s']:.2f} s")
+    if overlapped:
+        print("WARNING: trials ran at the same time although tune.max_concurrent_trials=1 (a regression of "
+              "sqgan.shells.tune.build_searcher?); a trial that waited for the other's workers has that wait in "
+              "its time_total/span ('waited s'), so run_sweep − Σ loop is the fair total")
+    return sw
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -338,13 +396,15 @@ def main() -> None:
             rows.append((f"ray ×{a.workers}", "ray", a.workers))
         if a.trials > 0:
             rows.append((f"tune ×{a.trials} trials", "tune", 1))
+            if a.workers > 1:  # trials that start a TorchTrainer (a worker group each)
+                rows.append((f"tune ×{a.trials} trials, ×{a.workers} workers", "tune", a.workers))
         results: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in rows}
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "warm"], cwd=tmp, check=True)
         for rep in range(a.repeats):
             order = rows if rep % 2 == 0 else rows[::-1]
             print(f"round {rep + 1}/{a.repeats}")
             for label, kind, workers in order:
-                safe = label.replace(" ", "_").replace("×", "x").replace("+", "_")
+                safe = label.replace(" ", "_").replace("×", "x").replace("+", "_").replace(",", "")
                 results[label].append(_run_child(a, tmp, f"r{rep}-{safe}", kind, workers, data))
         load_after = _load()
         done = True
@@ -401,60 +461,11 @@ def main() -> None:
     out.update(results=results, summary=summary, derived=derived, load_before=load_before, load_after=load_after,
                repo_outputs_created=created)
 
-    # ---------------------------------------------------------------------------------- table: the sweep
-    if a.trials > 0:
-        sweeps = results[f"tune ×{a.trials} trials"]
-        print()
-        print(f"Tune sweep: {a.trials} trials (grid over fq.decay, fifo, max_concurrent_trials 1, same schedule); "
-              f"per trial, from Ray's result and the trial's MLflow run")
-        head = ("round", "trial", "fq.decay", "time_total s", "mlflow span s", "loop s", "steps/s", "pre-loop s",
-                "post-loop s", "waited s", "total−loop s", "span−loop s", "span−loop−wait")
-        print(" | ".join(f"{h:>13}" for h in head))
-        per_trial: dict[str, list[float]] = {"time_total": [], "span": [], "span_wait": []}
-        overlapped = False
-        for rep, sweep in enumerate(sweeps):
-            for t in sweep["trials"]:
-                o_total = t["ray_time_total_s"] - t["loop_s"] if t["ray_time_total_s"] is not None else None
-                o_span = t["mlflow_span_s"] - t["loop_s"]
-                o_wait = o_span - t["waited_s"]
-                t.update(overhead_time_total_s=o_total, overhead_span_s=o_span, overhead_span_minus_wait_s=o_wait)
-                for k, v in (("time_total", o_total), ("span", o_span), ("span_wait", o_wait)):
-                    per_trial[k] += [v] if v is not None else []
-                overlapped |= t["runs_overlapped"]
-                cells = (rep + 1, t["trial_id"], t["values"].get("fq.decay"), t["ray_time_total_s"],
-                         t["mlflow_span_s"], t["loop_s"], t["steps_per_s"], t["pre_loop_s"], t["post_loop_s"],
-                         t["waited_s"], o_total, o_span, o_wait)
-                print(" | ".join(f"{_fmt(c):>13}" for c in cells))
-        sw: dict[str, Any] = {
-            "process_wall_s": _median(sweeps, "wall_s"),
-            "run_sweep_s": _median(sweeps, "run_s"),
-            "sum_loop_s": _median(sweeps, "loop_s"),
-            "ray_init_s": _median(sweeps, "ray_init_s"),
-            "trials_overlapped": overlapped,
-        }
-        sw["run_sweep_minus_loops_s"] = sw["run_sweep_s"] - sw["sum_loop_s"]
-        sw["process_wall_minus_loops_s"] = sw["process_wall_s"] - sw["sum_loop_s"]
-        sw["per_trial_run_sweep_minus_loops_s"] = sw["run_sweep_minus_loops_s"] / a.trials
-        for k, v in per_trial.items():
-            sw[f"per_trial_median_{k}_overhead_s"] = statistics.median(v) if v else None
-        sw["single_run_training_minus_loop_s"] = derived["in_process_overhead_s"]["ray ×1"]
-        sw["plain_train_minus_loop_s"] = derived["in_process_overhead_s"]["plain"]
-        print(f"sweep: process wall {sw['process_wall_s']:.2f} s (ray.init {sw['ray_init_s']:.2f} s), run_sweep "
-              f"{sw['run_sweep_s']:.2f} s, Σ loop {sw['sum_loop_s']:.2f} s")
-        print(f"run_sweep − Σ loop: {sw['run_sweep_minus_loops_s']:.2f} s = "
-              f"{sw['per_trial_run_sweep_minus_loops_s']:.2f} s per trial; process wall − Σ loop: "
-              f"{sw['process_wall_minus_loops_s']:.2f} s")
-        print(f"per trial (median): time_total − loop {_fmt(sw['per_trial_median_time_total_overhead_s'])} s; "
-              f"span − loop {_fmt(sw['per_trial_median_span_overhead_s'])} s; span − loop − waited "
-              f"{_fmt(sw['per_trial_median_span_wait_overhead_s'])} s")
-        print(f"for comparison, in one process: run_training − loop (ray ×1 row) "
-              f"{sw['single_run_training_minus_loop_s']:.2f} s; train() − loop (plain row: data, models, final "
-              f"FID/KID) {sw['plain_train_minus_loop_s']:.2f} s")
-        if overlapped:
-            print("WARNING: trials ran at the same time although tune.max_concurrent_trials=1 (a regression of "
-                  "sqgan.shells.tune.build_searcher?); a trial that waited for the other's workers has that wait in "
-                  "its time_total/span ('waited s'), so run_sweep − Σ loop is the fair total")
-        out["sweep"] = sw
+    # ---------------------------------------------------------------------------------- table: the sweeps
+    for label, kind, workers in rows:
+        if kind == "tune":
+            out["sweep" if workers == 1 else f"sweep_x{workers}_workers"] = _sweep_table(a, label, workers,
+                                                                                        results[label], derived)
     if created:
         print(f"WARNING: {created} appeared in {ROOT} during the run")
     if a.json:

@@ -4,6 +4,7 @@ run's one progress bar from MLflow, and `sqgan train` hands Ray Train only the r
 from __future__ import annotations
 
 import logging
+import time
 
 from sqgan.config import default_params
 from sqgan.shells.ray_train import quiet_console, reported_to_ray
@@ -52,9 +53,11 @@ def test_the_driver_draws_the_runs_bar_from_what_mlflow_holds(tmp_path, demo_dir
                              f"mlflow.artifact_root={tmp_path / 'artifacts'}", "train.steps=40"])
     uri, run_id = open_run(params, demo_dir, tmp_path / "run", tmp_path)
     logger = MlflowLogger(uri, run_id)
+    logger.client.log_metric(run_id, "loss/d", 1.5, timestamp=int(time.time() * 1000) - 3_600_000, step=30)
     with RunProgress(uri, run_id, total=40, initial=10, interval=60) as progress:
         progress.refresh()
-        assert progress.bar is None  # nothing logged past the start yet: no bar (Ray may still be starting)
+        assert progress.bar is None  # nothing logged by this training yet (the step-30 point is an hour old, from
+        # the run's earlier life before a resume): no bar while Ray starts
         logger.log_metrics({"loss/d": 1.25, "loss/g": 0.5}, 20)
         progress.refresh()
         assert progress.bar.n == 20 and progress.bar.postfix == "d=1.250, g=0.500"

@@ -208,6 +208,11 @@ def test_ctrl_c_on_sqgan_train_marks_the_run_killed_exits_130_and_resume_of_an_e
                                                                                    "step_000010.pt")], sets),
                            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=400)
     assert r.returncode == 0, resumed.read_text()[-3000:]  # and it exits when done (the issue saw it hang)
+    console = resumed.read_text()  # issue 20: one bar drawn by the driver, none of Ray's per-report lines
+    assert "train: 100%" in console and "40/40" in console, console[-3000:]
+    for chatter in ("Reporting training result", "TrainingReport(", "Checkpoint successfully created",
+                    "PreemptionWatcher"):
+        assert chatter not in console, (chatter, console[-3000:])
     done = client.get_run(run_id)
     assert done.info.status == "FINISHED" and done.data.tags["sqgan.resume.1.status_before"] == "KILLED"
     assert "sqgan.restarted_from_step" not in done.data.tags

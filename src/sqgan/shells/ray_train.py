@@ -94,8 +94,12 @@ def init_ray(params: Params) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if params.ray.address:
         kwargs["address"] = params.ray.address
-    elif params.ray.num_cpus:
-        kwargs["num_cpus"] = params.ray.num_cpus
+    else:
+        # a Ray of this machine's own: no node to be preempted, so no PreemptionWatcher actor per training (a
+        # process to start, and a core_worker error line on the terminal about its restart arguments)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        if params.ray.num_cpus:
+            kwargs["num_cpus"] = params.ray.num_cpus
     ray.init(**kwargs)
 
 

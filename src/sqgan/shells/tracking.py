@@ -362,19 +362,22 @@ class RunProgress:
     """The one progress bar of a run whose loop runs elsewhere (a Ray worker, maybe on another node), drawn by the
     driver from what the run logged: every `interval` seconds a thread reads the run's `loss/d` and `loss/g` points
     from MLflow (the same server the workers log to, so it works on a cluster too) and moves the bar to the last
-    logged step. The bar appears with the first logged step (its rate then counts training, not Ray's start). Use as
+    logged step. The bar appears with the first step logged since it was made (its rate then counts training, not
+    Ray's start; a resumed run's earlier points do not count). Use as
     a context manager around the wait; on a normal exit the bar is brought up to date, and closed either way."""
 
     def __init__(self, tracking_uri: str, run_id: str, total: int, initial: int = 0, interval: float = 2.0) -> None:
         self.client = mlflow_client(tracking_uri)
         self.run_id, self.total, self.initial, self.interval = run_id, total, initial, interval
+        # a resumed run's earlier points are not this training's progress (a minute's slack for a worker's clock)
+        self.since = int(time.time() * 1000) - 60_000
         self.bar: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="sqgan-run-progress", daemon=True)
 
     def refresh(self) -> None:
         """Move the bar to the last step the run logged (never back: a restarted run replays logged steps)."""
-        d = self.client.get_metric_history(self.run_id, "loss/d")
+        d = [m for m in self.client.get_metric_history(self.run_id, "loss/d") if m.timestamp >= self.since]
         last = max(d, key=lambda m: m.step, default=None)
         if last is None or last.step <= (self.bar.n if self.bar is not None else self.initial):
             return
