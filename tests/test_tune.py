@@ -107,6 +107,23 @@ def test_trials_at_once_are_capped_by_the_cpus_and_enforced_by_every_searcher():
     assert build_searcher(default_params(["tune.searcher=random"]), "kid", 3).max_concurrent == 3
 
 
+def test_a_one_worker_trial_holds_its_loops_cpus_and_a_multi_worker_trial_only_starts_its_workers():
+    from sqgan.shells.tune import TRIAL_DRIVER, SweepSpec, TrialResources, trial_base
+
+    def spec(p, use_gpu=False):
+        return SweepSpec(base=trial_base(p).model_dump(mode="json"), data_dir="", sweep_dir="", project_dir="",
+                         tracking_uri="", parent_run_id="", storage="", name="", use_gpu=use_gpu, metric="kid")
+
+    p = default_params(["tune.cpus_per_worker=2"])
+    assert TrialResources(spec(p))({}).bundles == [{"CPU": 2.0}]  # the loop runs in the trial: it holds the CPUs
+    assert TrialResources(spec(p, use_gpu=True))({"fq.decay": 0.5}).bundles == [{"CPU": 2.0, "GPU": 1.0}]
+    assert TrialResources(spec(p))({"ray.cpus_per_worker": 1}).bundles == [{"CPU": 1.0}]  # a swept value
+    # a TorchTrainer's workers hold the CPUs; the trial's process only waits for them
+    assert TrialResources(spec(p))({"train.workers": 2}).bundles == [{k: float(v) for k, v in TRIAL_DRIVER.items()}]
+    two = default_params(["tune.workers=2", "tune.cpus_per_worker=1"])
+    assert TrialResources(spec(two))({}).bundles == [{k: float(v) for k, v in TRIAL_DRIVER.items()}]
+
+
 def test_the_optuna_searcher_draws_trials_from_the_search_space():
     from sqgan.shells.tune import build_searcher, ray_space
 
