@@ -1,12 +1,13 @@
 """Ray Tune shell: `sqgan tune` runs a sweep of trainings, one MLflow parent run with a nested run per trial.
 
-Ray 2.60 Train V2: each trial is a Tune function that builds the same `TorchTrainer` as `sqgan train`
-(`ray_train.build_trainer`) and calls `fit()`; a Train callback hands the trial's reports to Tune, where ASHA
-prunes on the interim KID/FID. Before any trial starts, the search space is checked against the params schema
-(unknown key, empty grid, a value the schema rejects, a metric the run does not report: exit 2, naming the key),
-and the resources, storage and tracking server like a training's. The sweep folder's `sweep.json` names the
-parent run and Ray's experiment, so `sqgan tune --resume SWEEP_DIR` (`Tuner.restore`) re-runs nothing finished,
-continues unfinished trials from their last checkpoints and logs into the same runs.
+Ray 2.60 Train V2: each trial is a Tune function. With train.workers = 1 it runs the training loop itself, in the
+trial's process, and reports to Tune at every log step (`train_in_trial`); with more it builds the same
+`TorchTrainer` as `sqgan train` (`ray_train.build_trainer`) and calls `fit()`, a Train callback handing the reports
+to Tune. ASHA prunes on the interim KID/FID. Before any trial starts, the search space is checked against the
+params schema (unknown key, empty grid, a value the schema rejects, a metric the run does not report: exit 2,
+naming the key), and the resources, storage and tracking server like a training's. The sweep folder's
+`sweep.json` names the parent run and Ray's experiment, so `sqgan tune --resume SWEEP_DIR` (`Tuner.restore`)
+re-runs nothing finished, continues unfinished trials from their last checkpoints and logs into the same runs.
 """
 
 from __future__ import annotations
