@@ -312,22 +312,29 @@ def test_a_sweep_ranks_only_trials_that_did_not_collapse(tmp_path):
 
 
 def test_tune_sees_a_collapsed_trial_as_the_worst_until_it_recovers(monkeypatch):
+    """Both trial paths rank through one TuneMetric: a TorchTrainer's callback passes on only the reports that hold
+    the metric; a 1-worker trial hands Tune every report, the metric where it was measured."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sqgan.shells.tune import _report_callback
+    from sqgan.shells.tune import TuneMetric, _report_callback
 
     seen: list[dict] = []
     monkeypatch.setattr(TuneReportCallback, "__init__", lambda self: None)  # outside a Tune session
     monkeypatch.setattr(TuneReportCallback, "after_report", lambda self, ctx, metrics, ckpt: seen.append(metrics[0]))
-    cb = _report_callback("kid", "kid500_train_randcnn_mean", "kid200_train_randcnn_mean", "min")
-    for m in ({"kid200_train_randcnn_mean": 0.3, "diversity/collapsed": 0.0},
-              {"kid200_train_randcnn_mean": 0.1, "diversity/collapsed": 1.0},
-              {"loss/d": 1.0},  # no evaluation in this report: not passed on
-              {"kid200_train_randcnn_mean": 0.1, "step": 60},  # a report between evaluations keeps the verdict
-              {"kid500_train_randcnn_mean": 0.2, "diversity/collapsed": 0.0}):
+    reports = ({"kid200_train_randcnn_mean": 0.3, "diversity/collapsed": 0.0},
+               {"kid200_train_randcnn_mean": 0.1, "diversity/collapsed": 1.0},
+               {"loss/d": 1.0},  # no evaluation in this report: not passed on by the callback
+               {"kid200_train_randcnn_mean": 0.1, "step": 60},  # a report between evaluations keeps the verdict
+               {"kid500_train_randcnn_mean": 0.2, "diversity/collapsed": 0.0})
+    ranking = TuneMetric(default_params(), "kid")
+    assert (ranking.final_key, ranking.interim) == ("kid500_train_randcnn_mean", "kid200_train_randcnn_mean")
+    cb = _report_callback(ranking)
+    for m in reports:
         cb.after_report(None, [m], None)
     assert [s["kid"] for s in seen] == [0.3, math.inf, math.inf, 0.2]
-    cb = _report_callback("g/score", "-", "-", "max")  # any logged metric, ranked high-is-good
+    in_trial = TuneMetric(default_params(), "kid")  # what train_in_trial hands tune.report
+    assert [in_trial.translate(m).get("kid") for m in reports] == [0.3, math.inf, None, math.inf, 0.2]
+    cb = _report_callback(TuneMetric(default_params(["tune.mode=max"]), "g/score"))  # any logged metric, max
     cb.after_report(None, [{"g/score": 3.0, "diversity/collapsed": 1.0}], None)
     assert seen[-1]["g/score"] == -math.inf
 
