@@ -38,13 +38,15 @@ def demo_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for every Ray test (each TorchTrainer.fit costs ~25 s and ~2.5 GB here). With its dashboard (on a
-    free port, so a second Ray started by a test gets the default one): Ray Train V2's placement-group cleaner asks
-    it whether a controller is alive; without it, the workers' CPUs of a trial that ASHA stopped are never freed and
-    later trials time out waiting for workers."""
+    """One local Ray for every Ray test (each TorchTrainer.fit costs ~25 s and ~2.5 GB here), started as `sqgan train`
+    starts its own (`local_ray_options`: its dashboard on a free port, whose address every task and actor gets): Ray
+    Train V2's placement-group cleaner asks it whether a controller is alive; without it, the workers' CPUs of a
+    trial that ASHA stopped are never freed and later trials time out waiting for workers."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+    from sqgan.shells.ray_train import local_ray_options
+
+    ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
     yield ray
     ray.shutdown()
 

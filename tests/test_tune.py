@@ -144,18 +144,53 @@ def test_the_optuna_searcher_draws_trials_from_the_search_space():
         == {2: 0.25}
 
 
-def test_a_multi_node_ray_refuses_a_local_storage_folder_but_takes_shared_storage(monkeypatch, tmp_path):
+def test_a_multi_node_ray_takes_a_local_storage_folder_only_when_every_node_sees_it(monkeypatch, tmp_path):
     from sqgan.shells import ray_train
     from sqgan.shells.ray_train import resolve_storage
 
+    probed: list[Path] = []
+    missing: list[str] = ["10.0.0.2 (5f3a9c1e)"]
+    monkeypatch.setattr(ray_train, "check_ray_address", lambda address: None)
+    monkeypatch.setattr(ray_train, "init_ray", lambda params: None)
+    monkeypatch.setattr(ray_train, "nodes_missing_folder", lambda folder: probed.append(folder) or missing)
     local = default_params(["ray.address=10.0.0.1:6379", f"ray.storage_path={tmp_path / 'ray'}"])
-    with pytest.raises(RuntimeError, match=r"use shared storage: --set ray.storage_path=s3://BUCKET/sqgan"):
+    with pytest.raises(RuntimeError, match=r"ray.storage_path .* node\(s\) 10.0.0.2 \(5f3a9c1e\) of the Ray cluster at "
+                                           r"10.0.0.1:6379 cannot see .* use shared storage: --set "
+                                           r"ray.storage_path=s3://BUCKET/sqgan"):
         resolve_storage(local)
+    assert probed == [tmp_path / "ray"]
+    missing.clear()  # every node read the probe file back: all on this machine, or sharing its disk
+    assert resolve_storage(local) == str(tmp_path / "ray")
     assert resolve_storage(default_params(["ray.address=10.0.0.1:6379", "ray.storage_path=s3://b/sqgan"])) == \
         "s3://b/sqgan"
-    monkeypatch.setattr(ray_train, "filesystem_type", lambda path: "nfs4")
-    assert resolve_storage(local) == str(tmp_path / "ray")
+    missing.append("never asked")
+    monkeypatch.setattr(ray_train, "filesystem_type", lambda path: "nfs4")  # a network file system: no probe
+    assert resolve_storage(local) == str(tmp_path / "ray") and len(probed) == 2
     assert resolve_storage(default_params([f"ray.storage_path={tmp_path / 'r'}"])) == str(tmp_path / "r")
+
+
+def test_on_a_cluster_a_worker_must_fit_on_one_node_and_trials_at_once_count_node_by_node():
+    from sqgan.shells.ray_train import check_resources
+    from sqgan.shells.tune import sweep_concurrency, trial_base
+
+    nodes = {"10.0.0.1 (aaaaaaaa)": {"CPU": 0.0}, "10.0.0.2 (bbbbbbbb)": {"CPU": 3.0},
+             "10.0.0.3 (cccccccc)": {"CPU": 3.0, "GPU": 1.0}}
+    where = "the Ray cluster at 10.0.0.1:6379"
+    p = default_params(["ray.cpus_per_worker=4"])
+    with pytest.raises(RuntimeError, match=r"ray.cpus_per_worker=4: a worker's CPUs must sit on one node, but no node "
+                                           r"of the Ray cluster at 10.0.0.1:6379 has 4 \(its nodes: 10.0.0.1 "
+                                           r"\(aaaaaaaa\): 0 CPU, 10.0.0.2 \(bbbbbbbb\): 3 CPU, 10.0.0.3 \(cccccccc\): 3 "
+                                           r"CPU, 1 GPU\); --set ray.cpus_per_worker=3"):
+        check_resources(p, {"CPU": 6.0}, where, nodes)
+    p = default_params(["ray.cpus_per_worker=2", "train.workers=3"])  # 6 CPUs in all, but 2 + 2 on two nodes
+    with pytest.raises(RuntimeError, match=r"train.workers=3 with ray.cpus_per_worker=2: the nodes of .* hold 2 such "
+                                           r"workers .*; --set train.workers=2"):
+        check_resources(p, {"CPU": 6.0}, where, nodes)
+    assert check_resources(default_params(["ray.cpus_per_worker=3", "train.workers=2"]), {"CPU": 6.0}, where,
+                           nodes) is False
+    p = default_params(["ray.cpus_per_worker=2", "tune.max_concurrent_trials=8"])
+    assert sweep_concurrency(p, trial_base(p), {"CPU": 6.0}, nodes) == 2  # 3 // 2 per node, not 6 // 2
+    assert sweep_concurrency(p, trial_base(p), {"CPU": 6.0}) == 3
 
 
 def test_reported_metrics_name_the_interim_evaluation_only_when_it_runs():

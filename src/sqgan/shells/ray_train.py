@@ -26,8 +26,11 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray._private import ray_constants, services
+from ray._raylet import GcsClient
 from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train import torch as ray_torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sqgan.config import Params
 from sqgan.data.manifest import read_manifest
@@ -85,8 +88,10 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
 
 
 def init_ray(params: Params) -> None:
-    """Connect to `ray.address` or start a local Ray (auth off; its dashboard on 127.0.0.1, which Train V2's
-    placement-group cleaner queries) unless one is running."""
+    """Connect to `ray.address` or start a local Ray of this run's own (`local_ray_options`), unless one is running.
+    Either way its tasks and actors are told the API server of *this* Ray (`RAY_API_SERVER_ADDRESS`): Train V2's
+    placement-group cleaner asks it whether a training's controller is alive, and left to guess it picks the newest
+    Ray on the node, which beside a second Ray (another sweep, a notebook's `ray start`) is the wrong one."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
@@ -94,33 +99,76 @@ def init_ray(params: Params) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": True}
     if params.ray.address:
         kwargs["address"] = params.ray.address
+        api = cluster_api_server(params.ray.address)
+        if api:
+            kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: api}}
     else:
         # a Ray of this machine's own: no node to be preempted, so no PreemptionWatcher actor per training (a
         # process to start, and a core_worker error line on the terminal about its restart arguments)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        kwargs.update(local_ray_options())
         if params.ray.num_cpus:
             kwargs["num_cpus"] = params.ray.num_cpus
     ray.init(**kwargs)
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def local_ray_options() -> dict[str, Any]:
+    """ray.init arguments for a new local Ray: address="local" (without it ray.init() joins another Ray running on
+    this machine), its dashboard on a free port of 127.0.0.1, and that address handed to every task and actor."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {API_SERVER_ENV: f"http://127.0.0.1:{port}"}}}
+
+
+def cluster_api_server(address: str) -> str | None:
+    """The dashboard (API server) URL of the Ray cluster at `address` (host:port of its GCS, or auto), read once from
+    the cluster's GCS before connecting; None for a Ray Client address (ray://, its cluster resolves its own) or a
+    cluster without a dashboard."""
+    if address.startswith("ray://"):
+        return None
+    gcs = GcsClient(address=services.canonicalize_bootstrap_address_or_die(address))
+    url = gcs.internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(), namespace=ray_constants.KV_NAMESPACE_DASHBOARD,
+                              timeout=10)
+    return f"http://{url.decode()}" if url else None
+
+
 def available_resources(params: Params) -> tuple[dict[str, float], str]:
     """(CPU/GPU totals, where) of the Ray this run will use: a running or remote one as Ray reports it, else
     this machine (ray.num_cpus or its cores) — read without starting Ray."""
+    if params.ray.address:
+        if not ray.is_initialized():
+            check_ray_address(params.ray.address)
+            init_ray(params)
+        return dict(ray.cluster_resources()), f"the Ray cluster at {params.ray.address}"
     if ray.is_initialized():
         return dict(ray.cluster_resources()), "the running Ray"
-    if params.ray.address:
-        check_ray_address(params.ray.address)
-        init_ray(params)
-        return dict(ray.cluster_resources()), f"the Ray cluster at {params.ray.address}"
 
     cpus = params.ray.num_cpus or os.cpu_count() or 1
     where = f"ray.num_cpus={cpus}" if params.ray.num_cpus else f"this machine ({cpus} CPUs)"
     return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}, where
 
 
-def check_resources(params: Params, available: dict[str, float], where: str) -> bool:
-    """Fail unless train.workers × ray.cpus_per_worker CPUs (and a GPU per worker, if asked) fit; returns use_gpu.
-    Ray would otherwise wait for the worker group forever."""
+def node_resources() -> dict[str, dict[str, float]]:
+    """{node IP and id: its CPU/GPU/custom resources} of every alive node of the running Ray."""
+    return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": dict(n.get("Resources", {}))
+            for n in ray.nodes() if n.get("Alive")}
+
+
+def _node_list(nodes: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{name}: {int(r.get('CPU', 0))} CPU" + (f", {int(r['GPU'])} GPU" if r.get("GPU") else "")
+                     for name, r in nodes.items())
+
+
+def check_resources(params: Params, available: dict[str, float], where: str,
+                    nodes: dict[str, dict[str, float]] | None = None) -> bool:
+    """Fail unless train.workers × ray.cpus_per_worker CPUs (and a GPU per worker, if asked) fit — and, on a
+    cluster (`nodes`), unless some node holds one worker's CPUs (a worker's bundle cannot span nodes); returns
+    use_gpu. Ray would otherwise wait for the worker group forever."""
     w, c = params.train.workers, params.ray.cpus_per_worker
     cpus, gpus = int(available.get("CPU", 0)), int(available.get("GPU", 0))
     if w * c > cpus:
@@ -131,6 +179,16 @@ def check_resources(params: Params, available: dict[str, float], where: str) -> 
                   f"--set ray.cpus_per_worker=1"
         raise RuntimeError(f"train.workers={w} × ray.cpus_per_worker={c} needs {w * c} CPUs, but {where} has {cpus}; "
                            f"{fix}")
+    if nodes:
+        biggest = max(int(r.get("CPU", 0)) for r in nodes.values())
+        if biggest < c:
+            raise RuntimeError(f"ray.cpus_per_worker={c}: a worker's CPUs must sit on one node, but no node of {where} "
+                               f"has {c} (its nodes: {_node_list(nodes)}); --set ray.cpus_per_worker={max(1, biggest)}"
+                               f"{'' if biggest else ', or add nodes with CPUs'}")
+        slots = sum(int(r.get("CPU", 0)) // c for r in nodes.values())
+        if slots < w:
+            raise RuntimeError(f"train.workers={w} with ray.cpus_per_worker={c}: the nodes of {where} hold {slots} "
+                               f"such workers ({_node_list(nodes)}); --set train.workers={max(1, slots)}")
     if params.train.use_gpu == "true" and gpus < w:
         fix = "--set train.use_gpu=auto (GPU when there is one)"
         if gpus >= 1:
@@ -200,7 +258,10 @@ def filesystem_type(path: Path) -> str:
 
 def resolve_storage(params: Params, project_dir: str | Path = ".") -> str:
     """ray.storage_path as RunConfig wants it: a URI (s3://, gs://, …) as is, a folder made absolute. With
-    ray.address set the workers may run on other nodes, which cannot write into a folder local to this one."""
+    ray.address set the trials and workers may run on other nodes, which must reach the folder: one on a network
+    file system (NFS, Lustre, …) is taken as is; any other is taken only when every node of the cluster sees it —
+    a file written there is read back by a task on each node (`nodes_missing_folder`: true of a cluster whose
+    nodes all run on this machine, or share its disk) — and refused otherwise, naming the nodes that cannot."""
     sp = params.ray.storage_path
     if "://" in sp:
         return sp
@@ -210,13 +271,46 @@ def resolve_storage(params: Params, project_dir: str | Path = ".") -> str:
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         kind = filesystem_type(probe)
-        if not kind.startswith(SHARED_FILESYSTEMS):
+        if kind.startswith(SHARED_FILESYSTEMS):
+            return str(folder)
+        check_ray_address(params.ray.address)
+        init_ray(params)
+        missing = nodes_missing_folder(folder)
+        if missing:
             raise RuntimeError(
-                f"ray.storage_path {sp} is a folder on this machine ({kind or 'local'} file system), but with "
-                f"ray.address={params.ray.address} trials and workers run on other nodes, which cannot checkpoint "
-                f"into it; use shared storage: --set ray.storage_path=s3://BUCKET/sqgan (or gs://…, or a folder on "
-                f"an NFS mount every node sees), or unset ray.address to run on a local Ray")
+                f"ray.storage_path {sp} is a folder on this machine ({kind or 'local'} file system) that node(s) "
+                f"{', '.join(missing)} of the Ray cluster at {params.ray.address} cannot see (a file written there "
+                f"was not found from them), so trials there could not checkpoint into it; use shared storage: --set "
+                f"ray.storage_path=s3://BUCKET/sqgan (or gs://…, or a folder on an NFS mount every node sees), or "
+                f"unset ray.address to run on a local Ray")
     return str(folder)
+
+
+@ray.remote(num_cpus=0)
+def _reads(path: str, token: str) -> bool:
+    try:
+        return Path(path).read_text() == token
+    except OSError:
+        return False
+
+
+def nodes_missing_folder(folder: Path, timeout: float = 60.0) -> list[str]:
+    """The alive nodes of the running Ray that do not see `folder` as this process does: a token file is written
+    there (the folder is created) and read by a zero-CPU task pinned to each node; a node that does not answer
+    within `timeout` counts as not seeing it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    token = os.urandom(8).hex()
+    marker = folder / f".sqgan-probe-{token}"
+    marker.write_text(token)
+    try:
+        nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n.get("Alive")}
+        refs = {node: _reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                .remote(str(marker), token) for node in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        seen = {node for node, ref in refs.items() if ref in ready and ray.get(ref)}
+        return [name for node, name in nodes.items() if node not in seen]
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 @dataclass
@@ -484,5 +578,6 @@ def check_environment(params: Params, project_dir: str | Path) -> tuple[bool, st
     storage = resolve_storage(params, project_dir)
     tracking_uri = resolve_tracking_uri(params, project_dir)
     check_tracking(tracking_uri)
-    use_gpu = check_resources(params, *available_resources(params))
+    available, where = available_resources(params)
+    use_gpu = check_resources(params, available, where, node_resources() if params.ray.address else None)
     return use_gpu, storage, tracking_uri

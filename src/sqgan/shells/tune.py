@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 import yaml
 from ray import tune
@@ -46,6 +47,7 @@ from sqgan.shells.ray_train import (
     check_environment,
     checkpoint_folder,
     maybe_fail,
+    node_resources,
     quiet_console,
     restore,
     say,
@@ -63,6 +65,8 @@ from sqgan.tags import (
     STAGE_SWEEP,
     STAGE_TRIAL,
     TRIAL_ID,
+    TRIAL_NODE,
+    TRIAL_NODES,
     TRIAL_STARTS,
     TRIAL_STATUS,
     TRIAL_VALUES,
@@ -191,11 +195,16 @@ def check_sweep(params: Params) -> Params:
     return base
 
 
-def sweep_concurrency(params: Params, base: Params, available: dict[str, float]) -> int:
-    """tune.max_concurrent_trials, capped by how many trials' workers fit at once (never 0: one must fit)."""
-    per_trial = base.train.workers * base.ray.cpus_per_worker
-    fits = max(1, int(available.get("CPU", 0)) // per_trial)
-    return min(params.tune.max_concurrent_trials, fits)
+def sweep_concurrency(params: Params, base: Params, available: dict[str, float],
+                      nodes: dict[str, dict[str, float]] | None = None) -> int:
+    """tune.max_concurrent_trials, capped by how many trials' workers fit at once (never 0: one must fit) — on a
+    cluster (`nodes`), node by node, since a worker's CPUs sit on one node."""
+    c = base.ray.cpus_per_worker
+    if nodes:
+        workers = sum(int(r.get("CPU", 0)) // c for r in nodes.values())
+    else:
+        workers = int(available.get("CPU", 0)) // c
+    return min(params.tune.max_concurrent_trials, max(1, workers // base.train.workers))
 
 
 # ------------------------------------------------------------------------------ search space
@@ -401,16 +410,24 @@ def trial_run(
             return run.info.run_id, dict(run.data.metrics)
         client.update_run(run.info.run_id, status="RUNNING")
         n = int(run.data.tags.get(TRIAL_STARTS, "1")) + 1
-        client.set_tag(run.info.run_id, TRIAL_STARTS, str(n))
+        nodes = ", ".join(x for x in (run.data.tags.get(TRIAL_NODES), this_node()[1]) if x)
+        for key, value in {TRIAL_STARTS: str(n), TRIAL_NODE: this_node()[0], TRIAL_NODES: nodes}.items():
+            client.set_tag(run.info.run_id, key, value)
         return run.info.run_id, None
     tags = {STAGE: STAGE_TRIAL, TRIAL_ID: trial_id, RAY_TRIAL_ID: trial_id, TRIAL_STARTS: "1",
-            TRIAL_VALUES: json.dumps(values, sort_keys=True)}
+            TRIAL_VALUES: json.dumps(values, sort_keys=True), TRIAL_NODE: this_node()[0], TRIAL_NODES: this_node()[1]}
     if params.mlflow.run_name is None:
         tags[RUN_NAME] = f"trial-{trial_id}"
     _, run_id = start_run(params, data_dir or spec.data_dir, spec.project_dir, tags=tags,
                           parent_run_id=spec.parent_run_id)
     record_run(out_dir, spec.tracking_uri, run_id)
     return run_id, None
+
+
+def this_node() -> tuple[str, str]:
+    """(Ray node id, "IP (id…)") of the node this trial's process runs on."""
+    node = ray.get_runtime_context().get_node_id()
+    return node, f"{ray.util.get_node_ip_address()} ({node[:8]})"
 
 
 # ------------------------------------------------------------------------------------- sweep
@@ -434,7 +451,7 @@ def run_sweep(
                            f"choose another --out, or add --force to replace it (its runs stay in MLflow)")
     use_gpu, storage, tracking_uri = _preflight(base, data_dir, project_dir)
     available = available_resources(base)[0]
-    concurrency = sweep_concurrency(params, base, available)
+    concurrency = sweep_concurrency(params, base, available, node_resources() if base.ray.address else None)
 
     if force and stage_of(out_dir) == "sweep":  # an earlier sweep's folder: replaced whole, no stale trials left
         shutil.rmtree(out_dir)
@@ -573,7 +590,8 @@ def _fit_and_report(tuner: Any, params: Params, spec: SweepSpec, sweep_dir: Path
     finally:
         logging.getLogger("ray.tune.tune").removeFilter(hint)
     interrupted = bool(seen)
-    settle_trials(spec.tracking_uri, spec.parent_run_id, grid, params, interrupted=interrupted)
+    lost = frozenset(n["NodeID"] for n in ray.nodes() if not n.get("Alive"))
+    settle_trials(spec.tracking_uri, spec.parent_run_id, grid, params, interrupted=interrupted, lost_nodes=lost)
     table = write_report(spec.tracking_uri, spec.parent_run_id, sweep_dir, partial=interrupted)
     if interrupted:
         end_run(spec.tracking_uri, spec.parent_run_id, "KILLED")
