@@ -17,6 +17,7 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from sqgan.tags import (
     STOPPED_AT_STEP,
     TRIAL_ERROR,
     TRIAL_ID,
+    TRIAL_NODE,
+    TRIAL_NODES,
     TRIAL_STATUS,
     TUNE_AXES,
     TUNE_BEST_RUN_ID,
@@ -55,11 +58,13 @@ def _last_step(client: Any, run: Any) -> int:
     return max((m.step for m in client.get_metric_history(run.info.run_id, "loss/d")), default=0)
 
 
-def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any, interrupted: bool = False) -> None:
+def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any, interrupted: bool = False,
+                  lost_nodes: frozenset[str] = frozenset()) -> None:
     """After `Tuner.fit()`: give each nested run its final status — completed (FINISHED), stopped by the scheduler
     before train.steps (KILLED, its actor was ended mid-run; ASHA tags the run when it decides), killed by the
-    sweep's interruption (KILLED; `grid` is None when Tune did not return) or error (FAILED) — and the step it
-    stopped at."""
+    sweep's interruption (KILLED; `grid` is None when Tune did not return) or error (FAILED; an error of a trial
+    whose node is among `lost_nodes`, Ray node ids, names the node: Ray's own message only says its actor is gone)
+    — and the step it stopped at."""
     client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
 
@@ -84,8 +89,12 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any,
             client.set_terminated(run.info.run_id, status="FINISHED")
             continue
         if trial_id in errors:
+            error = errors[trial_id]
+            if tags.get(TRIAL_NODE) in lost_nodes:
+                node = (tags.get(TRIAL_NODES) or tags[TRIAL_NODE]).split(", ")[-1]
+                error = f"its Ray node {node} was lost: {error}"
             client.set_tag(run.info.run_id, TRIAL_STATUS, "error")
-            client.set_tag(run.info.run_id, TRIAL_ERROR, errors[trial_id])
+            client.set_tag(run.info.run_id, TRIAL_ERROR, error)
             client.set_terminated(run.info.run_id, status="FAILED")
         elif tags.get(TRIAL_STATUS, "").startswith("stopped by"):  # the scheduler's stop, recorded then
             client.set_terminated(run.info.run_id, status="KILLED")
@@ -99,7 +108,13 @@ def settle_trials(tracking_uri: str, parent_run_id: str, grid: Any, params: Any,
 
 def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
     """(rows sorted best first, the parent's tags, the axes) from MLflow alone."""
-    client = mlflow_client(tracking_uri)
+    rows, ptags, axes, _ = _trial_table(mlflow_client(tracking_uri), tracking_uri, parent_run_id)
+    return rows, ptags, axes
+
+
+def _trial_table(client: Any, tracking_uri: str, parent_run_id: str) -> tuple[
+        list[dict[str, Any]], dict[str, str], list[str], dict[str, set[str]]]:
+    """trial_table's, and each trial run's logged metric names (run id → names: whose history there is to read)."""
     parent = client.get_run(parent_run_id)
     ptags = parent.data.tags
     if ptags.get(STAGE) != STAGE_SWEEP:
@@ -108,7 +123,7 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
     axes = json.loads(ptags[TUNE_AXES])
     key, mode = ptags[TUNE_METRIC_KEY], ptags[TUNE_MODE]
     interim = ptags.get(TUNE_INTERIM_KEY, key)
-    rows = []
+    rows, logged = [], {}
     for run in child_runs(client, parent):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
         status = tags.get(TRIAL_STATUS) or {"RUNNING": "running", "FINISHED": "completed"}.get(
@@ -122,6 +137,7 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
         row.update({a: _parse(p.get(a)) for a in axes})
         row["run_id"] = run.info.run_id
         rows.append(row)
+        logged[run.info.run_id] = set(m)
     rows += _not_started(client, parent_run_id, rows, axes, [key, interim])
     sign = 1 if mode == "min" else -1
     # ranked among the trials not flagged as collapsed: on the final evaluation, then (stopped trials) on the last
@@ -129,7 +145,7 @@ def trial_table(tracking_uri: str, parent_run_id: str) -> tuple[list[dict[str, A
     rows.sort(key=lambda r: (math.isnan(rank_value(r, key, interim)), r["collapsed"] != "-", math.isnan(r[key]),
                              sign * rank_value(r, key, interim) if not math.isnan(rank_value(r, key, interim)) else 0,
                              r["trial"]))
-    return rows, ptags, axes
+    return rows, ptags, axes, logged
 
 
 def rank_value(row: dict[str, Any], key: str, interim: str | None = None) -> float:
@@ -249,10 +265,13 @@ def axis_series(rows: list[dict[str, Any]], key: str, interim: str) -> list[tupl
     return [s for s in series if s[2]] or series[:1]
 
 
-def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes: list[str], out: Path) -> None:
+def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes: list[str], out: Path,
+           logged: dict[str, set[str]], histories: Mapping[str, Mapping[str, list[tuple[int, float]]]] | None = None,
+           ) -> None:
     """metric_vs_axes.png (a row of panels per evaluation: the final one, then the last interim one of the trials
     that have no final) and curves.png (the interim evaluations over steps and the final values, side by side):
-    evaluations of different N never share an axis."""
+    evaluations of different N never share an axis. A curve is read from MLflow (a query per trial and metric) only
+    where the trial logged that metric and `histories` (run id → metric → sorted (step, value)) lacks it."""
     matplotlib.use("Agg")
 
 
@@ -282,7 +301,7 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
     fig, axs = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, name in zip(axs[0], panels, strict=True):
         for r in ran:
-            pts = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], name))
+            pts = _curve(client, r["run_id"], name, logged, histories)
             if pts:
                 label = f"{r['trial']} " + " ".join(f"{a.split('.')[-1]}={_fmt(r[a])}" for a in axes)
                 ax.plot(*zip(*pts, strict=True), marker="." if name == interim != key else "*", label=label)
@@ -297,19 +316,33 @@ def _plots(client: Any, rows: list[dict[str, Any]], ptags: dict[str, str], axes:
     plt.close(fig)
 
 
+def _curve(client: Any, run_id: str, name: str, logged: dict[str, set[str]],
+           histories: Mapping[str, Mapping[str, list[tuple[int, float]]]] | None) -> list[tuple[int, float]]:
+    """Run `run_id`'s sorted (step, value) of metric `name`: none when it never logged it, else from `histories`
+    when they hold it, else from MLflow."""
+    if name not in logged.get(run_id, ()):
+        return []
+    known = (histories or {}).get(run_id, {}).get(name)
+    if known is not None:
+        return list(known)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+
+
 def write_report(tracking_uri: str, parent_run_id: str, out: str | Path, log: bool = True,
-                 partial: bool = False) -> list[dict[str, Any]]:
+                 partial: bool = False,
+                 histories: Mapping[str, Mapping[str, list[tuple[int, float]]]] | None = None) -> list[dict[str, Any]]:
     """Render the sweep report into `out` (atomically, file by file) and, with `log`, onto the parent run. A
     `partial` report (an interrupted sweep) has no best_params.yaml: the best of the trials that ran is not the
-    sweep's answer."""
+    sweep's answer. `histories` (run id → metric → sorted (step, value)): curves already read, e.g. by
+    `sqgan report`, which are not read again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     client = mlflow_client(tracking_uri)
-    rows, ptags, axes = trial_table(tracking_uri, parent_run_id)
+    rows, ptags, axes, logged = _trial_table(client, tracking_uri, parent_run_id)
     for name, text in (("trials.csv", _csv(rows)), ("trials.md", _markdown(rows))):
         with atomic_path(out / name) as tmp:
             Path(tmp).write_text(text)
-    _plots(client, rows, ptags, axes, out)
+    _plots(client, rows, ptags, axes, out, logged, histories)
     metric, key = ptags[TUNE_METRIC], ptags[TUNE_METRIC_KEY]
     interim = ptags.get(TUNE_INTERIM_KEY, key)
     best = None if partial else best_trial(rows, key, interim)
