@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --batch 16 --only plain --only fq+sq --only 'fq+sq mixdl step' --set model.channel_base=4096 --set model.channel_max=128
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/ray_overhead.py
+	$(BIN)/python benchmarks/bookkeeping.py
 	$(BIN)/python benchmarks/metrics_pipeline.py
 	$(BIN)/python benchmarks/metrics_pipeline.py --inception --n 300 --rounds 2
 	$(BIN)/python benchmarks/truncation.py --resolution 32 --channel-base 2048 --channel-max 128 --sq --n-sample 256

@@ -47,6 +47,7 @@ from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 from PIL import Image
 from tqdm import tqdm
@@ -286,10 +287,11 @@ def _placeholder(path: Path, text: str) -> None:
 
 
 def histories(client: Any, runs: list[Any], progress: bool = True) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """run id → metric → sorted (step, value), for every quality and usage metric the run logged."""
+    """run id → metric → sorted (step, value), for every quality and usage metric the run logged that a plot draws
+    (not a `_std`: one MLflow query per run and name, so none is read for nothing)."""
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for r in tqdm(runs, desc="metric histories", unit="run", disable=not progress, leave=False):
-        keys = [k for k in r.data.metrics if quality_key(k) or USAGE.match(k)]
+        keys = [k for k in r.data.metrics if ((q := quality_key(k)) and q.stat != "std") or USAGE.match(k)]
         out[r.info.run_id] = {k: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, k))
                               for k in keys}
     return out
@@ -390,13 +392,16 @@ def quiet_downloads() -> Iterator[None]:
 
 
 def fetch_grids(client: Any, runs: list[Any], folder: Path, progress: bool = True) -> dict[str, str]:
-    """Each run's samples/grid.png as `folder/<run id>.png`; returns run id → path relative to folder's parent."""
+    """Each run's samples/grid.png as `folder/<run id>.png`; returns run id → path relative to folder's parent.
+    Read from the run's artifact URI, which the run in hand names: `client.download_artifacts(run_id, …)` would
+    look the run up again for each grid (6× the time of the download itself on a local store)."""
     folder.mkdir(parents=True, exist_ok=True)
     got = {}
     with tempfile.TemporaryDirectory(prefix="sqgan-grids-") as d:
         for r in tqdm(runs, desc="sample grids", unit="run", disable=not progress, leave=False):
             try:
-                src = client.download_artifacts(r.info.run_id, GRID_ARTIFACT, d)
+                src = mlflow.artifacts.download_artifacts(artifact_uri=f"{r.info.artifact_uri}/{GRID_ARTIFACT}",
+                                                          dst_path=d, tracking_uri=client.tracking_uri)
             except (MlflowException, OSError):
                 continue  # a run that logged no grid (failed early, or not a training)
             shutil.copyfile(src, folder / f"{r.info.run_id}.png")
@@ -471,12 +476,12 @@ class ReportResult:
     logged_to: str | None = None  # the run the folder was logged onto
 
 
-def _sweep_section(sel: Selection, parent: Any, out: Path) -> SweepSection:
+def _sweep_section(sel: Selection, parent: Any, out: Path, hist: dict[str, Any] | None = None) -> SweepSection:
     """The sweep's own report (sqgan.shells.tune_report: trial table, metric against each axis, curves, best params)
-    under sweeps/<parent id>/."""
+    under sweeps/<parent id>/; its curves come from `hist` (the report's histories) where it holds them."""
     folder = f"sweeps/{parent.info.run_id}"
     try:
-        rows = write_report(sel.tracking_uri, parent.info.run_id, out / folder, log=False)
+        rows = write_report(sel.tracking_uri, parent.info.run_id, out / folder, log=False, histories=hist)
         return SweepSection(parent.info.run_id, label(parent), folder, rows)
     except Exception as e:  # noqa: BLE001 - one broken sweep must not hide the rest of the report; it is shown
         return SweepSection(parent.info.run_id, label(parent), folder, [], f"{type(e).__name__}: {e}")
@@ -490,7 +495,7 @@ def _render(sel: Selection, client: Any, out: Path, progress: bool) -> list[str]
     usage = plot_usage_curves(sel.runs, hist, out / "codebook_usage.png")
     with quiet_downloads():
         grids = fetch_grids(client, sel.runs, out / "grids", progress)
-        sweeps = [_sweep_section(sel, p, out) for p in sel.sweeps]
+        sweeps = [_sweep_section(sel, p, out, hist) for p in sel.sweeps]
     plot_grids(sel.runs, grids, out, out / "grids.png")
 
     cols = ["run_id", "name", "status", *table.params, *table.metrics]
