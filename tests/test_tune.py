@@ -179,8 +179,8 @@ def test_on_a_cluster_a_worker_must_fit_on_one_node_and_trials_at_once_count_nod
     p = default_params(["ray.cpus_per_worker=4"])
     with pytest.raises(RuntimeError, match=r"ray.cpus_per_worker=4: a worker's CPUs must sit on one node, but no node "
                                            r"of the Ray cluster at 10.0.0.1:6379 has 4 \(its nodes: 10.0.0.1 "
-                                           r"\(aaaaaaaa\): 0 CPU, 10.0.0.2 \(bbbbbbbb\): 3 CPU, 10.0.0.3 \(cccccccc\): 3 "
-                                           r"CPU, 1 GPU\); --set ray.cpus_per_worker=3"):
+                                           r"\(aaaaaaaa\): 0 CPU, 10.0.0.2 \(bbbbbbbb\): 3 CPU, 10.0.0.3 "
+                                           r"\(cccccccc\): 3 CPU, 1 GPU\); --set ray.cpus_per_worker=3"):
         check_resources(p, {"CPU": 6.0}, where, nodes)
     p = default_params(["ray.cpus_per_worker=2", "train.workers=3"])  # 6 CPUs in all, but 2 + 2 on two nodes
     with pytest.raises(RuntimeError, match=r"train.workers=3 with ray.cpus_per_worker=2: the nodes of .* hold 2 such "

@@ -18,6 +18,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -411,51 +412,76 @@ def uses_reference(params: Params, storage_path: str) -> bool:
     return not params.ray.address and "://" not in storage_path
 
 
+def train_under_ray(
+    params: Params,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    runtime: Runtime,
+    restored: Any,
+    resume: str | None,
+    send: Callable[[dict[str, Any], Any], None],
+    checkpoint_type: Any,
+    reference: bool,
+    wanted: Callable[[int], bool] = lambda step: True,
+    fault: str | None = None,
+) -> None:
+    """The plain loop inside Ray — a Train worker's rank, or a Tune trial's own process. It continues from Ray's
+    checkpoint `restored` when there is one (a restart after a failure; tag sqgan.restarted_from_step), else from
+    `resume`; rank 0 logs to the MLflow run, each point once (a resumed, restarted or retried run replays the steps
+    after its checkpoint); each report whose step `wanted` selects goes to Ray through `send(metrics, checkpoint)`,
+    a checkpoint as a `checkpoint_type` folder (`checkpoint_folder`, `reference`: by path on a local Ray)."""
+    local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
+    try:
+        from_ray = restore(restored, local_tmp)
+        resume = from_ray or resume
+        logger = MlflowLogger(tracking_uri, run_id, skip_logged=True) if runtime.rank == 0 else None
+        if from_ray is not None and logger is not None:
+            logger.set_tags({RESTARTED_FROM_STEP: int(load_checkpoint(from_ray)["step"])})
+
+        def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
+            maybe_fail(fault, runtime.rank, step)
+            if not wanted(step):
+                return
+            payload = {**metrics, "step": step}
+            if path is None:
+                send(payload, None)
+                return
+            with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
+                send(payload, checkpoint_type.from_directory(checkpoint_folder(path, step, reference, Path(d))))
+
+        hooks = Hooks(
+            log_metrics=logger.log_metrics if logger else Hooks.log_metrics,
+            log_artifact=logger.log_artifact if logger else Hooks.log_artifact,
+            set_tags=logger.set_tags if logger else Hooks.set_tags,
+            report=report,
+            progress=None,  # the driver draws the run's bar (RunProgress) or Tune its table: a worker's tqdm reaches
+            say=say,        # the terminal as Ray's forwarded log lines, one prefixed line per redraw
+        )
+        train(params, data_dir, out_dir, resume=resume, runtime=runtime, hooks=hooks)
+    finally:
+        shutil.rmtree(local_tmp, ignore_errors=True)
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """`train_loop_per_worker`: one DDP rank of the training loop; reports every `hooks.report` to Ray Train."""
+    """`train_loop_per_worker`: one DDP rank of the training loop, reporting to Ray Train (every log step for a
+    sweep's trial, else at checkpoints, evaluations and the end: `reported_to_ray`)."""
     cfg = WorkerConfig(**config["worker"])
     params = Params.model_validate(cfg.params)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, cfg.threads))
-    device = ray.train.torch.get_device()
     quiet_console()
-
-    local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
-    restored = restore(ray.train.get_checkpoint(), local_tmp)  # a restart after a failure: Ray's latest checkpoint
-    resume = restored or cfg.resume
-
-    # A resumed, restarted or retried run replays steps (those after its checkpoint, or all when it had none): the
-    # points its MLflow run already holds are not logged twice.
-    logger = MlflowLogger(cfg.tracking_uri, cfg.run_id, skip_logged=True) if rank == 0 else None
-    if restored is not None and logger is not None:
-        logger.set_tags({RESTARTED_FROM_STEP: int(load_checkpoint(resume)["step"])})  # after a failure
-
-    def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
-        maybe_fail(cfg.fault, rank, step)
-        if not (cfg.report_logs or reported_to_ray(params, step)):
-            return
-        payload = {**metrics, "step": step}
-        if path is None:
-            ray.train.report(payload, checkpoint=None)
-            return
-        with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
-            folder = checkpoint_folder(path, step, cfg.reference, Path(d))
-            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-    hooks = Hooks(
-        log_metrics=logger.log_metrics if logger else Hooks.log_metrics,
-        log_artifact=logger.log_artifact if logger else Hooks.log_artifact,
-        set_tags=logger.set_tags if logger else Hooks.set_tags,
-        report=report,
-        progress=None,  # the driver draws the run's bar (RunProgress): a worker's tqdm reaches the terminal as
-        say=say,        # Ray's forwarded log lines, one prefixed line per redraw
+    train_under_ray(
+        params, cfg.data_dir, cfg.out_dir, tracking_uri=cfg.tracking_uri, run_id=cfg.run_id,
+        runtime=Runtime(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                        device=ray.train.torch.get_device()),
+        restored=ray.train.get_checkpoint(), resume=cfg.resume,
+        send=lambda metrics, checkpoint: ray.train.report(metrics, checkpoint=checkpoint),
+        checkpoint_type=ray.train.Checkpoint, reference=cfg.reference,
+        wanted=lambda step: cfg.report_logs or reported_to_ray(params, step), fault=cfg.fault,
     )
-    try:
-        train(params, cfg.data_dir, cfg.out_dir, resume=resume,
-              runtime=Runtime(rank=rank, world_size=world, device=device), hooks=hooks)
-    finally:
-        shutil.rmtree(local_tmp, ignore_errors=True)
 
 
 def build_trainer(

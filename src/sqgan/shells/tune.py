@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -45,12 +44,9 @@ from sqgan.shells.ray_train import (
     available_resources,
     build_trainer,
     check_environment,
-    checkpoint_folder,
-    maybe_fail,
     node_resources,
     quiet_console,
-    restore,
-    say,
+    train_under_ray,
     uses_reference,
 )
 from sqgan.shells.scheduler import RecordingASHA
@@ -59,7 +55,6 @@ from sqgan.shells.tune_report import settle_trials, write_report
 from sqgan.tags import (
     RAY_RUN_PATH,
     RAY_TRIAL_ID,
-    RESTARTED_FROM_STEP,
     RUN_NAME,
     STAGE,
     STAGE_SWEEP,
@@ -80,7 +75,6 @@ from sqgan.tags import (
     TUNE_STEPS,
 )
 from sqgan.train import loop
-from sqgan.train.checkpoint import load_checkpoint
 from sqgan.train.loop import absolute_init_from, init_source, interim_key, quality_keys, reported_metrics
 
 SWEEP_FILE = "sweep.json"  # in a sweep folder: tracking URI, parent run, Ray experiment path, params
@@ -354,32 +348,15 @@ def train_in_trial(params: Params, spec: SweepSpec, run_id: str, out_dir: Path, 
     is `RankedOptunaSearch`). Logs like a Train worker: each step once after a restart. Returns the trial's folder
     in Ray's storage."""
     torch.set_num_threads(max(1, params.ray.cpus_per_worker))
-    device = torch.device("cuda" if spec.use_gpu else "cpu")
     quiet_console()
-    local_tmp = Path(tempfile.mkdtemp(prefix="sqgan-ckpt-"))
-    try:
-        resume = restore(tune.get_checkpoint(), local_tmp)
-        logger = MlflowLogger(spec.tracking_uri, run_id, skip_logged=True)
-        if resume is not None:
-            logger.set_tags({RESTARTED_FROM_STEP: int(load_checkpoint(resume)["step"])})
-        ranking = TuneMetric(params, spec.metric)
-        reference = uses_reference(params, spec.storage)
-
-        def report(metrics: dict[str, float], step: int, path: Path | None) -> None:
-            maybe_fail(spec.fault, 0, step)
-            m = ranking.translate({**metrics, "step": step})
-            if path is None:
-                tune.report(m)
-                return
-            with tempfile.TemporaryDirectory(prefix="sqgan-report-") as d:
-                tune.report(m, checkpoint=tune.Checkpoint.from_directory(checkpoint_folder(path, step, reference,
-                                                                                           Path(d))))
-
-        hooks = loop.Hooks(log_metrics=logger.log_metrics, log_artifact=logger.log_artifact, set_tags=logger.set_tags,
-                           report=report, progress=None, say=say)  # Tune's table
-        loop.train(params, data_dir, out_dir, resume=resume, runtime=loop.Runtime(device=device), hooks=hooks)
-    finally:
-        shutil.rmtree(local_tmp, ignore_errors=True)
+    ranking = TuneMetric(params, spec.metric)
+    train_under_ray(
+        params, data_dir, out_dir, tracking_uri=spec.tracking_uri, run_id=run_id,
+        runtime=loop.Runtime(device=torch.device("cuda" if spec.use_gpu else "cpu")),
+        restored=tune.get_checkpoint(), resume=None,
+        send=lambda metrics, checkpoint: tune.report(ranking.translate(metrics), checkpoint=checkpoint),
+        checkpoint_type=tune.Checkpoint, reference=uses_reference(params, spec.storage), fault=spec.fault,
+    )
     # get_trial_dir() is this node's staging folder; the trial's folder of the same name lies in the sweep's storage
     return _join(_join(spec.storage, spec.name), Path(tune.get_context().get_trial_dir()).name)
 
