@@ -333,6 +333,9 @@ def test_a_one_worker_trial_trains_in_its_process_as_sqgan_train_does_and_a_two_
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(
         [Path(experiment).name, f"{Path(experiment).name}-{two.data.tags['sqgan.trial_id']}"])
     assert one.data.tags["ray.run_path"].startswith(experiment + "/") and Path(one.data.tags["ray.run_path"]).is_dir()
+    # what Tune received: the restarted trial went on from its step-4 checkpoint (steps 2, 4 were not trained again)
+    reported = [json.loads(line)["step"] for line in (Path(one.data.tags["ray.run_path"]) / "result.json").open()]
+    assert reported == [2, 4, 6, 8, 10, 12], reported
 
     # one MLflow layout for both paths
     assert set(one.data.metrics) == set(two.data.metrics)
