@@ -39,14 +39,14 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every Ray test (each TorchTrainer.fit costs ~25 s and ~2.5 GB here), started as `sqgan train`
-    starts its own (`local_ray_options`: its dashboard on a free port, whose address every task and actor gets): Ray
+    starts its own (`start_local_ray`: its dashboard on a free port, whose address every task and actor gets): Ray
     Train V2's placement-group cleaner asks it whether a controller is alive; without it, the workers' CPUs of a
     trial that ASHA stopped are never freed and later trials time out waiting for workers."""
     import ray
 
-    from sqgan.shells.ray_train import local_ray_options
+    from sqgan.shells.ray_train import start_local_ray
 
-    ray.init(num_cpus=2, log_to_driver=False, **local_ray_options())
+    start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
