@@ -89,8 +89,8 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
 
 
 def init_ray(params: Params) -> None:
-    """Connect to `ray.address` or start a local Ray of this run's own (`local_ray_options`), unless one is running.
-    Either way its tasks and actors are told the API server of *this* Ray (`RAY_API_SERVER_ADDRESS`): Train V2's
+    """Connect to `ray.address` or start a local Ray of this run's own (`start_local_ray`), unless one is running.
+    Either way its tasks and actors know the API server of *this* Ray (`RAY_API_SERVER_ADDRESS`): Train V2's
     placement-group cleaner asks it whether a training's controller is alive, and left to guess it picks the newest
     Ray on the node, which beside a second Ray (another sweep, a notebook's `ray start`) is the wrong one."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -101,29 +101,38 @@ def init_ray(params: Params) -> None:
     if params.ray.address:
         kwargs["address"] = params.ray.address
         api = cluster_api_server(params.ray.address)
-        if api:
+        if api:  # the cluster's nodes were started elsewhere: handed on with the job
             kwargs["runtime_env"] = {"env_vars": {API_SERVER_ENV: api}}
-    else:
-        # a Ray of this machine's own: no node to be preempted, so no PreemptionWatcher actor per training (a
-        # process to start, and a core_worker error line on the terminal about its restart arguments)
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        kwargs.update(local_ray_options())
-        if params.ray.num_cpus:
-            kwargs["num_cpus"] = params.ray.num_cpus
-    ray.init(**kwargs)
+        ray.init(**kwargs)
+        return
+    # a Ray of this machine's own: no node to be preempted, so no PreemptionWatcher actor per training (a process to
+    # start, and a core_worker error line on the terminal about its restart arguments)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if params.ray.num_cpus:
+        kwargs["num_cpus"] = params.ray.num_cpus
+    start_local_ray(**kwargs)
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def local_ray_options() -> dict[str, Any]:
-    """ray.init arguments for a new local Ray: address="local" (without it ray.init() joins another Ray running on
-    this machine), its dashboard on a free port of 127.0.0.1, and that address handed to every task and actor."""
+def start_local_ray(**kwargs: Any) -> None:
+    """ray.init(**kwargs) of a new local Ray: address="local" (without it ray.init() joins another Ray running on
+    this machine) and its dashboard on a free port of 127.0.0.1, whose address its processes inherit as
+    RAY_API_SERVER_ADDRESS: set in this process's environment while ray.init spawns the raylet (every worker it
+    starts inherits it), then restored. (A runtime_env would hand it on too, but costs each worker process ~0.5 s.)"""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return {"address": "local", "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-            "runtime_env": {"env_vars": {API_SERVER_ENV: f"http://127.0.0.1:{port}"}}}
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, **kwargs)
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
 
 
 def cluster_api_server(address: str) -> str | None:
