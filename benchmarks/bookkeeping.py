@@ -136,40 +136,22 @@ def fill_sweep(client: Any, n: int, uri: str, root: Path, a: argparse.Namespace,
 
     from sqgan.metrics.names import is_quality_metric
     from sqgan.shells.tracking import ensure_experiment
-    from sqgan.shells.tune import metric_key, trial_base
+    from sqgan.shells.tune import sweep_tags, trial_base, trial_tags
     from sqgan.shells.tune_report import planned_trials, settle_trials
     from sqgan.tags import (
         COLLAPSE_STEP,
         METRIC_PROVENANCE,
         PARENT_RUN_ID,
         RAY_RUN_PATH,
-        RAY_TRIAL_ID,
         RUN_NAME,
-        STAGE,
-        STAGE_SWEEP,
-        STAGE_TRIAL,
         STOPPED_AT_STEP,
-        TRIAL_ID,
-        TRIAL_STARTS,
         TRIAL_STATUS,
-        TRIAL_VALUES,
-        TUNE_AXES,
-        TUNE_INTERIM_KEY,
-        TUNE_METRIC,
-        TUNE_METRIC_KEY,
-        TUNE_MODE,
-        TUNE_SCHEDULER,
-        TUNE_SEARCHER,
-        TUNE_STEPS,
     )
-    from sqgan.train.loop import interim_key, quality_keys, reported_metrics
+    from sqgan.train.loop import quality_keys, reported_metrics
 
     params = sweep_params(n, uri, root, a.steps, a.log_every, a.eval_every)
     base = trial_base(params)
-    t = params.tune
     exp = ensure_experiment(uri, params.mlflow.experiment, params.mlflow.artifact_root)
-    key = metric_key(base, t.metric)
-    interim = interim_key(base, key)
 
     def run_with(tags: dict[str, str], p: Any) -> str:
         """start_run's layout: the tags, the flat params 100 per batch, params.yaml."""
@@ -180,10 +162,7 @@ def fill_sweep(client: Any, n: int, uri: str, root: Path, a: argparse.Namespace,
         client.log_text(run.info.run_id, yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False), "params.yaml")
         return run.info.run_id
 
-    parent = run_with({STAGE: STAGE_SWEEP, TUNE_AXES: json.dumps(list(t.axes())), TUNE_METRIC: t.metric,
-                       TUNE_METRIC_KEY: key, TUNE_INTERIM_KEY: interim, TUNE_MODE: t.mode,
-                       TUNE_SEARCHER: t.searcher, TUNE_SCHEDULER: t.scheduler, TUNE_STEPS: str(base.train.steps),
-                       RUN_NAME: "sweep-" + "-".join(k.split(".")[-1] for k in t.axes())}, params)
+    parent = run_with(sweep_tags(params, base), params)
 
     rng = random.Random(n)
     steps, log_every, eval_every = base.train.steps, base.train.log_every, base.metrics.eval_every
@@ -196,9 +175,7 @@ def fill_sweep(client: Any, n: int, uri: str, root: Path, a: argparse.Namespace,
         values = {k: (v if v is not None else round(rng.uniform(0.5, 2.0), 4)) for k, v in plan.items()}
         p = base.override(values, source="trial")
         trial_id = f"{rng.getrandbits(20):05x}_{i:05d}"
-        tid = run_with({STAGE: STAGE_TRIAL, TRIAL_ID: trial_id, RAY_TRIAL_ID: trial_id, TRIAL_STARTS: "1",
-                        TRIAL_VALUES: json.dumps(values, sort_keys=True), RUN_NAME: f"trial-{trial_id}",
-                        PARENT_RUN_ID: parent}, p)
+        tid = run_with(trial_tags(p, trial_id, values, None) | {PARENT_RUN_ID: parent}, p)
         # where the trial ends: ASHA keeps about half the trials at each rung; one fails at its first evaluation
         end = steps
         for rung in rungs:

@@ -163,10 +163,24 @@ def available_resources(params: Params) -> tuple[dict[str, float], str]:
     return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}, where
 
 
+def node_label(ip: str, node_id: str) -> str:
+    """How a Ray node is named in messages and tags: "IP (first 8 hex digits of its id)"."""
+    return f"{ip} ({node_id[:8]})"
+
+
 def node_resources() -> dict[str, dict[str, float]]:
-    """{node IP and id: its CPU/GPU/custom resources} of every alive node of the running Ray."""
-    return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": dict(n.get("Resources", {}))
+    """{node label: its CPU/GPU/custom resources} of every alive node of the running Ray."""
+    return {node_label(n["NodeManagerAddress"], n["NodeID"]): dict(n.get("Resources", {}))
             for n in ray.nodes() if n.get("Alive")}
+
+
+def worker_slots(cpus_per_worker: int, available: dict[str, float],
+                 nodes: dict[str, dict[str, float]] | None = None) -> int:
+    """How many workers of `cpus_per_worker` CPUs fit at once: in `available`, or node by node on a cluster
+    (`nodes`), since a worker's CPUs sit on one node."""
+    if nodes:
+        return sum(int(r.get("CPU", 0)) // cpus_per_worker for r in nodes.values())
+    return int(available.get("CPU", 0)) // cpus_per_worker
 
 
 def _node_list(nodes: dict[str, dict[str, float]]) -> str:
@@ -195,7 +209,7 @@ def check_resources(params: Params, available: dict[str, float], where: str,
             raise RuntimeError(f"ray.cpus_per_worker={c}: a worker's CPUs must sit on one node, but no node of {where} "
                                f"has {c} (its nodes: {_node_list(nodes)}); --set ray.cpus_per_worker={max(1, biggest)}"
                                f"{'' if biggest else ', or add nodes with CPUs'}")
-        slots = sum(int(r.get("CPU", 0)) // c for r in nodes.values())
+        slots = worker_slots(c, available, nodes)
         if slots < w:
             raise RuntimeError(f"train.workers={w} with ray.cpus_per_worker={c}: the nodes of {where} hold {slots} "
                                f"such workers ({_node_list(nodes)}); --set train.workers={max(1, slots)}")
@@ -313,7 +327,7 @@ def nodes_missing_folder(folder: Path, timeout: float = 60.0) -> list[str]:
     marker = folder / f".sqgan-probe-{token}"
     marker.write_text(token)
     try:
-        nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n.get("Alive")}
+        nodes = {n["NodeID"]: node_label(n["NodeManagerAddress"], n["NodeID"]) for n in ray.nodes() if n.get("Alive")}
         refs = {node: _reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
                 .remote(str(marker), token) for node in nodes}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)

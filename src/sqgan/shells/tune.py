@@ -44,10 +44,12 @@ from sqgan.shells.ray_train import (
     available_resources,
     build_trainer,
     check_environment,
+    node_label,
     node_resources,
     quiet_console,
     train_under_ray,
     uses_reference,
+    worker_slots,
 )
 from sqgan.shells.scheduler import RecordingASHA
 from sqgan.shells.tracking import MlflowLogger, end_run, mlflow_client, record_run, start_run, trial_runs
@@ -193,11 +195,7 @@ def sweep_concurrency(params: Params, base: Params, available: dict[str, float],
                       nodes: dict[str, dict[str, float]] | None = None) -> int:
     """tune.max_concurrent_trials, capped by how many trials' workers fit at once (never 0: one must fit) — on a
     cluster (`nodes`), node by node, since a worker's CPUs sit on one node."""
-    c = base.ray.cpus_per_worker
-    if nodes:
-        workers = sum(int(r.get("CPU", 0)) // c for r in nodes.values())
-    else:
-        workers = int(available.get("CPU", 0)) // c
+    workers = worker_slots(base.ray.cpus_per_worker, available, nodes)
     return min(params.tune.max_concurrent_trials, max(1, workers // base.train.workers))
 
 
@@ -391,20 +389,27 @@ def trial_run(
         for key, value in {TRIAL_STARTS: str(n), TRIAL_NODE: this_node()[0], TRIAL_NODES: nodes}.items():
             client.set_tag(run.info.run_id, key, value)
         return run.info.run_id, None
-    tags = {STAGE: STAGE_TRIAL, TRIAL_ID: trial_id, RAY_TRIAL_ID: trial_id, TRIAL_STARTS: "1",
-            TRIAL_VALUES: json.dumps(values, sort_keys=True), TRIAL_NODE: this_node()[0], TRIAL_NODES: this_node()[1]}
-    if params.mlflow.run_name is None:
-        tags[RUN_NAME] = f"trial-{trial_id}"
-    _, run_id = start_run(params, data_dir or spec.data_dir, spec.project_dir, tags=tags,
-                          parent_run_id=spec.parent_run_id)
+    _, run_id = start_run(params, data_dir or spec.data_dir, spec.project_dir,
+                          tags=trial_tags(params, trial_id, values, this_node()), parent_run_id=spec.parent_run_id)
     record_run(out_dir, spec.tracking_uri, run_id)
     return run_id, None
+
+
+def trial_tags(params: Params, trial_id: str, values: dict[str, Any], node: tuple[str, str] | None) -> dict[str, str]:
+    """A trial run's tags when it first starts: its ids, the sampled `values`, the Ray node (id, label) it runs on."""
+    tags = {STAGE: STAGE_TRIAL, TRIAL_ID: trial_id, RAY_TRIAL_ID: trial_id, TRIAL_STARTS: "1",
+            TRIAL_VALUES: json.dumps(values, sort_keys=True)}
+    if node is not None:
+        tags |= {TRIAL_NODE: node[0], TRIAL_NODES: node[1]}
+    if params.mlflow.run_name is None:
+        tags[RUN_NAME] = f"trial-{trial_id}"
+    return tags
 
 
 def this_node() -> tuple[str, str]:
     """(Ray node id, "IP (id…)") of the node this trial's process runs on."""
     node = ray.get_runtime_context().get_node_id()
-    return node, f"{ray.util.get_node_ip_address()} ({node[:8]})"
+    return node, node_label(ray.util.get_node_ip_address(), node)
 
 
 # ------------------------------------------------------------------------------------- sweep
@@ -451,15 +456,19 @@ def run_sweep(
 
 def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path) -> str:
     """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags."""
+    return start_run(params, data_dir, project_dir, tags=sweep_tags(params, base))[1]
+
+
+def sweep_tags(params: Params, base: Params) -> dict[str, str]:
+    """The sweep's parent run's tags: its search set-up (axes, metric and keys, mode, searcher, scheduler, steps)."""
     t = params.tune
-    tags = {STAGE: STAGE_SWEEP, TUNE_AXES: json.dumps(list(t.axes())), TUNE_METRIC: t.metric,
-            TUNE_METRIC_KEY: metric_key(base, t.metric),
-            TUNE_INTERIM_KEY: interim_key(base, metric_key(base, t.metric)), TUNE_MODE: t.mode,
-            TUNE_SEARCHER: t.searcher, TUNE_SCHEDULER: t.scheduler,
-            TUNE_STEPS: str(base.train.steps)}
+    key = metric_key(base, t.metric)
+    tags = {STAGE: STAGE_SWEEP, TUNE_AXES: json.dumps(list(t.axes())), TUNE_METRIC: t.metric, TUNE_METRIC_KEY: key,
+            TUNE_INTERIM_KEY: interim_key(base, key), TUNE_MODE: t.mode, TUNE_SEARCHER: t.searcher,
+            TUNE_SCHEDULER: t.scheduler, TUNE_STEPS: str(base.train.steps)}
     if params.mlflow.run_name is None:
         tags[RUN_NAME] = f"sweep-{'-'.join(k.split('.')[-1] for k in t.axes())}"
-    return start_run(params, data_dir, project_dir, tags=tags)[1]
+    return tags
 
 
 def resume_sweep(sweep_dir: str | Path) -> Sweep:
