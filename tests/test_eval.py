@@ -87,9 +87,10 @@ def test_eval_of_a_run_folder_logs_to_its_run_and_a_second_eval_extracts_no_real
 def test_eval_by_run_id_downloads_its_checkpoint_and_agrees_with_the_folder(trained):
     out = trained["tmp"] / "by-id.json"
     r = CliRunner().invoke(app, ["eval", "--run", trained["run_id"], "--out", str(out), "--no-params-file",
-                                 *_sets(EVAL + _env(trained["tmp"]) + ["eval.metrics=[fid,kid]"])])
+                                 *_sets(EVAL + _env(trained["tmp"]) + ["eval.metrics=[fid,kid,nnmodes]"])])
     assert r.exit_code == 0, r.output
     by_id = json.loads(out.read_text())
+    assert 1 <= by_id["nnmodes30_train_randcnn"] <= 30 and by_id["nnmodes30_train_randcnn"].is_integer()
     assert by_id["run_id"] == trained["run_id"] and "step_000010.pt" in by_id["checkpoint"]
     direct = json.loads((trained["out"] / "eval.json").read_text())
     assert by_id["fid30_train_randcnn"] == pytest.approx(direct["fid30_train_randcnn"], rel=1e-9)

@@ -19,6 +19,7 @@ from sqgan.metrics.fid import fid_from_features
 from sqgan.metrics.inception_score import inception_score
 from sqgan.metrics.kid import kid_from_features
 from sqgan.metrics.names import count_tag, metric_key, parse_metric_key
+from sqgan.metrics.nn_modes import nearest_reals, nn_mode_count
 from sqgan.metrics.precision_recall import precision_recall
 
 
@@ -156,6 +157,42 @@ def test_evaluator_fid_equals_scipy_on_the_features_it_extracted():
     assert ev.metrics["fid50_train_randcnn"] == pytest.approx(_scipy_fid(real.numpy(), fake.numpy()), rel=1e-3)
 
 
+class _Copier(torch.nn.Module):
+    """A generator that copies reference images `keep` (the sign of z's first coordinates picks which)."""
+
+    def __init__(self, reals: torch.Tensor, keep: list[int]) -> None:
+        super().__init__()
+        self.images = reals[keep].float() / 127.5 - 1.0
+
+    def forward(self, z, noise_mode="const"):
+        from types import SimpleNamespace
+
+        pick = (z[:, 0] > 0).long() + (z[:, 1] > 0).long()  # 0, 1 or 2
+        return SimpleNamespace(images=self.images[pick.clamp(max=len(self.images) - 1)])
+
+
+def test_nn_mode_count_of_a_generator_that_copies_three_training_images_is_three():
+    ref = _reference()
+    ev = Evaluator(_settings(), ref)(_Copier(ref.images, [5, 17, 40]), 8, 60, ["nnmodes", "fid"])
+    assert ev.metrics["nnmodes60_train_randcnn"] == 3.0
+    assert ev.provenance["nnmodes60_train_randcnn"]["n_real"] == 48
+    one = Evaluator(_settings(), ref)(_Copier(ref.images, [7]), 8, 60, ["nnmodes"])
+    assert one.metrics == {"nnmodes60_train_randcnn": 1.0}
+    # the reals themselves: each is its own nearest neighbour
+    f = _features(1, 30)
+    assert nn_mode_count(f, f) == 30 and torch.equal(nearest_reals(f, f), torch.arange(30))
+
+
+def test_nn_modes_are_the_nearest_reals_by_a_loop():
+    real, fake = _features(2, 25, d=5), _features(3, 200, d=5, shift=0.5)
+    by_loop = [min(range(25), key=lambda j: float(((fake[i] - real[j]) ** 2).sum())) for i in range(200)]
+    assert nearest_reals(real, fake, chunk=7).tolist() == by_loop
+    assert nn_mode_count(real, fake) == len(set(by_loop))
+    assert 1 < len(set(by_loop)) < 25  # a case where nearest ≠ farthest and not every real is hit
+    with pytest.raises(ValueError, match="5 dimensions, generated 4"):
+        nn_mode_count(real, fake[:, :4])
+
+
 # ------------------------------------------------------------------------------------ names, provenance
 def test_metric_names_hold_n_split_and_network():
     assert metric_key("fid", 50000, "inception", "all") == "fid50k_all_inception"
@@ -167,6 +204,8 @@ def test_metric_names_hold_n_split_and_network():
     with pytest.raises(ValueError, match="reference split"):
         metric_key("is", 10, "randcnn", "train")
     assert keys_of("pr", 100, "randcnn", "test") == ["precision100_test_randcnn", "recall100_test_randcnn"]
+    assert keys_of("nnmodes", 1000, "inception", "train") == ["nnmodes1k_train_inception"]
+    assert parse_metric_key("nnmodes1k_train_inception").split == "train"
 
 
 def test_every_logged_value_carries_its_provenance():

@@ -312,10 +312,11 @@ def test_eval_measures_truncated_samples_and_records_the_truncation(trained, tmp
 
 
 def test_training_evaluates_truncated_samples_when_asked(trained, tmp_path):
-    params = default_params(TINY_SG2 + ["train.steps=2", "train.checkpoint_every=2", "metrics.names=[fid, lpips]",
+    params = default_params(TINY_SG2 + ["train.steps=2", "train.checkpoint_every=2", "metrics.names=[fid, lpips, nnmodes]",
                                         "metrics.num_fake=16", "metrics.truncation=global", "sample.psi=0.0"])
     result = train(params, trained["data"], tmp_path / "run")
     lpips = next(k for k in result.metrics if k.startswith("lpips"))
     assert result.metrics[lpips] < 1e-6  # every image is the one of the mean w
+    assert result.metrics["nnmodes16_train_randcnn"] == 1.0  # … so one training image is the nearest of all 16
     provenance = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]
     assert all(p["truncation"] == {"mode": "global", "psi": 0.0} for p in provenance.values())

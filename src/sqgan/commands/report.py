@@ -22,7 +22,8 @@ the experiment (never a training run, whose artifacts stay its own), which later
 
 The table (`paper_table`): for each (ROWS value, COLS value) of params or tags, mean ± sample std (n − 1) over its
 runs (seeds) of each run's best value of the metric over its logged steps — the minimum, or the maximum for
-precision, recall, IS and LPIPS diversity (higher is better there), codebook utilisation and perplexity.
+precision, recall, IS, LPIPS diversity and the NN-mode count (higher is better there), codebook utilisation and
+perplexity.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ GRID_ARTIFACT = "samples/grid.png"
 LEFT_OUT_STAGES = ("sweep", "report", "prior", "pipeline", "data")
 USAGE = re.compile(r"^(sq/(utilisation|perplexity)|fq/layer\d+/(utilisation|perplexity)|d/feature_similarity"
                    r"|g/clip_similarity)$")
-HIGHER_IS_BETTER = ("precision", "recall", "is", "lpips")  # lpips here is the diversity of generated pairs
+HIGHER_IS_BETTER = ("precision", "recall", "is", "lpips", "nnmodes")  # lpips here is the diversity of generated pairs
 # Names logged before sqgan.metrics.names (`fid_randcnn`, `interim/kid_randcnn_mean`): still read from old runs.
 LEGACY = re.compile(r"^(?:interim/)?(fid|kid)_([a-z][a-z0-9-]*)(?:_(mean|std))?$")
 TAG_LIMIT = 5000  # characters of a tag value we write (MLflow caps them)

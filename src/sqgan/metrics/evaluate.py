@@ -30,6 +30,7 @@ from sqgan.metrics.fid import fid_from_features
 from sqgan.metrics.inception_score import inception_score
 from sqgan.metrics.kid import kid_from_features
 from sqgan.metrics.names import REFERENCED, metric_key
+from sqgan.metrics.nn_modes import nn_mode_count
 from sqgan.metrics.precision_recall import precision_recall
 
 CACHE_FORMAT = 1
@@ -96,6 +97,10 @@ def _pr(x: Inputs, s: Any) -> dict[str | None, float]:
     return {"precision": p, "recall": r}
 
 
+def _nnmodes(x: Inputs, s: Any) -> dict[str | None, float]:
+    return {None: float(nn_mode_count(x.real, x.fake))}
+
+
 def _lpips(x: Inputs, s: Any) -> dict[str | None, float]:
     return {None: float(x.lpips.double().mean())}
 
@@ -107,6 +112,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("is", "torch_fidelity.metric_isc", _is, ("mean", "std")),
     Metric("pr", "torch_fidelity.metric_prc (k-NN manifolds)", _pr, (None,), parts=("precision", "recall")),
     Metric("lpips", "torchmetrics LPIPS, mean over pairs of generated images", _lpips, (None,)),
+    Metric("nnmodes", "sqgan.metrics.nn_modes (distinct Euclidean-nearest reference images, float64)", _nnmodes,
+           (None,)),
 )}
 
 
@@ -118,7 +125,7 @@ def check_metric_names(names: list[str] | tuple[str, ...], where: str) -> None:
 
 
 def needs_reference(names: list[str] | tuple[str, ...]) -> bool:
-    return any(n in ("fid", "kid", "pr") for n in names)
+    return any(n in ("fid", "kid", "pr", "nnmodes") for n in names)
 
 
 def keys_of(name: str, n: int, net: str, split: str, lpips_net: str | None = None, pairs: int = 0) -> list[str]:
@@ -345,7 +352,7 @@ class Evaluator:
             p["is_splits"] = s.is_splits
         if m.name == "pr":
             p["k"] = s.pr_k
-        if ref is not None and m.name in ("fid", "kid", "pr"):
+        if ref is not None and needs_reference([m.name]):
             p.update({"reference": ref.describe(), "reference_split": ref.split, "n_real": len(ref.images),
                       "reference_manifest_sha256": ref.manifest_sha256, "reference_resizer": ref.resizer})
         return p
