@@ -20,6 +20,7 @@ from sqgan.metrics.inception_score import inception_score
 from sqgan.metrics.kid import kid_from_features
 from sqgan.metrics.names import count_tag, metric_key, parse_metric_key
 from sqgan.metrics.nn_modes import nearest_reals, nn_mode_count
+from sqgan.metrics.ppl_uniformity import path_images, uniformity
 from sqgan.metrics.precision_recall import precision_recall
 
 
@@ -191,6 +192,61 @@ def test_nn_modes_are_the_nearest_reals_by_a_loop():
     assert 1 < len(set(by_loop)) < 25  # a case where nearest ≠ farthest and not every real is hit
     with pytest.raises(ValueError, match="5 dimensions, generated 4"):
         nn_mode_count(real, fake[:, :4])
+
+
+class _Stair(torch.nn.Module):
+    """A synthesis that draws image a where w's first coordinate is > 0 and b elsewhere: a path that crosses 0
+    jumps once, by LPIPS(a, b); any other path does not move."""
+
+    num_ws = 1
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        super().__init__()
+        self.a, self.b = a.float() / 127.5 - 1.0, b.float() / 127.5 - 1.0
+
+    def forward(self, ws, generator=None, noise_mode="random"):
+        return torch.where((ws[:, 0, 0] > 0)[:, None, None, None], self.a, self.b)
+
+
+def test_ppl_uniformity_of_a_stair_generator_is_one_jump_in_ten_steps():
+    from sqgan.metrics.features import LPIPSNet
+    from sqgan.models.base import Generator
+
+    ref = _reference()
+    G = Generator(_Stair(ref.images[3], ref.images[30]), z_dim=8, w_dim=8)
+    ev = Evaluator(_settings(), ref)(G, 8, 400, ["pplu"])  # 40 paths, their ends drawn with metrics.seed (0)
+    got = {k.rsplit("_", 1)[1]: v for k, v in ev.metrics.items()}
+    assert set(ev.metrics) == {"pplu40_randalex_mean", "pplu40_randalex_std", "pplu40_randalex_end"}
+    z = torch.randn(80, 8, generator=torch.Generator().manual_seed(0))
+    crossing = float(((z[0::2, 0] > 0) != (z[1::2, 0] > 0)).double().mean())
+    jump = float(LPIPSNet("alex")(ref.images[3:4], ref.images[30:31]))
+    assert 0.2 < crossing < 0.8 and jump > 0.05
+    assert got["end"] == pytest.approx(crossing * jump, rel=1e-5)
+    assert got["mean"] == pytest.approx(crossing * jump / 10, rel=1e-5)  # 10 sub-intervals, one of them the jump
+    assert got["std"] == pytest.approx(crossing * jump * 0.3, rel=1e-5)  # std of (J, 0 × 9) = 0.3 J
+    assert ev.provenance["pplu40_randalex_std"]["intervals"] == 10 and ev.real_cache_hit is None
+    assert uniformity(torch.ones(5, 10), torch.full((5,), 3.0)) == {"mean": 1.0, "std": 0.0, "end": 3.0}
+    with pytest.raises(ValueError, match="pplu needs an sqgan Generator"):
+        Evaluator(_settings(), ref)(_Net(), 8, 20, ["pplu"])
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "stylegan2"])
+def test_a_ppl_path_starts_and_ends_at_the_sampled_images_and_goes_through_sq(arch):
+    from sqgan.config import default_params
+    from sqgan.models.factory import build_generator
+
+    sets = ["model.z_dim=16", "model.w_dim=16", "sq.enabled=true", "sq.codebook_size=8", "sq.code_dim=16",
+            "model.g_channels=8",
+            "model.channel_base=128", "model.channel_max=8", "model.mapping_layers=2", f"model.arch={arch}"]
+    G = build_generator(default_params(sets)).eval()
+    z = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    x = path_images(G, z[:2], z[1:])
+    assert x.shape == (2, 11, 3, 32, 32) and x.dtype == torch.uint8
+    with torch.no_grad():
+        sampled = ((G(z, noise_mode="const").images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert torch.equal(x[:, 0], sampled[:2]) and torch.equal(x[:, -1], sampled[1:])
+    # every point is a quantized w: one sub-vector of 8 codewords, so at most 8 distinct images along both paths
+    assert 2 <= len({bytes(im.numpy()) for im in x.flatten(0, 1)}) <= 8
 
 
 # ------------------------------------------------------------------------------------ names, provenance

@@ -312,11 +312,14 @@ def test_eval_measures_truncated_samples_and_records_the_truncation(trained, tmp
 
 
 def test_training_evaluates_truncated_samples_when_asked(trained, tmp_path):
-    params = default_params(TINY_SG2 + ["train.steps=2", "train.checkpoint_every=2", "metrics.names=[fid, lpips, nnmodes]",
-                                        "metrics.num_fake=16", "metrics.truncation=global", "sample.psi=0.0"])
+    params = default_params(TINY_SG2 + ["train.steps=2", "train.checkpoint_every=2", "metrics.num_fake=16",
+                                        "metrics.names=[fid, lpips, nnmodes, pplu]", "metrics.truncation=global",
+                                        "sample.psi=0.0"])
     result = train(params, trained["data"], tmp_path / "run")
     lpips = next(k for k in result.metrics if k.startswith("lpips"))
     assert result.metrics[lpips] < 1e-6  # every image is the one of the mean w
     assert result.metrics["nnmodes16_train_randcnn"] == 1.0  # … so one training image is the nearest of all 16
+    assert result.metrics["pplu1_randalex_end"] > 0  # the path is G's own, untruncated, and says so:
     provenance = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]
-    assert all(p["truncation"] == {"mode": "global", "psi": 0.0} for p in provenance.values())
+    assert provenance.pop("pplu1_randalex_mean")["truncation"] == {"mode": "none"}
+    assert all(p["truncation"] == {"mode": "global", "psi": 0.0} for k, p in provenance.items() if "pplu" not in k)

@@ -90,7 +90,7 @@ def run_eval(
                        progress=progress)
         if truncation is not None:
             for prov in ev.provenance.values():
-                prov["truncation"] = truncation
+                prov.setdefault("truncation", truncation)  # pplu: always untruncated
         new_run = target is None
         if new_run:
             uri = resolve_tracking_uri(params, project_dir)

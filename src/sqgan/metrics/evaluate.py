@@ -31,6 +31,7 @@ from sqgan.metrics.inception_score import inception_score
 from sqgan.metrics.kid import kid_from_features
 from sqgan.metrics.names import REFERENCED, metric_key
 from sqgan.metrics.nn_modes import nn_mode_count
+from sqgan.metrics.ppl_uniformity import INTERVALS, path_distances, ppl_paths, uniformity
 from sqgan.metrics.precision_recall import precision_recall
 
 CACHE_FORMAT = 1
@@ -65,6 +66,7 @@ class Inputs:
     fake: torch.Tensor  # generated pool features [N, F]
     fake_logits: torch.Tensor  # [N, C]
     lpips: torch.Tensor | None  # per-pair LPIPS distances of generated images [P]
+    paths: tuple[torch.Tensor, torch.Tensor] | None = None  # pplu: sub-interval [P, 10] and end [P] LPIPS
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ def _lpips(x: Inputs, s: Any) -> dict[str | None, float]:
     return {None: float(x.lpips.double().mean())}
 
 
+def _pplu(x: Inputs, s: Any) -> dict[str | None, float]:
+    return uniformity(*x.paths)  # type: ignore[return-value]
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("fid", "torch_fidelity.metric_fid (eigenvalues of Σ_r Σ_g)", _fid, (None,)),
     Metric("kid", "sqgan.metrics.kid (torch-fidelity's unbiased MMD², cubic kernel, in torch)", _kid,
@@ -112,6 +118,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("is", "torch_fidelity.metric_isc", _is, ("mean", "std")),
     Metric("pr", "torch_fidelity.metric_prc (k-NN manifolds)", _pr, (None,), parts=("precision", "recall")),
     Metric("lpips", "torchmetrics LPIPS, mean over pairs of generated images", _lpips, (None,)),
+    Metric("pplu", f"sqgan.metrics.ppl_uniformity (torchmetrics LPIPS along {INTERVALS} equal steps of a straight "
+                   f"path in w)", _pplu, ("mean", "std", "end")),
     Metric("nnmodes", "sqgan.metrics.nn_modes (distinct Euclidean-nearest reference images, float64)", _nnmodes,
            (None,)),
 )}
@@ -133,6 +141,8 @@ def keys_of(name: str, n: int, net: str, split: str, lpips_net: str | None = Non
     m = METRICS[name]
     if name == "lpips":
         return [metric_key("lpips", pairs, lpips_net or "randalex")]
+    if name == "pplu":
+        return [metric_key("pplu", ppl_paths(n), lpips_net or "randalex", stat=st) for st in m.stats]
     out = []
     for metric in m.parts or (name,):
         for stat in m.stats:
@@ -304,20 +314,23 @@ class Evaluator:
         if needs_reference(names):
             ref = self.ref()
             real, _, hit = self.cache.get(ref, net, s.batch_size, self.device, progress)
+        paths = None
+        if "pplu" in names:
+            paths = path_distances(g_ema, self.lpips_net, ppl_paths(num_fake), z_dim, seed, s.batch_size, self.device)
         lp = None
         if pairs:
             imgs = torch.cat(kept).to(self.device)
             a, b = imgs[0::2], imgs[1::2]  # pairs (0, 1), (2, 3), …
             lp = torch.cat([self.lpips_net(a[i : i + s.batch_size], b[i : i + s.batch_size]).cpu()
                             for i in range(0, pairs, s.batch_size)])
-        inputs = Inputs(real, fake, fake_logits, lp)
+        inputs = Inputs(real, fake, fake_logits, lp, paths)
         split = ref.split if ref is not None else s.reference_split
         metrics: dict[str, float] = {}
         provenance: dict[str, dict[str, Any]] = {}
         for name in names:
             m = METRICS[name]
             values = m.compute(inputs, s)
-            keys = keys_of(name, num_fake, net.name, split, self._lpips.name if pairs else None, pairs)
+            keys = keys_of(name, num_fake, net.name, split, self._lpips.name if self._lpips else None, pairs)
             ordered = [values[p] for p in m.parts] if m.parts else [values[st] for st in m.stats]
             prov = self._provenance(m, net, ref, num_fake, seed, resolution[0], pairs)
             for k, v in zip(keys, ordered, strict=True):
@@ -338,10 +351,15 @@ class Evaluator:
                       **({"is_shuffle": seed} if m.name == "is" else {})},
             "resolution": resolution,
         }
-        if m.name == "lpips":
+        if m.name in ("lpips", "pplu"):
             lp = self._lpips
             p.update({"feature_network": lp.name, "weights_sha256": lp.weights_sha256, "resizer": lp.resizer,
-                      "pairs": pairs, "feature_implementation": lp.implementation})
+                      "feature_implementation": lp.implementation})
+            if m.name == "lpips":
+                p["pairs"] = pairs
+            else:
+                p.update({"paths": ppl_paths(n), "intervals": INTERVALS, "truncation": {"mode": "none"},
+                          "path": "straight in w before the style quantizer (z without a mapping network)"})
         else:
             p.update({"feature_network": net.name, "feature_extractor": net.describe(),
                       "weights_sha256": net.weights_sha256, "resizer": net.resizer,

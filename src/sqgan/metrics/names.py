@@ -7,6 +7,7 @@ were computed alike (stylegan2-ada's `fid50k_full`, extended by the feature netw
     recall{N}_{split}_{net}
     is{N}_{net}_mean|_std           Inception Score (no reference set)
     lpips{N}_{net}                  mean LPIPS distance between N pairs of generated images (diversity)
+    pplu{P}_{net}_mean|_std|_end    PPL uniformity: LPIPS along P straight latent paths of 10 steps (MixDL)
     nnmodes{N}_{split}_{net}        NN-mode count: distinct reference images nearest to one of N generated (MixDL)
 
 N is the number of generated images (`50k` when a multiple of 1000), split the reference split of the curated
@@ -22,11 +23,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-QUALITY_METRICS = ("fid", "kid", "precision", "recall", "is", "lpips", "nnmodes")
+QUALITY_METRICS = ("fid", "kid", "precision", "recall", "is", "lpips", "pplu", "nnmodes")
 # compared against real images: their name holds the split
 REFERENCED = ("fid", "kid", "precision", "recall", "nnmodes")
 
-_KEY = re.compile(rf"^({'|'.join(QUALITY_METRICS)})(\d+k?)_(.+?)(?:_(mean|std))?$")
+_KEY = re.compile(rf"^({'|'.join(QUALITY_METRICS)})(\d+k?)_(.+?)(?:_(mean|std|end))?$")
 
 
 def count_tag(n: int) -> str:

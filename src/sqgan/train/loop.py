@@ -295,7 +295,7 @@ def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, ho
     ev = evaluator(g, params.model.z_dim, num_fake, params.metrics.names, lpips_pairs=num_fake // 2)
     if truncation is not None:
         for prov in ev.provenance.values():
-            prov["truncation"] = truncation
+            prov.setdefault("truncation", truncation)  # pplu: always untruncated
     hooks.log_metrics({**ev.metrics, **(extra or {})}, step)
     hooks.set_tags({f"{METRIC_PROVENANCE}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
     return ev
