@@ -507,7 +507,8 @@ def report_cmd(
                                                           "columns by these param (or tag) keys")] = None,
     metric: Annotated[str | None, typer.Option(help="--table's metric (default: the FID every run logged)")] = None,
     mode: Annotated[str | None, typer.Option(help="--table: min | max, which value over steps is a run's best "
-                                                  "(default: max for precision, recall, is, lpips, nnmodes, usage; else min)")
+                                                  "(default: max for precision, recall, is, lpips, nnmodes, usage; "
+                                                  "else min)")
                     ] = None,
     log: Annotated[bool, typer.Option("--log/--no-log", help="log the folder back to MLflow (onto the sweep's "
                                                              "parent for one sweep, else a new sqgan.stage=report "
