@@ -56,8 +56,8 @@ def ours(net, real, fake, batch, device) -> tuple[float, float]:
     from sqgan.metrics.fid import fid_from_features
     from sqgan.metrics.kid import kid_from_features
 
-    fr, _ = extract(net, iter(real.split(batch)), len(real), device, False, "real")
-    ff, _ = extract(net, iter(fake.split(batch)), len(fake), device, False, "fake")
+    fr, _, _ = extract(net, iter(real.split(batch)), len(real), device, False, "real")
+    ff, _, _ = extract(net, iter(fake.split(batch)), len(fake), device, False, "fake")
     return fid_from_features(fr, ff), kid_from_features(fr, ff, subsets=100)[0]
 
 

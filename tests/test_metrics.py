@@ -249,6 +249,27 @@ def test_a_ppl_path_starts_and_ends_at_the_sampled_images_and_goes_through_sq(ar
     assert 2 <= len({bytes(im.numpy()) for im in x.flatten(0, 1)}) <= 8
 
 
+def test_sfid_equals_scipy_fid_on_the_random_cnns_third_map_computed_by_hand():
+    import torch.nn.functional as F
+
+    G, ref = _Net(), _reference()
+    ev = Evaluator(_settings(), ref)(G, 8, 50, ["sfid", "fid"])
+    net = RandomCNNFeatures()
+
+    def by_hand(images):  # the random CNN's layers run here: leaky ReLU after the first three convs
+        x = F.interpolate(images.float() / 127.5 - 1.0, size=(64, 64), mode="bilinear", antialias=True)
+        for conv in net.convs[:3]:
+            x = F.leaky_relu(conv(x), 0.2)
+        return x[:, :7].flatten(1).double()
+
+    fake = torch.cat([by_hand(x) for x in generate_uint8(G, 50, 8, 100, 0, torch.device("cpu"))])
+    real = by_hand(ref.images)
+    assert real.shape == (48, 7 * 8 * 8)
+    assert ev.metrics["sfid50_train_randcnn"] == pytest.approx(_scipy_fid(real.numpy(), fake.numpy()), rel=1e-3)
+    assert ev.metrics["sfid50_train_randcnn"] != pytest.approx(ev.metrics["fid50_train_randcnn"], rel=1e-2)
+    assert "448-d" in ev.provenance["sfid50_train_randcnn"]["spatial_features"]
+
+
 # ------------------------------------------------------------------------------------ names, provenance
 def test_metric_names_hold_n_split_and_network():
     assert metric_key("fid", 50000, "inception", "all") == "fid50k_all_inception"
@@ -315,6 +336,14 @@ def test_inception_loads_a_local_file_or_the_torch_fidelity_cache_and_names_fore
     assert torch.equal(net.net.state_dict()[key], sd[key])  # the weights came from the file
     pool, logits = net(_images(8, 2))
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008) and torch.isfinite(pool).all()
+    # sFID's features: mixed_6/conv = Mixed_6d's 1×1 branch, its first 7 channels of 17 × 17, read by a hook of our own
+    seen = []
+    handle = net.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: seen.append(out))
+    pool2, _, space = net(_images(8, 2), spatial=True)
+    handle.remove()
+    assert seen[0].shape == (2, 192, 17, 17) and space.shape == (2, 7 * 17 * 17)
+    assert torch.equal(space, seen[0][:, :7].flatten(1)) and torch.equal(pool2, pool)
+    assert len(net(_images(8, 2))) == 2 and not net.net.Mixed_6d.branch1x1._forward_hooks  # the hook is gone
     hub = tmp_path / "hub"
     (hub / "checkpoints").mkdir(parents=True)
     (hub / "checkpoints" / INCEPTION_FILE).write_bytes(path.read_bytes())
@@ -353,6 +382,11 @@ def test_a_second_evaluation_extracts_no_real_features(tmp_path):
     third = Evaluator(_settings(batch_size=16), _reference(), cache=fresh)(G, 8, 32, ["fid", "kid"])
     assert third.real_cache_hit is True and fresh.extractions == 0
     assert third.metrics == first.metrics
+    sfid = ev(G, 8, 32, ["sfid"])  # spatial features were not cached yet: one more pass over the reals
+    assert sfid.real_cache_hit is False and cache.extractions == 6
+    assert ev(G, 8, 32, ["sfid", "fid"]).real_cache_hit is True and cache.extractions == 6
+    assert Evaluator(_settings(batch_size=16), _reference(), cache=RealFeatureCache(tmp_path / "cache"))(
+        G, 8, 32, ["sfid"]).metrics == sfid.metrics  # … and from disk
     changed = Reference(Path("ref"), "train", 32, _images(9, 48), "1" * 64)  # another manifest
     fourth = Evaluator(_settings(batch_size=16), changed, cache=fresh)(G, 8, 32, ["fid"])
     assert fourth.real_cache_hit is False and fresh.extractions == 3

@@ -352,7 +352,7 @@ class TrainParams(Section):
 
 # -------------------------------------------------------------------------------------- metrics
 class MetricsParams(Section):
-    names: list[Literal["fid", "kid", "is", "pr", "lpips", "pplu", "nnmodes"]] = Field(
+    names: list[Literal["fid", "sfid", "kid", "is", "pr", "lpips", "pplu", "nnmodes"]] = Field(
         ["fid", "kid"], min_length=1, description="quality metrics of training's interim and final evaluations")
     num_fake: int = Field(500, ge=2, description="generated images (G_ema) of training's final evaluation")
     eval_every: int = Field(
@@ -401,7 +401,7 @@ class MetricsParams(Section):
 
 
 class EvalParams(Section):
-    metrics: list[Literal["fid", "kid", "is", "pr", "lpips", "pplu", "nnmodes"]] = Field(
+    metrics: list[Literal["fid", "sfid", "kid", "is", "pr", "lpips", "pplu", "nnmodes"]] = Field(
         ["fid", "kid", "is", "pr", "lpips"], min_length=1, description="metrics of `sqgan eval`")
     num_fake: int = Field(5000, ge=2, description="generated images of `sqgan eval`")
     lpips_pairs: int = Field(1000, ge=1, description="pairs of generated images LPIPS diversity averages over "

@@ -34,7 +34,7 @@ from sqgan.metrics.nn_modes import nn_mode_count
 from sqgan.metrics.ppl_uniformity import INTERVALS, path_distances, ppl_paths, uniformity
 from sqgan.metrics.precision_recall import precision_recall
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1  # of the pool/logits entries; sFID's spatial features are a second entry, `<key>-spatial`
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -67,6 +67,8 @@ class Inputs:
     fake_logits: torch.Tensor  # [N, C]
     lpips: torch.Tensor | None  # per-pair LPIPS distances of generated images [P]
     paths: tuple[torch.Tensor, torch.Tensor] | None = None  # pplu: sub-interval [P, 10] and end [P] LPIPS
+    real_spatial: torch.Tensor | None = None  # sfid: spatial features [N_r, S], [N, S]
+    fake_spatial: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,10 @@ class Metric:
 
 def _fid(x: Inputs, s: Any) -> dict[str | None, float]:
     return {None: fid_from_features(x.real, x.fake)}
+
+
+def _sfid(x: Inputs, s: Any) -> dict[str | None, float]:
+    return {None: fid_from_features(x.real_spatial, x.fake_spatial)}
 
 
 def _kid(x: Inputs, s: Any) -> dict[str | None, float]:
@@ -113,6 +119,7 @@ def _pplu(x: Inputs, s: Any) -> dict[str | None, float]:
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("fid", "torch_fidelity.metric_fid (eigenvalues of Σ_r Σ_g)", _fid, (None,)),
+    Metric("sfid", "torch_fidelity.metric_fid on spatial features (Nash et al. 2021)", _sfid, (None,)),
     Metric("kid", "sqgan.metrics.kid (torch-fidelity's unbiased MMD², cubic kernel, in torch)", _kid,
            ("mean", "std")),
     Metric("is", "torch_fidelity.metric_isc", _is, ("mean", "std")),
@@ -133,7 +140,7 @@ def check_metric_names(names: list[str] | tuple[str, ...], where: str) -> None:
 
 
 def needs_reference(names: list[str] | tuple[str, ...]) -> bool:
-    return any(n in ("fid", "kid", "pr", "nnmodes") for n in names)
+    return any(n in ("fid", "sfid", "kid", "pr", "nnmodes") for n in names)
 
 
 def keys_of(name: str, n: int, net: str, split: str, lpips_net: str | None = None, pairs: int = 0) -> list[str]:
@@ -198,29 +205,43 @@ class RealFeatureCache:
                  "implementation": net.implementation}
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
-    def get(self, ref: Reference, net: nn.Module, batch: int, device: torch.device,
-            progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(pool, logits, hit) of the reference images."""
+    def get(self, ref: Reference, net: nn.Module, batch: int, device: torch.device, progress: bool = False,
+            spatial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """(pool, logits, spatial features when `spatial` else None, hit) of the reference images."""
         key = self.key(ref, net)
+        names = {"pool": key, **({"spatial": f"{key}-spatial"} if spatial else {})}
+        found = {what: self._load(k, len(ref.images)) for what, k in names.items()}
+        if all(v is not None for v in found.values()):
+            pool, logits = found["pool"]
+            return pool, logits, found["spatial"][0] if spatial else None, True
+        pool, logits, space = extract(net, _batches(ref.images, batch), len(ref.images), device, progress,
+                                      f"features of {ref.describe()}", counter=self, spatial=spatial)
+        self._store(key, pool, logits)
+        if spatial:
+            self._store(f"{key}-spatial", space, space[:, :0])
+        return pool, logits, space, False
+
+    def _load(self, key: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if key in self.memory:
-            return *self.memory[key], True
+            return self.memory[key]
         path = self.folder / f"{key}.pt" if self.folder is not None else None
         if path is not None and path.is_file():
             try:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
-                if saved.get("key") == key and saved["pool"].shape[0] == len(ref.images):
+                if saved.get("key") == key and saved["pool"].shape[0] == n:
                     self.memory[key] = (saved["pool"], saved["logits"])
-                    return saved["pool"], saved["logits"], True
+                    return self.memory[key]
             except Exception:  # noqa: BLE001 - a damaged cache file is recomputed, never trusted
                 pass
-        pool, logits = extract(net, _batches(ref.images, batch), len(ref.images), device, progress,
-                               f"features of {ref.describe()}", counter=self)
+        return None
+
+    def _store(self, key: str, pool: torch.Tensor, logits: torch.Tensor) -> None:
         self.memory[key] = (pool, logits)
-        if path is not None:
+        if self.folder is not None:
+            path = self.folder / f"{key}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save({"key": key, "pool": pool, "logits": logits}, tmp)
-        return pool, logits, False
 
 
 def _batches(images: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
@@ -230,20 +251,23 @@ def _batches(images: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
 
 @torch.no_grad()
 def extract(net: nn.Module, batches: Iterator[torch.Tensor], total: int, device: torch.device, progress: bool,
-            desc: str, counter: RealFeatureCache | None = None,
-            keep: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    pools, logits = [], []
+            desc: str, counter: RealFeatureCache | None = None, keep: Callable[[torch.Tensor], None] | None = None,
+            spatial: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pool [N, F], logits [N, C], spatial features [N, S] when `spatial` else None) of the images in `batches`."""
+    pools, logits, spaces = [], [], []
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for b in batches:
             if counter is not None:
                 counter.extractions += 1
             if keep is not None:
                 keep(b)
-            p, lg = net(b.to(device))
-            pools.append(p.double().cpu())
-            logits.append(lg.double().cpu())
+            out = net(b.to(device), spatial=True) if spatial else net(b.to(device))
+            pools.append(out[0].double().cpu())
+            logits.append(out[1].double().cpu())
+            if spatial:
+                spaces.append(out[2].double().cpu())
             bar.update(len(b))
-    return torch.cat(pools), torch.cat(logits)
+    return torch.cat(pools), torch.cat(logits), torch.cat(spaces) if spatial else None
 
 
 # -------------------------------------------------------------------------------------- evaluator
@@ -306,14 +330,15 @@ class Evaluator:
                 have[0] += len(kept[-1])
 
         fakes = generate_uint8(g_ema, num_fake, z_dim, s.batch_size, seed, self.device)
-        fake, fake_logits = extract(net, fakes, num_fake, self.device, progress, "features of generated images",
-                                    keep=keep)
-        real = None
+        spatial = "sfid" in names
+        fake, fake_logits, fake_spatial = extract(net, fakes, num_fake, self.device, progress,
+                                                  "features of generated images", keep=keep, spatial=spatial)
+        real = real_spatial = None
         hit = None
         ref = None
         if needs_reference(names):
             ref = self.ref()
-            real, _, hit = self.cache.get(ref, net, s.batch_size, self.device, progress)
+            real, _, real_spatial, hit = self.cache.get(ref, net, s.batch_size, self.device, progress, spatial)
         paths = None
         if "pplu" in names:
             paths = path_distances(g_ema, self.lpips_net, ppl_paths(num_fake), z_dim, seed, s.batch_size, self.device)
@@ -323,7 +348,7 @@ class Evaluator:
             a, b = imgs[0::2], imgs[1::2]  # pairs (0, 1), (2, 3), …
             lp = torch.cat([self.lpips_net(a[i : i + s.batch_size], b[i : i + s.batch_size]).cpu()
                             for i in range(0, pairs, s.batch_size)])
-        inputs = Inputs(real, fake, fake_logits, lp, paths)
+        inputs = Inputs(real, fake, fake_logits, lp, paths, real_spatial, fake_spatial)
         split = ref.split if ref is not None else s.reference_split
         metrics: dict[str, float] = {}
         provenance: dict[str, dict[str, Any]] = {}
@@ -364,6 +389,8 @@ class Evaluator:
             p.update({"feature_network": net.name, "feature_extractor": net.describe(),
                       "weights_sha256": net.weights_sha256, "resizer": net.resizer,
                       "feature_implementation": net.implementation})
+            if m.name == "sfid":
+                p["spatial_features"] = net.spatial_features
         if m.name == "kid":
             p.update({"kid_subsets": s.kid_subsets, "kid_max_subset_size": s.kid_max_subset_size})
         if m.name == "is":

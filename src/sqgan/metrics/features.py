@@ -5,6 +5,9 @@
   come from a local file: `metrics.inception_weights`, or torch-fidelity's cache in the torch hub folder.
 - A fixed-seed random CNN when no Inception file exists (nothing can be downloaded here): its metrics are
   named `…_randcnn` and compare runs with each other, never with published numbers.
+- Spatial features for sFID (Nash et al. 2021): Inception's `mixed_6/conv` — torch-fidelity's Mixed_6d.branch1x1
+  (conv, BN, ReLU: 192 × 17 × 17) — first 7 channels, 2023-d; the random CNN's stand-in is the first 7 channels
+  of its third conv's 8 × 8 map (448-d). A feature net returns them when called with `spatial=True`.
 - LPIPS (torchmetrics' port of Zhang et al.'s network, its linear heads bundled with torchmetrics) on an AlexNet
   or VGG backbone from a local torchvision weights file (`metrics.lpips_weights`), else a random backbone,
   named `rand<net>`.
@@ -48,6 +51,8 @@ def inception_cache_file() -> Path:
 
 
 LOGIT_SCALE = 3.0  # of the random CNN's class head on unit features
+SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of a spatial map (Nash et al.: Inception's mixed_6/conv)
+SPATIAL_LAYER = 2  # the random CNN's sFID map: its third conv (8 × 8 at its 64 px input)
 
 
 class RandomCNNFeatures(nn.Module):
@@ -57,6 +62,7 @@ class RandomCNNFeatures(nn.Module):
     each other, like the rest of this network's metrics."""
 
     implementation = "sqgan RandomCNNFeatures"
+    spatial_features = "the first 7 channels of the third conv's 8 × 8 map (448-d)"
 
     def __init__(self, seed: int = 0, num_features: int = 64, size: int = 64, num_classes: int = 16) -> None:
         super().__init__()
@@ -85,21 +91,28 @@ class RandomCNNFeatures(nn.Module):
         return f"random CNN (seed {self.seed}, {self.num_features}-d, input resized bilinear to {self.size}px)"
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, spatial: bool = False) -> tuple[torch.Tensor, ...]:
+        """(pool, logits), and with `spatial` the sFID stand-in: the first SPATIAL_CHANNELS channels of the third
+        conv's map (after its activation), flattened."""
         x = x.float() / 127.5 - 1.0
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        space = None
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if i < len(self.convs) - 1:
                 x = F.leaky_relu(x, 0.2)
+            if i == SPATIAL_LAYER:
+                space = x[:, :SPATIAL_CHANNELS].flatten(1)
         pool = x.mean(dim=(2, 3))
-        return pool, self.head(F.normalize(pool, dim=1))  # logits ~ N(0, LOGIT_SCALE²): a class-like softmax
+        logits = self.head(F.normalize(pool, dim=1))  # logits ~ N(0, LOGIT_SCALE²): a class-like softmax
+        return (pool, logits, space) if spatial else (pool, logits)
 
 
 class InceptionFeatures(nn.Module):
     """torch-fidelity's Inception-v3 from a local weights file: uint8 → (pool3 [N, 2048], logits [N, 1008])."""
 
     num_features = 2048
+    spatial_features = "mixed_6/conv (Mixed_6d.branch1x1: conv, BN, ReLU), first 7 channels of 17 × 17 (2023-d)"
 
     def __init__(self, weights: str | Path) -> None:
         super().__init__()
@@ -125,9 +138,18 @@ class InceptionFeatures(nn.Module):
         return f"inception-v3-compat (torch-fidelity) pool3 2048-d from {self.path.name}, input resized to 299px"
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pool, logits = self.net(x)
-        return pool.reshape(x.shape[0], -1), logits.reshape(x.shape[0], -1)
+    def forward(self, x: torch.Tensor, spatial: bool = False) -> tuple[torch.Tensor, ...]:
+        """(pool3, logits), and with `spatial` sFID's features: mixed_6/conv (Mixed_6d.branch1x1), first 7 channels."""
+        kept: list[torch.Tensor] = []
+        hook = self.net.Mixed_6d.branch1x1.register_forward_hook(
+            lambda m, i, out: kept.append(out[:, :SPATIAL_CHANNELS].flatten(1))) if spatial else None
+        try:
+            pool, logits = self.net(x)
+        finally:
+            if hook is not None:
+                hook.remove()
+        out = (pool.reshape(x.shape[0], -1), logits.reshape(x.shape[0], -1))
+        return (*out, kept[0]) if spatial else out
 
 
 def resolve_inception_weights(weights: str | None) -> Path | None:

@@ -2,6 +2,7 @@
 were computed alike (stylegan2-ada's `fid50k_full`, extended by the feature network).
 
     fid{N}_{split}_{net}            FID of N generated images against the reference split
+    sfid{N}_{split}_{net}           sFID: FID on spatial features (Inception mixed_6/conv, first 7 channels)
     kid{N}_{split}_{net}_mean|_std  KID (unbiased MMD², cubic kernel), subsets as stylegan2-ada
     precision{N}_{split}_{net}      improved precision / recall (k-NN manifolds, Kynkäänniemi et al. 2019)
     recall{N}_{split}_{net}
@@ -23,9 +24,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-QUALITY_METRICS = ("fid", "kid", "precision", "recall", "is", "lpips", "pplu", "nnmodes")
+QUALITY_METRICS = ("fid", "sfid", "kid", "precision", "recall", "is", "lpips", "pplu", "nnmodes")
 # compared against real images: their name holds the split
-REFERENCED = ("fid", "kid", "precision", "recall", "nnmodes")
+REFERENCED = ("fid", "sfid", "kid", "precision", "recall", "nnmodes")
 
 _KEY = re.compile(rf"^({'|'.join(QUALITY_METRICS)})(\d+k?)_(.+?)(?:_(mean|std|end))?$")
 
