@@ -82,6 +82,28 @@ def metfaces(params: Input[Artifact], overrides: list, tracking_uri: str, parent
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def cifar10(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
+            data: Output[Dataset], report: Output[Metrics]):
+    """Stage `cifar10`: the python tarball's batches → PNGs with label and the official split (data.cifar10)."""
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
+
+    r = data_task("cifar10", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
+    data.metadata.update(r)
+    log_numbers(report, r)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def cifar100(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
+             data: Output[Dataset], report: Output[Metrics]):
+    """Stage `cifar100`: as cifar10, 100 fine classes, coarse labels kept (data.cifar100)."""
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
+
+    r = data_task("cifar100", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
+    data.metadata.update(r)
+    log_numbers(report, r)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def subset(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, src: Input[Dataset],
            data: Output[Dataset], report: Output[Metrics]):
     """Stage `subset`: a seeded n-image few-shot subset of a curated dataset's train split (data.subset)."""
@@ -103,4 +125,5 @@ def selffilter(params: Input[Artifact], overrides: list, tracking_uri: str, pare
     log_numbers(report, r)
 
 
-PREPARE = {"ffhq2k5": ffhq2k5, "brecahad": brecahad, "dogface": dogface, "metfaces": metfaces}
+PREPARE = {"ffhq2k5": ffhq2k5, "brecahad": brecahad, "dogface": dogface, "metfaces": metfaces,
+           "cifar10": cifar10, "cifar100": cifar100}

@@ -69,6 +69,33 @@ class SourceParams(Section):
         return self
 
 
+class CifarParams(SourceParams):
+    """A CIFAR release: its python tarball by url + md5 (the checksum the release publishes) or sha256, or path (the
+    tarball, or the folder it extracts to)."""
+
+    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$", description="md5 of the file at url (as published)")
+
+    @model_validator(mode="after")
+    def _url_needs_sha(self) -> CifarParams:
+        if self.url and not (self.sha256 or self.md5):
+            raise ValueError("url is set but neither sha256 nor md5 is; give the file's checksum (md5sum FILE)")
+        return self
+
+
+class Cifar10Params(CifarParams):  # the official tarball and the md5 its page publishes
+    url: str | None = Field("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                            description="the python tarball's URL (needs md5 or sha256); unset = use path")
+    md5: str | None = Field("c58f30108f718f92721af3b95e74349a", pattern=r"^[0-9a-fA-F]{32}$",
+                            description="md5 of the file at url (as published)")
+
+
+class Cifar100Params(CifarParams):
+    url: str | None = Field("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                            description="the python tarball's URL (needs md5 or sha256); unset = use path")
+    md5: str | None = Field("eb9058c3a382ffc7106e4002c42a8d85", pattern=r"^[0-9a-fA-F]{32}$",
+                            description="md5 of the file at url (as published)")
+
+
 class FFHQParams(SourceParams):
     features: Literal["blip", "clip", "pixels"] = Field("blip", description="image features for the clustering")
     model: str | None = Field(None, description="BLIP hub name / local folder, or CLIP architecture")
@@ -139,6 +166,10 @@ class DataParams(Section):
     brecahad: BrecahadParams = Field(default_factory=BrecahadParams, description="BreCaHAD slides → crops")
     dogface: DogfaceParams = Field(default_factory=DogfaceParams, description="Oxford-IIIT Pet → dog faces")
     metfaces: SourceParams = Field(default_factory=SourceParams, description="MetFaces, curated as released")
+    cifar10: Cifar10Params = Field(default_factory=Cifar10Params, description="CIFAR-10: 50k train + 10k test at "
+                                   "32², 10 classes (the official python tarball)")
+    cifar100: Cifar100Params = Field(default_factory=Cifar100Params, description="CIFAR-100: 50k train + 10k test "
+                                     "at 32², 100 fine classes (the official python tarball)")
     subset: SubsetParams = Field(default_factory=SubsetParams, description="few-shot subset")
     selffilter: SelfFilterParams = Field(default_factory=SelfFilterParams,
                                          description="self-filtering: drop the worst-inverted images")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import tarfile
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from sqgan.io import UnsafeOutput, free_sibling, sha256_file, stage_output
 
 SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar", ".zip")
 
 
@@ -77,30 +79,45 @@ def file_name(url: str, filename: str | None = None) -> str:
     return name
 
 
+def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def download(
-    url: str, sha256: str, out_dir: str | Path, filename: str | None = None, progressbar: bool = True,
-    force: bool = False,
+    url: str, sha256: str | None, out_dir: str | Path, filename: str | None = None, progressbar: bool = True,
+    force: bool = False, md5: str | None = None,
 ) -> Path:
-    """Fetch `url` into `out_dir` (kept only if its sha256 matches); an existing good copy is not fetched again.
-    An existing file of that name with other bytes is never replaced without `force`."""
-    if not SHA256.match(sha256 or ""):
-        raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}; compute it with `sha256sum FILE`")
+    """Fetch `url` into `out_dir` (kept only if its sha256 — or, for a source that publishes only that, its md5 —
+    matches); an existing good copy is not fetched again. An existing file of that name with other bytes is never
+    replaced without `force`."""
+    if sha256 or not md5:
+        if not SHA256.match(sha256 or ""):
+            raise ValueError(f"--sha256 must be 64 hex digits, got {sha256!r}; compute it with `sha256sum FILE`")
+        algo, digest, of = "sha256", sha256.lower(), sha256_file  # type: ignore[union-attr]
+    else:
+        if not MD5.match(md5):
+            raise ValueError(f"md5 must be 32 hex digits, got {md5!r}; compute it with `md5sum FILE`")
+        algo, digest, of = "md5", md5.lower(), md5_file
     out_dir = Path(out_dir)
     name = file_name(url, filename)
     target = out_dir / name
-    if target.exists() and not force and (not target.is_file() or sha256_file(target) != sha256.lower()):
-        raise UnsafeOutput(f"{target} exists and is not the file with sha256 {sha256}; nothing was changed. "
+    if target.exists() and not force and (not target.is_file() or of(target) != digest):
+        raise UnsafeOutput(f"{target} exists and is not the file with {algo} {digest}; nothing was changed. "
                            f"Download into another folder (--out {free_sibling(out_dir)}), or add --force to "
                            f"replace {target.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / f".{name}.part"
     try:
-        path = pooch.retrieve(url, known_hash=f"sha256:{sha256.lower()}", fname=name, path=out_dir,
+        path = pooch.retrieve(url, known_hash=f"{algo}:{digest}", fname=name, path=out_dir,
                               downloader=ResumableDownloader(part, progressbar=progressbar))
     except ValueError as e:
         if "hash" in str(e).lower():
             raise ChecksumMismatch(
-                f"{url}: the downloaded file does not match sha256 {sha256} and was not kept ({e}); "
+                f"{url}: the downloaded file does not match {algo} {digest} and was not kept ({e}); "
                 f"check the URL and the checksum in params"
             ) from None
         raise

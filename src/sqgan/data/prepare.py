@@ -22,8 +22,9 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path))
 
 
-def raw_source(name: str, src: SourceParams, root: Path) -> Path:
-    """The folder holding dataset `name`'s raw files (downloading and extracting as needed)."""
+def raw_source(name: str, src: SourceParams, root: Path, extract: bool = True) -> Path:
+    """The folder holding dataset `name`'s raw files (downloading and extracting as needed); with `extract=False`
+    the archive itself when that is what the source is (a stage that reads its archive in place, as CIFAR's)."""
     if src.path:
         p = Path(src.path)
         if not p.exists():
@@ -32,7 +33,7 @@ def raw_source(name: str, src: SourceParams, root: Path) -> Path:
             return p
         archive = p
     elif src.url:
-        archive = download(src.url, src.sha256 or "", root / "raw" / "downloads")
+        archive = download(src.url, src.sha256, root / "raw" / "downloads", md5=getattr(src, "md5", None))
     else:
         raise ValueError(
             f"data.{name}: neither url (with sha256) nor path is set; set one in params.yaml or with "
@@ -40,6 +41,8 @@ def raw_source(name: str, src: SourceParams, root: Path) -> Path:
         )
     if not _is_archive(archive):
         raise ValueError(f"data.{name}: {archive} is neither a folder nor a tar/zip archive")
+    if not extract:
+        return archive
     dest = root / "raw" / name / archive_stem(archive.name)
     if not dest.exists():  # extraction is atomic: an existing folder is a complete one
         extract_archive(archive, dest)

@@ -86,10 +86,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("brecahad", "sqgan.data.brecahad:crop_brecahad", "data.brecahad", "raw", _brecahad, ("sqgan.data.prepare",)),
     Stage("dogface", "sqgan.data.dogface:build_dogface", "data.dogface", "raw", _dogface, ("sqgan.data.prepare",)),
     Stage("metfaces", "sqgan.data.curate:curate", "data.curate", "raw", _curate, ("sqgan.data.prepare",)),
+    Stage("cifar10", "sqgan.data.cifar:build_cifar", "data.cifar10", "raw", lambda p: {"name": "cifar10"}),
+    Stage("cifar100", "sqgan.data.cifar:build_cifar", "data.cifar100", "raw", lambda p: {"name": "cifar100"}),
     Stage("subset", "sqgan.data.subset:make_subset", "data.subset", "subset", _subset),
     Stage("selffilter", "sqgan.data.selffilter:self_filter", "data.selffilter", "selffilter", _selffilter),
 )}
 FROM_SECTION = ("subset", "selffilter")  # stages whose input is data.root/data.<name>.source
+READ_IN_PLACE = ("cifar10", "cifar100")  # stages that read their archive as it is (no extraction to disk)
 PREPARABLE = tuple(name for name, s in STAGES.items() if s.source in ("raw", *FROM_SECTION))
 
 
@@ -107,7 +110,9 @@ def source_for(stage: Stage, params: Params, raw: str | Path | None = None) -> P
         return root / getattr(params.data, stage.source).source
     if stage.source != "raw":
         raise ValueError(f"stage {stage.name!r} takes its input from --src; it has no source in params")
-    raw = Path(raw) if raw is not None else raw_source(stage.name, getattr(params.data, stage.name), root)
+    if raw is None:
+        raw = raw_source(stage.name, getattr(params.data, stage.name), root, extract=stage.name not in READ_IN_PLACE)
+    raw = Path(raw)
     if stage.name == "dogface":
         return find_root(raw, "annotations")
     if stage.name == "ffhq2k5":  # the clustering reads a curated manifest: curate the raw images first
