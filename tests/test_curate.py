@@ -11,7 +11,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from sqgan.data.curate import NothingUsable, curate
+from sqgan.data.dataset import ManifestDataset
 from sqgan.data.images import UnusableImage, load_rgb
+from sqgan.data.manifest import read_manifest
 
 
 @pytest.fixture()
@@ -37,7 +39,8 @@ def messy(tmp_path):
 
 def test_curate_counts_converts_dedupes_and_quarantines(messy, tmp_path):
     counts = curate(messy, tmp_path / "out")
-    assert counts == {"seen": 10, "kept": 6, "converted": 5, "duplicate": 1, "quarantined": 3}
+    assert counts == {"seen": 10, "kept": 6, "converted": 5, "duplicate": 1, "quarantined": 3, "labels": "none",
+                      "classes": 0}  # rgb.png at the top beside sub/: not class folders
     out = tmp_path / "out"
     assert json.loads((out / "curate.json").read_text()) == counts
     q = pd.read_csv(out / "quarantine.csv").set_index("path")["reason"].to_dict()
@@ -113,3 +116,57 @@ def test_rerun_after_interruption_replaces_rather_than_duplicates(messy, tmp_pat
     second = curate(messy, out)
     assert first == second
     assert len(list((out / "images").iterdir())) == 6
+
+
+def _classes(src, layout: dict[str, int]) -> None:
+    """Images at the given relative paths, each a flat colour (so none is a duplicate)."""
+    for i, rel in enumerate(layout):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 10 + 20 * i, np.uint8)).save(src / rel)
+
+
+def test_curate_keeps_labels_from_class_folders_or_labels_csv_and_says_which(tmp_path):
+    folders = tmp_path / "folders"
+    _classes(folders, {"dog/a.png": 0, "dog/b.png": 0, "cat/c.png": 0, "zebra/d.png": 0})
+    report = curate(folders, tmp_path / "f-out")
+    assert (report["labels"], report["classes"]) == ("folders", 3)
+    df = read_manifest(tmp_path / "f-out").set_index("source_id")
+    assert df["label"].to_dict() == {"cat/c.png": 0, "dog/a.png": 1, "dog/b.png": 1, "zebra/d.png": 2}  # sorted names
+    assert df.loc["zebra/d.png", "class_name"] == "zebra"
+    ds = ManifestDataset(tmp_path / "f-out", 32)
+    assert ds.labels.tolist() == [ds.manifest.set_index("source_id").loc[s, "label"] for s in ds.manifest.source_id]
+
+    flat = tmp_path / "flat"
+    _classes(flat, {"x.png": 0, "y.png": 0, "z.png": 0})
+    pd.DataFrame({"path": ["x.png", "y.png", "z.png"], "label": [3, 0, 3]}).to_csv(flat / "labels.csv", index=False)
+    report = curate(flat, tmp_path / "c-out")
+    assert (report["labels"], report["classes"], report["seen"]) == ("labels.csv", 2, 3)  # labels.csv is no image
+    assert read_manifest(tmp_path / "c-out").set_index("source_id")["label"].to_dict() == {"x.png": 3, "y.png": 0,
+                                                                                           "z.png": 3}
+    pd.DataFrame({"path": ["x.png", "y.png", "z.png"], "label": ["owl", "cat", "owl"]}).to_csv(flat / "labels.csv",
+                                                                                             index=False)
+    named = curate(flat, tmp_path / "n-out")
+    assert read_manifest(tmp_path / "n-out").set_index("source_id")["label"].to_dict() == {"x.png": 1, "y.png": 0,
+                                                                                           "z.png": 1}
+    assert named["classes"] == 2
+    assert curate(flat, tmp_path / "none-out", labels="none")["labels"] == "none"
+    assert "label" not in read_manifest(tmp_path / "none-out").columns
+
+
+def test_bad_labels_are_refused_before_anything_is_written(tmp_path):
+    flat = tmp_path / "flat"
+    _classes(flat, {"x.png": 0, "y.png": 0})
+    with pytest.raises(ValueError, match="labels=folders: .* 2 or more class folders"):
+        curate(flat, tmp_path / "out", labels="folders")
+    with pytest.raises(FileNotFoundError, match="labels.csv does not exist"):
+        curate(flat, tmp_path / "out", labels="csv")
+    pd.DataFrame({"path": ["x.png"], "label": [1]}).to_csv(flat / "labels.csv", index=False)
+    with pytest.raises(ValueError, match=r"no label for \['y.png'\]"):
+        curate(flat, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    curate(flat, tmp_path / "ok", labels="none")
+    df = pd.read_parquet(tmp_path / "ok" / "manifest.parquet")
+    df["label"] = [0, -1]
+    df.to_parquet(tmp_path / "ok" / "manifest.parquet")
+    with pytest.raises(ValueError, match=r"integer classes ≥ 0 .* \[-1\]"):
+        read_manifest(tmp_path / "ok")

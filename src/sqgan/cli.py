@@ -165,11 +165,15 @@ def data_fetch(
 def data_curate(
     src: SrcOpt, out: OutOpt,
     min_images: Annotated[int | None, typer.Option(help="fail when fewer usable images remain [data.curate]")] = None,
+    labels: Annotated[str | None, typer.Option(help="class labels: auto | csv (SRC/labels.csv) | folders "
+                                                    "(<class>/<image>) | none [data.curate]")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
     delete_unknown: DeleteUnknownOpt = False,
 ) -> None:
-    """Decode, convert to RGB, drop exact duplicates, quarantine unusable files (listed with reasons)."""
-    run_data_stage("curate", src, out, force, params, set_, no_params_file, delete_unknown, min_images=min_images)
+    """Decode, convert to RGB, drop exact duplicates, quarantine unusable files (listed with reasons); keep class
+    labels from SRC/labels.csv or from class folders, and say which."""
+    run_data_stage("curate", src, out, force, params, set_, no_params_file, delete_unknown, min_images=min_images,
+                   labels=labels)
 
 
 @data_app.command("brecahad")

@@ -120,6 +120,10 @@ class DogfaceParams(SourceParams):
 
 class CurateParams(Section):
     min_images: int = Field(1, ge=1, description="curate fails when fewer usable images remain")
+    labels: Literal["auto", "csv", "folders", "none"] = Field(
+        "auto", description="class labels into the manifest: csv = the source's labels.csv (path, label), folders = "
+                            "<class>/<image> (ImageFolder), auto = csv if labels.csv exists, else folders if every "
+                            "image is one folder deep in ≥ 2 folders, else none")
 
 
 class SubsetParams(Section):

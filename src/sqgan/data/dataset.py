@@ -32,6 +32,9 @@ class ManifestDataset(Dataset):
                     im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
                 arrays.append(np.asarray(im))
         self.images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, R, R]
+        # the class of each image [N] when the manifest has labels (conditional training reads them), else None
+        labelled = "label" in self.manifest
+        self.labels = torch.tensor(self.manifest["label"].to_numpy(dtype=np.int64)) if labelled else None
 
     def __len__(self) -> int:
         return self.images.shape[0]

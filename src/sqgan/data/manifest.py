@@ -1,6 +1,7 @@
 """The manifest of a curated dataset: `manifest.parquet` beside an `images/` folder.
 
-Columns: path (relative to the dataset folder), sha256, width, height, source, source_id, split.
+Columns: path (relative to the dataset folder), sha256, width, height, source, source_id, split; optionally
+`label` (the integer class, ≥ 0; curate and the CIFAR stages write it) and `class_name`.
 """
 
 from __future__ import annotations
@@ -53,4 +54,10 @@ def read_manifest(root: str | Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {missing}; rebuild the dataset")
+    if "label" in df.columns:
+        labels = df["label"]
+        if labels.isna().any() or not pd.api.types.is_integer_dtype(labels) or (labels < 0).any():
+            bad = labels[labels.isna() | (labels < 0)].head(3).tolist() or labels.dtype
+            raise ValueError(f"{path}: its label column must hold integer classes ≥ 0 for every image, found {bad}; "
+                             f"rebuild the dataset (curate writes labels from labels.csv or class folders)")
     return df

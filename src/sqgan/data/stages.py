@@ -45,7 +45,7 @@ def _demo(p: Params) -> dict[str, Any]:
 
 
 def _curate(p: Params) -> dict[str, Any]:
-    return {"min_images": p.data.curate.min_images}
+    return {"min_images": p.data.curate.min_images, "labels": p.data.curate.labels}
 
 
 def _ffhq(p: Params) -> dict[str, Any]:
@@ -119,7 +119,8 @@ def source_for(stage: Stage, params: Params, raw: str | Path | None = None) -> P
 
         curated = root / "raw" / "ffhq-curated"
         try:
-            curate(raw, curated, source="ffhq", min_images=params.data.curate.min_images)
+            curate(raw, curated, source="ffhq", min_images=params.data.curate.min_images,
+                   labels="none")  # FFHQ's folders of 1000 images are not classes
         except UnsafeOutput:
             raise UnsafeOutput(f"{curated} is where `prepare ffhq2k5` keeps its curated copy of FFHQ, and it holds "
                                f"something else; move that folder away, or set data.root to another folder") from None
