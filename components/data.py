@@ -82,6 +82,17 @@ def metfaces(params: Input[Artifact], overrides: list, tracking_uri: str, parent
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def fewshot100(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
+               data: Output[Dataset], report: Output[Metrics]):
+    """Stage `fewshot100`: one of DiffAugment's 100-shot sets, curated as released (data.fewshot100)."""
+    from sqgan.commands.kfp_tasks import data_task, log_numbers
+
+    r = data_task("fewshot100", params.path, overrides, tracking_uri, parent_run_id, data.path, raw=raw.path)
+    data.metadata.update(r)
+    log_numbers(report, r)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def cifar10(params: Input[Artifact], overrides: list, tracking_uri: str, parent_run_id: str, raw: Input[Dataset],
             data: Output[Dataset], report: Output[Metrics]):
     """Stage `cifar10`: the python tarball's batches → PNGs with label and the official split (data.cifar10)."""
@@ -126,4 +137,4 @@ def selffilter(params: Input[Artifact], overrides: list, tracking_uri: str, pare
 
 
 PREPARE = {"ffhq2k5": ffhq2k5, "brecahad": brecahad, "dogface": dogface, "metfaces": metfaces,
-           "cifar10": cifar10, "cifar100": cifar100}
+           "fewshot100": fewshot100, "cifar10": cifar10, "cifar100": cifar100}

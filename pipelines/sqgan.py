@@ -23,7 +23,7 @@ from components.sweep import tune
 from components.tracking import finish_pipeline_run, load_params, open_pipeline_run
 from components.train import evaluate, train
 
-DATASETS = ("demo", *PREPARE)  # demo, ffhq2k5, brecahad, dogface, metfaces, cifar10, cifar100
+DATASETS = ("demo", *PREPARE)  # demo, ffhq2k5, brecahad, dogface, metfaces, fewshot100, cifar…
 KINDS = ("data", "train", "sweep")
 
 

@@ -104,7 +104,7 @@ def test_components_are_thin_calls_of_sqgan_kfp_tasks():
     modules = (components.data, components.sweep, components.tracking, components.train)
     comps = [obj for mod in modules for obj in vars(mod).values()
              if hasattr(obj, "python_func") and obj.python_func.__module__ == mod.__name__]
-    assert len(comps) == 18  # load/open/finish, demo, download, curate, 6 datasets, subset, selffilter, train, prior,
+    assert len(comps) == 19  # load/open/finish, demo, download, curate, 7 datasets, subset, selffilter, train, prior,
     #                          eval, tune
     for c in comps:
         body = inspect.getsource(c.python_func).split('"""')[-1]

@@ -56,6 +56,19 @@ def test_metfaces_from_a_local_archive_and_subset_from_it(tmp_path):
     assert len(pd.read_parquet(root / "subset" / "manifest.parquet")) == 3
 
 
+def test_a_100_shot_set_from_its_zip_is_curated_as_released_under_its_set_name(tmp_path):
+    members = {f"100-shot-panda/img/{i}.jpg": _image_bytes(np.full((24, 24, 3), 30 * i, np.uint8), "JPEG")
+               for i in range(5)}
+    (tmp_path / "panda.zip").write_bytes(zip_bytes(members))
+    root = tmp_path / "data"
+    params = default_params([f"data.root={root}", f"data.fewshot100.path={tmp_path / 'panda.zip'}",
+                             "data.fewshot100.set=panda"])
+    counts = prepare("fewshot100", params)
+    assert counts["kept"] == 5 and counts["labels"] == "none"
+    df = pd.read_parquet(root / "fewshot100" / "manifest.parquet")
+    assert set(df["source"]) == {"panda"} and "label" not in df
+
+
 def test_dogface_from_a_local_folder(tmp_path):
     from test_dogface import _pet_root
 

@@ -60,8 +60,8 @@ def test_every_stage_has_a_data_command_whose_options_are_keys_of_its_section():
 
 
 def test_prepare_takes_every_real_dataset_and_few_shot_stage():
-    assert set(PREPARABLE) == {"ffhq2k5", "brecahad", "dogface", "metfaces", "cifar10", "cifar100", "subset",
-                               "selffilter"}
+    assert set(PREPARABLE) == {"ffhq2k5", "brecahad", "dogface", "metfaces", "fewshot100", "cifar10", "cifar100",
+                               "subset", "selffilter"}
 
 
 def test_every_stage_has_one_kfp_component_that_runs_it():

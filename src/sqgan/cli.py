@@ -255,8 +255,8 @@ def data_dogface(
 
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | cifar10 | cifar100 | subset "
-                                             "| selffilter")],
+    name: Annotated[str, typer.Argument(help="ffhq2k5 | brecahad | dogface | metfaces | fewshot100 | cifar10 | "
+                                             "cifar100 | subset | selffilter")],
     out: Annotated[Path | None, typer.Option(help="output folder (default: data.root/NAME)")] = None,
     force: ForceOpt = False, params: ParamsOpt = None, set_: SetOpt = None, no_params_file: NoParamsOpt = False,
     delete_unknown: DeleteUnknownOpt = False,

@@ -69,6 +69,14 @@ class SourceParams(Section):
         return self
 
 
+class FewShotParams(SourceParams):
+    """One of the 100-shot sets released with DiffAugment's data-efficient GAN code (Obama, Grumpy Cat, Panda: 100
+    images each; AnimalFace cat 160, dog 389), by url + sha256 or path (the zip, or its folder)."""
+
+    set: Literal["obama", "grumpy_cat", "panda", "animalface_cat", "animalface_dog"] = Field(
+        "obama", description="which set the source holds (the manifest's source; one set per data.root/fewshot100)")
+
+
 class CifarParams(SourceParams):
     """A CIFAR release: its python tarball by url + md5 (the checksum the release publishes) or sha256, or path (the
     tarball, or the folder it extracts to)."""
@@ -170,6 +178,8 @@ class DataParams(Section):
     brecahad: BrecahadParams = Field(default_factory=BrecahadParams, description="BreCaHAD slides → crops")
     dogface: DogfaceParams = Field(default_factory=DogfaceParams, description="Oxford-IIIT Pet → dog faces")
     metfaces: SourceParams = Field(default_factory=SourceParams, description="MetFaces, curated as released")
+    fewshot100: FewShotParams = Field(default_factory=FewShotParams,
+                                      description="a 100-shot set (DiffAugment's release), curated as released")
     cifar10: Cifar10Params = Field(default_factory=Cifar10Params, description="CIFAR-10: 50k train + 10k test at "
                                    "32², 10 classes (the official python tarball)")
     cifar100: Cifar100Params = Field(default_factory=Cifar100Params, description="CIFAR-100: 50k train + 10k test "

@@ -48,6 +48,10 @@ def _curate(p: Params) -> dict[str, Any]:
     return {"min_images": p.data.curate.min_images, "labels": p.data.curate.labels}
 
 
+def _fewshot(p: Params) -> dict[str, Any]:
+    return {"min_images": p.data.curate.min_images, "source": p.data.fewshot100.set, "labels": "none"}
+
+
 def _ffhq(p: Params) -> dict[str, Any]:
     f = p.data.ffhq2k5
     return {"extractor": build_extractor(f.features, f.model, f.pretrained), "cache_dir": p.data.cache, "k": f.k,
@@ -86,6 +90,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("brecahad", "sqgan.data.brecahad:crop_brecahad", "data.brecahad", "raw", _brecahad, ("sqgan.data.prepare",)),
     Stage("dogface", "sqgan.data.dogface:build_dogface", "data.dogface", "raw", _dogface, ("sqgan.data.prepare",)),
     Stage("metfaces", "sqgan.data.curate:curate", "data.curate", "raw", _curate, ("sqgan.data.prepare",)),
+    Stage("fewshot100", "sqgan.data.curate:curate", "data.fewshot100", "raw", _fewshot, ("sqgan.data.prepare",)),
     Stage("cifar10", "sqgan.data.cifar:build_cifar", "data.cifar10", "raw", lambda p: {"name": "cifar10"}),
     Stage("cifar100", "sqgan.data.cifar:build_cifar", "data.cifar100", "raw", lambda p: {"name": "cifar100"}),
     Stage("subset", "sqgan.data.subset:make_subset", "data.subset", "subset", _subset),
