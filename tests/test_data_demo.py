@@ -24,6 +24,18 @@ def test_two_builds_are_byte_identical(tmp_path):
     assert ha == hb and len(ha) == 49 + 100 + 2  # images, manifest, stage marker
 
 
+def test_the_labelled_variant_only_adds_each_images_source_as_its_class(tmp_path, demo_dir):
+    labelled = build_demo(tmp_path / "labelled", resolution=32, lfw_faces=100, labels=True)
+    plain = pd.read_parquet(demo_dir / "manifest.parquet")
+    df = pd.read_parquet(labelled / "manifest.parquet")
+    assert df.drop(columns=["label", "class_name"]).equals(plain)  # same images, paths, hashes and split
+    assert (df["label"] == (df["source"] == "skimage:lfw_subset").astype(int)).all()
+    assert df.groupby("label")["class_name"].unique().map(list).to_dict() == {0: ["tissue"], 1: ["face"]}
+    assert ManifestDataset(labelled, 32).labels.bincount().tolist() == [
+        int(((df.split == "train") & (df.label == k)).sum()) for k in (0, 1)]
+    assert "label" not in plain  # the demo itself is unlabelled
+
+
 def test_manifest_lists_every_image_with_its_sha256_and_size(demo_dir):
     df = pd.read_parquet(demo_dir / "manifest.parquet")
     assert list(df.columns[:7]) == ["path", "sha256", "width", "height", "source", "source_id", "split"]

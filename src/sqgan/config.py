@@ -53,6 +53,8 @@ class DemoDataParams(Section):
                                                          "100 the 1000-step demo learns faces only, see README)")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of images put in the seeded 'test' split")
     seed: int = Field(0, ge=0, description="seed of the train/test split")
+    labels: bool = Field(False, description="the labelled variant: each image's source as its class in the manifest "
+                                            "(label 0 = tissue crops, 1 = faces), for conditional runs offline")
 
 
 class SourceParams(Section):

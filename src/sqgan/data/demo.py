@@ -5,7 +5,8 @@
 - The first `lfw_faces` images of `lfw_subset` (its first 100 are faces, 25×25 grayscale → RGB).
 
 Every image is resized to the training resolution and written as PNG; the manifest lists path, sha256,
-width, height, source, source_id and a seeded split. Same params → byte-identical output.
+width, height, source, source_id and a seeded split — and, for the labelled variant (`labels`), each image's
+source as its class (`label` 0 = tissue, 1 = face; `class_name`). Same params → byte-identical output.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sqgan.io import stage_output
 
 IHC_SOURCE = "skimage:immunohistochemistry"
 LFW_SOURCE = "skimage:lfw_subset"
+CLASSES = {IHC_SOURCE: (0, "tissue"), LFW_SOURCE: (1, "face")}  # the labelled variant's classes
 
 
 def _ihc_crops(crop: int, stride: int) -> list[tuple[str, np.ndarray]]:
@@ -52,6 +54,7 @@ def build_demo(
     lfw_faces: int = 100,
     test_fraction: float = 0.1,
     seed: int = 0,
+    labels: bool = False,
     force: bool = False,
 ) -> Path:
     """Write the demo dataset to `out` (atomically: the folder appears complete or not at all). An existing `out`
@@ -73,5 +76,7 @@ def build_demo(
             img.save(tmp / rel, format="PNG", optimize=False)
             rows.append({"path": rel, "width": resolution, "height": resolution, "source": source,
                          "source_id": sid, "split": split})
+            if labels:
+                rows[-1]["label"], rows[-1]["class_name"] = CLASSES[source]
         write_manifest(tmp, rows)
     return out
