@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from sqgan.cli import app
 from sqgan.config import ConfigError, default_params, load_params
+from sqgan.shells.tune import check_sweep
 
 runner = CliRunner()
 
@@ -414,3 +415,18 @@ def test_a_sweep_driver_killed_after_a_trial_finished_resumes_without_rerunning_
     rows = list(csv.DictReader((tmp_path / "sweep" / "trials.csv").open()))
     assert sorted(row["fq.decay"] for row in rows) == ["0.6", "0.7", "0.8"]
     assert yaml.safe_load((tmp_path / "sweep" / "best_params.yaml").read_text())["train"]["steps"] == 6
+
+
+def test_the_interim_name_of_lpips_and_pplu_counts_pairs_and_paths_not_images():
+    """ASHA prunes on the interim evaluation's name of tune.metric: for LPIPS (N = pairs) and PPL uniformity (N =
+    paths) it is not the final name with eval_num_fake put in."""
+    from sqgan.train.loop import interim_key, reported_metrics
+
+    p = default_params(["metrics.names=[fid, lpips, pplu]", "metrics.num_fake=500", "metrics.eval_num_fake=200"])
+    assert interim_key(p, "fid500_train_randcnn") == "fid200_train_randcnn"
+    assert interim_key(p, "lpips250_randalex") == "lpips100_randalex"
+    assert interim_key(p, "pplu50_randalex_std") == "pplu20_randalex_std"
+    assert {"lpips100_randalex", "pplu20_randalex_std", "lpips250_randalex"} <= set(reported_metrics(p))
+    sweep = default_params(["metrics.names=[fid, lpips, pplu]", "tune.metric=lpips250_randalex", "tune.mode=max",
+                            "tune.scheduler=asha", "tune.space={fq: {decay: {grid: [0.9, 0.99]}}}"])
+    assert check_sweep(sweep).metrics.names == ["fid", "lpips", "pplu"]  # before: "evaluates it only at the end"

@@ -825,8 +825,12 @@ def quality_keys(params: Params, num_fake: int) -> list[str]:
 
 
 def interim_key(params: Params, key: str) -> str:
-    """The interim evaluation's name of the final evaluation's metric `key` (the same on eval_num_fake images)."""
+    """The interim evaluation's name of the final evaluation's metric `key` (the same on eval_num_fake images; LPIPS
+    counts pairs and PPL uniformity paths, so their N is not the number of images)."""
     parts = parse_metric_key(key)
     if parts is None:
         return key
+    finals = quality_keys(params, params.metrics.num_fake)
+    if key in finals:
+        return quality_keys(params, params.metrics.eval_num_fake)[finals.index(key)]
     return key.replace(f"{parts.metric}{parts.n}_", f"{parts.metric}{count_tag(params.metrics.eval_num_fake)}_", 1)
