@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sqgan.data.dataset import ManifestDataset
 from sqgan.data.manifest import MANIFEST
 from sqgan.io import atomic_path, sha256_file
-from sqgan.metrics.features import LPIPSNet, build_feature_net
+from sqgan.metrics.features import LPIPSNet, build_feature_net, to_uint8
 from sqgan.metrics.fid import fid_from_features
 from sqgan.metrics.inception_score import inception_score
 from sqgan.metrics.kid import kid_from_features
@@ -35,11 +35,6 @@ from sqgan.metrics.ppl_uniformity import INTERVALS, path_distances, ppl_paths, u
 from sqgan.metrics.precision_recall import precision_recall
 
 CACHE_FORMAT = 1  # of the pool/logits entries; sFID's spatial features are a second entry, `<key>-spatial`
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images → uint8 [0, 255]."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 Z_CHUNK = 1024  # z is drawn in chunks of this size whatever the batch size, so the images do not depend on it

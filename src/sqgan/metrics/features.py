@@ -35,6 +35,11 @@ INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2
 LPIPS_BACKBONES = {"alex": "alexnet", "vgg": "vgg16"}
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images (a generator's) → uint8 [0, 255], what every feature net here takes."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def state_sha256(module: nn.Module) -> str:
     """sha256 of a module's parameters and buffers (names, shapes and bytes, in order): identifies its weights."""
     h = hashlib.sha256()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sqgan.metrics.features import to_uint8
+
 INTERVALS = 10
 
 
@@ -36,8 +38,6 @@ def _base_generator(G: nn.Module) -> nn.Module:
 @torch.no_grad()
 def path_images(G: nn.Module, z0: torch.Tensor, z1: torch.Tensor, intervals: int = INTERVALS) -> torch.Tensor:
     """uint8 images [B, intervals + 1, 3, R, R] along the straight w-path from z0 [B, z_dim] to z1."""
-    from sqgan.metrics.evaluate import to_uint8
-
     base = _base_generator(G).eval()
     w0, w1 = base.map(z0)[1], base.map(z1)[1]
     t = torch.linspace(0, 1, intervals + 1, device=w0.device, dtype=w0.dtype)
