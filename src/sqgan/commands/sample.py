@@ -195,7 +195,7 @@ def _reference_features(params: Params, source: dict[str, Any], G: nn.Module, ne
     mp = params.metrics
     if source["kind"] == "real":
         ref = Reference.load(source["data"], mp.reference_split, resolution)
-        pool, _, _ = RealFeatureCache(project_dir / mp.cache_dir).get(ref, net, mp.batch_size, device, progress)
+        pool, _, _, _ = RealFeatureCache(project_dir / mp.cache_dir).get(ref, net, mp.batch_size, device, progress)
         return pool, len(pool)
     z = seeded_latents(source["n"], int(G.z_dim), source["seed"])
     feats = latent_features(G, z, net, params.sample.batch_size, device, progress, "features of the reference")
