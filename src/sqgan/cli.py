@@ -409,8 +409,11 @@ def sample_cmd(
     cluster: Annotated[int | None, typer.Option(help="draw images of this cluster (cluster-guided) [sample.cluster]")
                        ] = None,
     num: Annotated[int | None, typer.Option(help="images to write [sample.num]")] = None,
+    label: Annotated[int | None, typer.Option("--class", help="a class-conditional run: draw this class (unset: "
+                                                             "image i in class i mod K) [sample.label]")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder, written atomically (default: <run folder>/sampled/"
-                                                  "<mode>-psi<ψ>[-cluster<j>], or runs/sample/<run id>/…)")] = None,
+                                                  "<mode>-psi<ψ>[-cluster<j>][-class<c>], or runs/sample/<run id>/…)")
+                   ] = None,
     force: ForceOpt = False,
     delete_unknown: DeleteUnknownOpt = False,
     params: ParamsOpt = None,
@@ -427,7 +430,7 @@ def sample_cmd(
     if (run is None) == (checkpoint is None):
         _err("error: pass exactly one of --run RUN_ID and --checkpoint PATH")
         raise typer.Exit(2)
-    options = {"truncation": truncation, "psi": psi, "assign": assign, "cluster": cluster, "num": num}
+    options = {"truncation": truncation, "psi": psi, "assign": assign, "cluster": cluster, "num": num, "label": label}
     sets = list(set_ or []) + [f"sample.{k}={v}" for k, v in options.items() if v is not None]
     p = resolve(params, sets, no_params_file)
     with stage_errors(), sigterm_as_interrupt():

@@ -220,6 +220,10 @@ class ModelParams(Section):
                                                                           "unset = 1 for stylegan2, 0 for dcgan/sngan")
     pack: int = Field(1, ge=1, le=8, description="PacGAN: D scores this many samples at once, stacked along "
                                                  "channels (1 = off; 2 brought back a dropped mode, issue 25)")
+    conditional: bool = Field(False, description="class-conditional G and D: G adds a class embedding to z, D a "
+                                                 "projection head ⟨embed(y), features⟩; reads the manifest's labels")
+    num_classes: int = Field(0, ge=0, le=100000, description="classes of a conditional run (model.conditional); the "
+                                                            "manifest's labels must lie in [0, num_classes)")
 
     @field_validator("resolution")
     @classmethod
@@ -399,7 +403,7 @@ class TrainParams(Section):
 
 # -------------------------------------------------------------------------------------- metrics
 class MetricsParams(Section):
-    names: list[Literal["fid", "sfid", "kid", "is", "pr", "lpips", "pplu", "nnmodes"]] = Field(
+    names: list[Literal["fid", "sfid", "kid", "is", "pr", "lpips", "pplu", "nnmodes", "ifid"]] = Field(
         ["fid", "kid"], min_length=1, description="quality metrics of training's interim and final evaluations")
     num_fake: int = Field(500, ge=2, description="generated images (G_ema) of training's final evaluation")
     eval_every: int = Field(
@@ -448,7 +452,7 @@ class MetricsParams(Section):
 
 
 class EvalParams(Section):
-    metrics: list[Literal["fid", "sfid", "kid", "is", "pr", "lpips", "pplu", "nnmodes"]] = Field(
+    metrics: list[Literal["fid", "sfid", "kid", "is", "pr", "lpips", "pplu", "nnmodes", "ifid"]] = Field(
         ["fid", "kid", "is", "pr", "lpips"], min_length=1, description="metrics of `sqgan eval`")
     num_fake: int = Field(5000, ge=2, description="generated images of `sqgan eval`")
     lpips_pairs: int = Field(1000, ge=1, description="pairs of generated images LPIPS diversity averages over "
@@ -469,6 +473,8 @@ class SampleParams(Section):
                                                                      "in the run folder's sample-cache/)")
     cluster: int | None = Field(None, ge=0, description="draw images of this cluster of the cluster-guided sampler "
                                                         "(cluster section); unset = no cluster")
+    label: int | None = Field(None, ge=0, description="a class-conditional run: draw every image in this class "
+                                                      "(`--class`); unset = image i in class i mod K")
     seed: int = Field(0, ge=0, description="seed of z (and of the KMeans)")
     batch_size: int = Field(64, ge=1, le=4096, description="images per batch")
 
@@ -672,10 +678,35 @@ class Params(Section):
         if bad:
             raise ValueError(f"mixdl.patch_sides: D's maps at {m.resolution}px have sides 4, 8, … "
                              f"{m.resolution // 2}, got {bad}; pick powers of two in that range (unset = R/8, R/16)")
+        if m.conditional:
+            self._check_conditional()
+        elif "ifid" in self.metrics.names:
+            raise ValueError("metrics.names: ifid (intra-class FID) needs a class-conditional run; set "
+                             "model.conditional true (and model.num_classes) or drop ifid")
         if self.sq.enabled and m.w_dim % self.sq.code_dim:  # with SQ on every arch has a mapping network z → w
             raise ValueError(f"sq.code_dim: {self.sq.code_dim} does not divide model.w_dim={m.w_dim}; pick a divisor "
                              f"(e.g. 4) so w splits into whole sub-vectors")
         return self
+
+    def _check_conditional(self) -> None:
+        """What a class-conditional run cannot be combined with (yet), each named with its fix."""
+        m = self.model
+        if m.num_classes < 2:
+            raise ValueError(f"model.num_classes: a conditional run needs the number of classes (≥ 2) of its "
+                             f"dataset's labels, got {m.num_classes}; set it (CIFAR-10: 10) or model.conditional false")
+        if m.pack > 1:
+            raise ValueError("model.pack: a packing D scores several samples, which may differ in class, in one "
+                             "logit, and its projection head needs one class per score; use model.pack 1 with "
+                             "model.conditional")
+        if self.mixdl.enabled:
+            raise ValueError("mixdl.enabled: MixDL mixes the styles of samples of any class; use it unconditionally "
+                             "(model.conditional false)")
+        if self.metrics.truncation != "none":
+            raise ValueError(f"metrics.truncation: {self.metrics.truncation} truncation pulls w toward centres fitted "
+                             f"without classes; evaluate a conditional run untruncated (metrics.truncation none)")
+        if self.sq.enabled and self.sq.prior:
+            raise ValueError("sq.prior: the codebook prior is fitted on unconditional w; set sq.prior null for a "
+                             "conditional run")
 
     def flat(self) -> dict[str, Any]:
         """Resolved params as {"a.b": value} (for MLflow and for comparing runs)."""

@@ -44,6 +44,7 @@ from sqgan.config import Params
 from sqgan.io import check_output, sha256_file, stage_output, write_json_atomic
 from sqgan.metrics.evaluate import RealFeatureCache, Reference, to_uint8
 from sqgan.metrics.features import LPIPSNet, build_feature_net, state_sha256
+from sqgan.metrics.labels import classes_of, eval_labels
 from sqgan.sampling import truncation as T
 from sqgan.sampling.cluster import (
     ClusterSampler,
@@ -122,6 +123,8 @@ def output_name(params: Params) -> str:
         name += f"-psi{sp.psi:g}"
     if sp.cluster is not None:
         name += f"-cluster{sp.cluster}"
+    if sp.label is not None:
+        name += f"-class{sp.label}"
     return name
 
 
@@ -343,6 +346,11 @@ def run_sample(
 
         t = time.perf_counter()
         G, trained, step = load_generator(ckpt, device)
+        classes = classes_of(G)
+        eval_labels(classes, 0, 0, sp.label)  # --class on an unconditional G, or out of range: refused here
+        if classes and sp.cluster is not None:
+            raise ValueError(f"sample.cluster: the cluster-guided sampler is fitted without classes and this generator "
+                             f"is class-conditional ({classes} classes); pick a class with --class instead")
         require_mapping(G, sp.truncation)
         timings["load"] = time.perf_counter() - t
 
@@ -388,7 +396,8 @@ def run_sample(
             written = 0
             for part in _batches(z, sp.batch_size):
                 t = time.perf_counter()
-                res = truncated(part.to(device), noise_mode="const")
+                c = eval_labels(classes, written, len(part), sp.label)  # as `sqgan eval` draws them
+                res = truncated(part.to(device), None if c is None else c.to(device), noise_mode="const")
                 images = to_uint8(res.images).cpu()
                 if res.assignment is not None:
                     counts += torch.bincount(res.assignment.cpu(), minlength=len(counts))

@@ -44,3 +44,19 @@ class ManifestDataset(Dataset):
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
         return self.images[indices].float() / 127.5 - 1.0
+
+
+def check_class_labels(root: str | Path, labels: np.ndarray | torch.Tensor | None, num_classes: int) -> None:
+    """For a conditional run (num_classes > 0): the dataset at `root` has labels and every one lies in
+    [0, num_classes); a ValueError naming both otherwise. Nothing to check for an unconditional run."""
+    if num_classes <= 0:
+        return
+    if labels is None:
+        raise ValueError(f"{root}: model.conditional is true but the manifest has no 'label' column; curate the "
+                         f"dataset with labels (data.curate.labels csv or folders; cifar10/cifar100 have them) or "
+                         f"set model.conditional false")
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        found = len(np.unique(labels))
+        raise ValueError(f"{root}: the manifest's labels run {labels.min()}..{labels.max()} ({found} classes) but "
+                         f"model.num_classes is {num_classes}; set model.num_classes to {labels.max() + 1}")

@@ -20,6 +20,10 @@ quantizer outputs to count); the loop does backward and the optimiser step, so e
 backward through DDP. Lazy terms are weighted by their interval, as StyleGAN2's lazy regularisation. Every random
 draw comes from the step's generator, so a step is a function of (seed, step, rank).
 
+A conditional run (model.conditional) gives the fakes classes drawn uniformly from the step's generator (after
+every other draw of G's batch, so an unconditional step draws as before) and D the reals' labels; D scores each
+image with its class (projection), R1 the reals with theirs, QCR both fakes with one class.
+
 QCR compares D's scores of the two un-augmented fakes (the paper's formula), with the same noise inputs (const) so
 only the style differs; its D forward leaves the FQ dictionaries as they are.
 """
@@ -74,6 +78,7 @@ class GANLoss:
         self.num_ws = num_ws
         self.mixing = params.model.style_mixing if num_ws > 1 else 0.0
         self.sq_on = params.sq.enabled
+        self.num_classes = params.model.num_classes if params.model.conditional else 0
         self.pl_mean = torch.zeros((), device=device)
         amp = params.train.amp and device.type == "cuda"
         self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
@@ -82,8 +87,15 @@ class GANLoss:
     def _z(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(n, self.p.model.z_dim, generator=gen, device=self.device)
 
+    def _classes(self, n: int, gen: torch.Generator) -> torch.Tensor | None:
+        """Uniform classes for n fakes of a conditional run (no draw, None, for an unconditional one)."""
+        if not self.num_classes:
+            return None
+        return torch.randint(self.num_classes, (n,), generator=gen, device=self.device)
+
     def _generate(self, n: int, gen: torch.Generator):
-        """G(z) with style mixing (StyleGAN2: with prob. style_mixing the ws after a random layer come from a 2nd z)."""
+        """(G(z, c), c) with style mixing (StyleGAN2: with prob. style_mixing the ws after a random layer come from a
+        2nd z); c the fakes' classes (None unconditional)."""
         z = self._z(n, gen)
         kw: dict = {"generator": gen}
         if self.mixing > 0:
@@ -91,22 +103,26 @@ class GANLoss:
             cutoff = torch.randint(1, self.num_ws, (n,), generator=gen, device=self.device)
             use = torch.rand(n, generator=gen, device=self.device) < self.mixing
             kw.update(mix_z=mix_z, mix_cutoff=torch.where(use, cutoff, torch.full_like(cutoff, self.num_ws)))
-        return self.G(z, **kw)
+        c = self._classes(n, gen)
+        return self.G(z, c, **kw), c
 
     def mixdl_due(self, step: int) -> bool:
         return self.mixdl is not None and self.mixdl.due(step)
 
     # ------------------------------------------------------------------------------------- phases
-    def d_main(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase:
+    def d_main(self, real: torch.Tensor, gen: torch.Generator, step: int,
+               real_labels: torch.Tensor | None = None) -> Phase:
         if self.mixdl_due(step):
             return self.d_mixdl(real, gen, step)
         p = self.p
         b = real.shape[0]
         with self._autocast():
             with torch.no_grad():
-                fake = self._generate(b, gen).images
+                fake_out, fake_labels = self._generate(b, gen)
+                fake = fake_out.images
+            c = None if fake_labels is None else torch.cat([real_labels, fake_labels])
             out = self.D(self.augment(torch.cat([real, fake.to(real.dtype)]), gen),
-                         feed=step >= p.fq.feed_warmup_steps, parts=(b, fake.shape[0]))
+                         feed=step >= p.fq.feed_warmup_steps, parts=(b, fake.shape[0]), c=c)
             real_logits, fake_logits = out.logits.float().split(b)
             adv = d_loss(real_logits, fake_logits, self.kind)
         alpha = alpha_at(step, p.fq.alpha, p.fq.alpha_warmup_steps)
@@ -115,13 +131,15 @@ class GANLoss:
                  "d/fake_logit": fake_logits.mean()}
         return Phase(loss, {k: v.detach() for k, v in stats.items()}, out.quant, real_logits.detach())
 
-    def d_r1(self, real: torch.Tensor, gen: torch.Generator, step: int) -> Phase | None:
+    def d_r1(self, real: torch.Tensor, gen: torch.Generator, step: int,
+             real_labels: torch.Tensor | None = None) -> Phase | None:
         every = self.p.train.r1_every
         if self.r1_gamma <= 0 or step % every:
             return None
         x = real.detach().requires_grad_(True)
         with self._autocast():
-            logits = self.D(self.augment(x, gen), feed=step >= self.p.fq.feed_warmup_steps, update=False).logits
+            logits = self.D(self.augment(x, gen), feed=step >= self.p.fq.feed_warmup_steps, update=False,
+                            c=real_labels).logits
         # a packing D (model.pack m) gives each sample its pack's logit, so ∇_x of Σ logits is m× the pack's gradient:
         # ÷ m makes this E over packs of ‖∇ D(pack)‖², R1 of the network D is (m = 1: unchanged)
         penalty = r1_penalty(logits.float(), x) / self.p.model.pack
@@ -137,10 +155,13 @@ class GANLoss:
         b = real.shape[0]
         z = self._z(b, gen)
         eps = torch.randn(z.shape, generator=gen, device=self.device) * sq.qcr_sigma
+        c = self._classes(b, gen)
+        c2 = None if c is None else torch.cat([c, c])  # the neighbour keeps the class
         with self._autocast():
             with torch.no_grad():  # one G call for both, so batch statistics (DCGAN's BN) are shared
-                pair = self.G(torch.cat([z, z + eps]), noise_mode="const").images
-            logits = self.D(pair.to(real.dtype), feed=step >= self.p.fq.feed_warmup_steps, update=False).logits
+                pair = self.G(torch.cat([z, z + eps]), c2, noise_mode="const").images
+            logits = self.D(pair.to(real.dtype), feed=step >= self.p.fq.feed_warmup_steps, update=False,
+                            c=c2).logits
         a, b_ = logits.float().split(b)
         penalty = qcr_penalty(a, b_)
         return Phase(penalty * sq.lambda_qcr * sq.qcr_every, {"loss/qcr": penalty.detach()})
@@ -151,9 +172,9 @@ class GANLoss:
         p = self.p
         b = p.train.batch_size
         with self._autocast():
-            out = self._generate(b, gen)
+            out, c = self._generate(b, gen)
             d_out = self.D(self.augment(out.images, gen), feed=step >= p.fq.feed_warmup_steps,
-                           update=p.fq.update_in_g_step)
+                           update=p.fq.update_in_g_step, c=c)
             adv = g_loss(d_out.logits.float(), self.kind)
         loss = adv + p.sq.lambda_sq * out.loss if self.sq_on else adv
         stats = {"loss/g": loss, "loss/g_adv": adv}
@@ -167,7 +188,8 @@ class GANLoss:
             return None
         n = max(1, t.batch_size // 2)  # StyleGAN2's pl_batch_shrink = 2
         with self._autocast():
-            out = self.G(self._z(n, gen), generator=gen)
+            z = self._z(n, gen)
+            out = self.G(z, self._classes(n, gen), generator=gen)
         penalty, self.pl_mean = path_length_penalty(out.images.float(), out.ws, self.pl_mean, gen)
         # + 0·(a pixel, SQ's loss): every G parameter in the graph for DDP, as d_r1 (the codebook reaches the images
         # only through the straight-through estimator, i.e. not at all)

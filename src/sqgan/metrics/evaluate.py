@@ -28,7 +28,9 @@ from sqgan.io import atomic_path, sha256_file
 from sqgan.metrics.features import LPIPSNet, build_feature_net, to_uint8
 from sqgan.metrics.fid import fid_from_features
 from sqgan.metrics.inception_score import inception_score
+from sqgan.metrics.intra_fid import intra_class_fid
 from sqgan.metrics.kid import kid_from_features
+from sqgan.metrics.labels import classes_of, eval_labels
 from sqgan.metrics.names import REFERENCED, metric_key
 from sqgan.metrics.nn_modes import nn_mode_count
 from sqgan.metrics.ppl_uniformity import INTERVALS, path_distances, ppl_paths, uniformity
@@ -45,13 +47,17 @@ def generate_uint8(g_ema: nn.Module, n: int, z_dim: int, batch: int, seed: int,
                    device: torch.device) -> Iterator[torch.Tensor]:
     """n images of G_ema (const noise) in batches of `batch`. z comes from a CPU generator seeded `seed`, drawn in
     whole chunks of Z_CHUNK: for one seed, the same images on any device, with any batch size, and the first k of
-    any n (so fid1k's images are the first of fid10k's)."""
+    any n (so fid1k's images are the first of fid10k's). A conditional G draws image i in class i mod K."""
     g_ema.eval()
     gen = torch.Generator().manual_seed(seed)
+    k = classes_of(g_ema)
     for chunk in range(0, n, Z_CHUNK):
         z = torch.randn(Z_CHUNK, z_dim, generator=gen)[: n - chunk]  # whole chunks: the first k images of any N agree
         for start in range(0, len(z), batch):
-            yield to_uint8(g_ema(z[start : start + batch].to(device), noise_mode="const").images)
+            part = z[start : start + batch]
+            c = eval_labels(k, chunk + start, len(part))
+            args = (part.to(device),) if c is None else (part.to(device), c.to(device))
+            yield to_uint8(g_ema(*args, noise_mode="const").images)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -64,6 +70,8 @@ class Inputs:
     paths: tuple[torch.Tensor, torch.Tensor] | None = None  # pplu: sub-interval [P, 10] and end [P] LPIPS
     real_spatial: torch.Tensor | None = None  # sfid: spatial features [N_r, S], [N, S]
     fake_spatial: torch.Tensor | None = None
+    real_labels: torch.Tensor | None = None  # ifid: the classes of the reference and generated images [N_r], [N]
+    fake_labels: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,10 @@ def _nnmodes(x: Inputs, s: Any) -> dict[str | None, float]:
     return {None: float(nn_mode_count(x.real, x.fake))}
 
 
+def _ifid(x: Inputs, s: Any) -> dict[str | None, float]:
+    return {None: intra_class_fid(x.real, x.real_labels, x.fake, x.fake_labels)[0]}
+
+
 def _lpips(x: Inputs, s: Any) -> dict[str | None, float]:
     return {None: float(x.lpips.double().mean())}
 
@@ -124,6 +136,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
                    f"path in w)", _pplu, ("mean", "std", "end")),
     Metric("nnmodes", "sqgan.metrics.nn_modes (distinct Euclidean-nearest reference images, float64)", _nnmodes,
            (None,)),
+    Metric("ifid", "sqgan.metrics.intra_fid (mean over classes of torch_fidelity.metric_fid against that class's "
+                   "reals)", _ifid, (None,)),
 )}
 
 
@@ -135,7 +149,7 @@ def check_metric_names(names: list[str] | tuple[str, ...], where: str) -> None:
 
 
 def needs_reference(names: list[str] | tuple[str, ...]) -> bool:
-    return any(n in ("fid", "sfid", "kid", "pr", "nnmodes") for n in names)
+    return any(n in ("fid", "sfid", "kid", "pr", "nnmodes", "ifid") for n in names)
 
 
 def keys_of(name: str, n: int, net: str, split: str, lpips_net: str | None = None, pairs: int = 0) -> list[str]:
@@ -163,20 +177,24 @@ class Reference:
     resolution: int
     images: torch.Tensor  # uint8 [N, 3, R, R]
     manifest_sha256: str
+    labels: torch.Tensor | None = None  # the images' classes [N] when the manifest has labels
 
     resizer = "PIL Lanczos to the generator's resolution (as the training images)"
 
     @classmethod
-    def load(cls, root: str | Path, split: str, resolution: int, images: torch.Tensor | None = None) -> Reference:
-        """`images`: the split already decoded at `resolution` (the training loop passes its dataset's)."""
+    def load(cls, root: str | Path, split: str, resolution: int, images: torch.Tensor | None = None,
+             labels: torch.Tensor | None = None) -> Reference:
+        """`images` (and their `labels`): the split already decoded at `resolution` (the training loop passes its
+        dataset's)."""
         root = Path(root)
         if images is None:
             try:
-                images = ManifestDataset(root, resolution, split=None if split == "all" else split).images
+                ds = ManifestDataset(root, resolution, split=None if split == "all" else split)
             except ValueError as e:
                 raise ValueError(f"metrics.reference_split = {split!r}: {e}; use a split the manifest has, or all") \
                     from None
-        return cls(root, split, resolution, images, sha256_file(root / MANIFEST))
+            images, labels = ds.images, ds.labels
+        return cls(root, split, resolution, images, sha256_file(root / MANIFEST), labels)
 
     def describe(self) -> str:
         return f"{self.root.name}:{self.split}"
@@ -314,6 +332,10 @@ class Evaluator:
         if "lpips" in names and pairs < 1:
             raise ValueError(f"lpips needs at least 2 generated images and lpips_pairs ≥ 1, got {num_fake} images "
                              f"and {lpips_pairs} pairs")
+        classes = classes_of(g_ema)
+        if "ifid" in names and not classes:
+            raise ValueError("ifid (intra-class FID) needs a class-conditional generator; this one is unconditional "
+                             "(drop ifid from the metrics)")
         kept: list[torch.Tensor] = []
         have = [0]
         resolution: list[int] = []
@@ -343,7 +365,12 @@ class Evaluator:
             a, b = imgs[0::2], imgs[1::2]  # pairs (0, 1), (2, 3), …
             lp = torch.cat([self.lpips_net(a[i : i + s.batch_size], b[i : i + s.batch_size]).cpu()
                             for i in range(0, pairs, s.batch_size)])
-        inputs = Inputs(real, fake, fake_logits, lp, paths, real_spatial, fake_spatial)
+        fake_labels = eval_labels(classes, 0, num_fake)
+        real_labels = ref.labels if ref is not None else None
+        if "ifid" in names and real_labels is None:
+            raise ValueError(f"ifid: the reference {ref.describe()} has no class labels (its manifest has no 'label' "
+                             f"column); evaluate against a labelled dataset")
+        inputs = Inputs(real, fake, fake_logits, lp, paths, real_spatial, fake_spatial, real_labels, fake_labels)
         split = ref.split if ref is not None else s.reference_split
         metrics: dict[str, float] = {}
         provenance: dict[str, dict[str, Any]] = {}
@@ -353,6 +380,8 @@ class Evaluator:
             keys = keys_of(name, num_fake, net.name, split, self._lpips.name if self._lpips else None, pairs)
             ordered = [values[p] for p in m.parts] if m.parts else [values[st] for st in m.stats]
             prov = self._provenance(m, net, ref, num_fake, seed, resolution[0], pairs)
+            if classes:
+                prov["classes"] = {"num_classes": classes, "generated": "image i in class i mod num_classes"}
             for k, v in zip(keys, ordered, strict=True):
                 metrics[k] = v
                 provenance[k] = prov

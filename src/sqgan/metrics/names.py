@@ -10,6 +10,7 @@ were computed alike (stylegan2-ada's `fid50k_full`, extended by the feature netw
     lpips{N}_{net}                  mean LPIPS distance between N pairs of generated images (diversity)
     pplu{P}_{net}_mean|_std|_end    PPL uniformity: LPIPS along P straight latent paths of 10 steps (MixDL)
     nnmodes{N}_{split}_{net}        NN-mode count: distinct reference images nearest to one of N generated (MixDL)
+    ifid{N}_{split}_{net}           intra-class FID: mean over classes of FID against that class's reals (conditional)
 
 N is the number of generated images (`50k` when a multiple of 1000), split the reference split of the curated
 dataset (`train`, `test`, … or `all`), net the feature network: `inception` (the canonical torch-fidelity
@@ -24,9 +25,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-QUALITY_METRICS = ("fid", "sfid", "kid", "precision", "recall", "is", "lpips", "pplu", "nnmodes")
+QUALITY_METRICS = ("fid", "sfid", "kid", "precision", "recall", "is", "lpips", "pplu", "nnmodes", "ifid")
 # compared against real images: their name holds the split
-REFERENCED = ("fid", "sfid", "kid", "precision", "recall", "nnmodes")
+REFERENCED = ("fid", "sfid", "kid", "precision", "recall", "nnmodes", "ifid")
 
 _KEY = re.compile(rf"^({'|'.join(QUALITY_METRICS)})(\d+k?)_(.+?)(?:_(mean|std|end))?$")
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sqgan.metrics.features import to_uint8
+from sqgan.metrics.labels import classes_of, eval_labels
 
 INTERVALS = 10
 
@@ -36,10 +37,13 @@ def _base_generator(G: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def path_images(G: nn.Module, z0: torch.Tensor, z1: torch.Tensor, intervals: int = INTERVALS) -> torch.Tensor:
-    """uint8 images [B, intervals + 1, 3, R, R] along the straight w-path from z0 [B, z_dim] to z1."""
+def path_images(G: nn.Module, z0: torch.Tensor, z1: torch.Tensor, intervals: int = INTERVALS,
+                c: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images [B, intervals + 1, 3, R, R] along the straight w-path from z0 [B, z_dim] to z1 (both ends in
+    class c [B] for a conditional G)."""
     base = _base_generator(G).eval()
-    w0, w1 = base.map(z0)[1], base.map(z1)[1]
+    kw = {} if c is None else {"c": c}
+    w0, w1 = base.map(z0, **kw)[1], base.map(z1, **kw)[1]
     t = torch.linspace(0, 1, intervals + 1, device=w0.device, dtype=w0.dtype)
     w = torch.lerp(w0[:, None, :], w1[:, None, :], t[None, :, None]).flatten(0, 1)
     if base.quantizer is not None:
@@ -52,13 +56,16 @@ def path_images(G: nn.Module, z0: torch.Tensor, z1: torch.Tensor, intervals: int
 def path_distances(G: nn.Module, lpips: nn.Module, paths: int, z_dim: int, seed: int, batch: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sub-interval LPIPS [paths, INTERVALS], end-to-end LPIPS [paths]) of `paths` paths whose ends are drawn from
-    a CPU generator seeded `seed` (all up front: the same paths for any batch size)."""
+    a CPU generator seeded `seed` (all up front: the same paths for any batch size); path p of a conditional G
+    stays in class p mod K."""
+    k = classes_of(_base_generator(G))
     z = torch.randn(2 * paths, z_dim, generator=torch.Generator().manual_seed(seed))
     per_batch = max(1, batch // (INTERVALS + 1))
     steps, ends = [], []
     for i in range(0, paths, per_batch):
         z0, z1 = z[2 * i : 2 * (i + per_batch) : 2].to(device), z[2 * i + 1 : 2 * (i + per_batch) : 2].to(device)
-        x = path_images(G, z0, z1)  # [b, 11, 3, R, R]
+        c = eval_labels(k, i, len(z0))
+        x = path_images(G, z0, z1, c=None if c is None else c.to(device))  # [b, 11, 3, R, R]
         b = len(x)
         steps.append(lpips(x[:, :-1].flatten(0, 1), x[:, 1:].flatten(0, 1)).double().cpu().reshape(b, INTERVALS))
         ends.append(lpips(x[:, 0], x[:, -1]).double().cpu().reshape(b))

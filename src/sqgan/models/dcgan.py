@@ -84,7 +84,8 @@ class DCGANTrunk(nn.Module):
         if mbstd_num_channels > 0:
             self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels)
             self.batch_statistics = True  # base.Discriminator passes parts=(reals, fakes): groups never mix them
-        self.fc = nn.Linear((ch_in + mbstd_num_channels) * 4 * 4, 1)
+        self.feature_dim = (ch_in + mbstd_num_channels) * 4 * 4  # the flattened 4×4 map the head scores
+        self.fc = nn.Linear(self.feature_dim, 1)
 
     def head(self, x: torch.Tensor, parts: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mbstd is not None:

@@ -156,6 +156,11 @@ def mapping_layers(params: Params) -> int:
     return 8 if params.model.arch == "stylegan2" else 2
 
 
+def num_classes(params: Params) -> int:
+    """The classes G and D are conditioned on: model.num_classes when model.conditional, else 0 (unconditional)."""
+    return params.model.num_classes if params.model.conditional else 0
+
+
 def build_generator(params: Params) -> Generator:
     m, sq = params.model, params.sq
     bb = backbone(params)
@@ -168,14 +173,15 @@ def build_generator(params: Params) -> Generator:
     quantizer = None
     if sq.enabled:
         quantizer = StyleQuantizer(w_dim, sq.code_dim, sq.codebook_size, sq.commitment, sq.uniformity_t)
-    return Generator(bb.synthesis(params, w_dim), m.z_dim, w_dim, mapping=mapping, quantizer=quantizer)
+    return Generator(bb.synthesis(params, w_dim), m.z_dim, w_dim, mapping=mapping, quantizer=quantizer,
+                     num_classes=num_classes(params))
 
 
 def build_discriminator(params: Params) -> Discriminator:
     fq = params.fq
     bb = backbone(params)
     D = Discriminator(bb.trunk(params), fq.layers if fq.enabled else [], fq.codebook_size, fq.decay, fq.commitment,
-                      fq.eps, fq.mode, fq.init, pack=params.model.pack)
+                      fq.eps, fq.mode, fq.init, pack=params.model.pack, num_classes=num_classes(params))
     if bb.d_init is not None:  # after the quantizers drew their start, so DCGAN's init stays what it always was
         bb.d_init(D.trunk)
     return D

@@ -168,7 +168,10 @@ class SNGANTrunk(nn.Module):
         for i in range(1, len(self.widths)):
             blocks.append(_DBlock(self.widths[i - 1], self.widths[i], downs[i]))
         self.blocks = nn.ModuleList(blocks)
+        self.feature_dim = self.widths[-1]
         self.fc = _sn(nn.Linear(self.widths[-1], 1), 1.0)
+
+    spectral = True  # every weight spectrally normalised: a conditional D's projection embedding is too
 
     def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ReLU, global sum pooling (the paper's, not a mean) → features [B, F]; SN-linear → logits [B]."""

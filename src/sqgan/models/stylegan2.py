@@ -496,6 +496,7 @@ class DiscriminatorTrunk(nn.Module):
             self.widths.append(out)
         self.head = DiscriminatorHead(channels_at(4, channel_base, channel_max), 4, mbstd_group_size,
                                       mbstd_num_channels, conv_clamp)
+        self.feature_dim = channels_at(4, channel_base, channel_max)  # the head's FC output
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, features) without quantizers; `base.Discriminator` runs the blocks itself."""

@@ -47,6 +47,11 @@ class TruncatedGenerator(nn.Module):
         if mode not in ("multimodal", "global", "none"):
             raise ValueError(f"sample.truncation must be multimodal, global or none, got {mode!r}")
         require_mapping(G, mode)
+        self.num_classes = int(getattr(G, "num_classes", 0))
+        if self.num_classes and mode != "none":
+            raise ValueError(f"sample.truncation={mode}: the truncation centres and w_avg are fitted without classes, "
+                             f"and this generator is class-conditional ({self.num_classes} classes); sample it with "
+                             f"--truncation none (metrics.truncation none)")
         self.G, self.mode, self.psi, self.assign = G, mode, T.check_psi(psi), assign
         self.z_dim, self.w_dim = G.z_dim, G.w_dim
         self.centres = centres
@@ -72,10 +77,12 @@ class TruncatedGenerator(nn.Module):
         return self._centre_features[1]
 
     @torch.no_grad()
-    def forward(self, z: torch.Tensor, noise_mode: str = "const", generator: torch.Generator | None = None,
-                **_: Any) -> TruncatedOutput:
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, noise_mode: str = "const",
+                generator: torch.Generator | None = None, **_: Any) -> TruncatedOutput:
+        """`c`: the classes of a conditional G (truncation none only)."""
         G = self.G
         with T._eval_mode(G):  # the mapping must not move w_avg, the quantizer must not learn
+            z = G.condition(z, c) if hasattr(G, "condition") else z
             w = z if G.mapping is None else G.mapping(z, update_w_avg=False)
             idx = None
             if self.mode == "global":

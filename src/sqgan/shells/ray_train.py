@@ -34,6 +34,7 @@ from ray.train import torch as ray_torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from sqgan.config import Params
+from sqgan.data.dataset import check_class_labels
 from sqgan.data.manifest import read_manifest
 from sqgan.io import (
     check_output,
@@ -44,6 +45,7 @@ from sqgan.io import (
     stage_of,
     write_json_atomic,
 )
+from sqgan.models.factory import num_classes
 from sqgan.quant.codebook_prior import load_prior
 from sqgan.shells.tracking import (
     TRACKING_FILE,
@@ -586,7 +588,8 @@ def preflight(params: Params, data_dir: Path, out_dir: Path, resume: Path | None
               force: bool) -> tuple[bool, str]:
     """Everything that can fail, checked before Ray starts: the dataset, the run folder, the checkpoint, the
     resources, the storage and the tracking server. Returns (use_gpu, storage path)."""
-    read_manifest(data_dir)
+    manifest = read_manifest(data_dir)
+    check_class_labels(data_dir, manifest["label"].to_numpy() if "label" in manifest else None, num_classes(params))
     earlier = checkpoints_in(out_dir)
     # an earlier run's folder: its checkpoints, or tracking.json without the loop's marker (killed while Ray started);
     # a run whose checkpoints DVC removed before re-running its stage keeps the marker and is trained over

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from sqgan.config import Params, flatten
 from sqgan.data.ada import AdaController, ada_augment
 from sqgan.data.clip import load_clip
-from sqgan.data.dataset import ManifestDataset
+from sqgan.data.dataset import ManifestDataset, check_class_labels
 from sqgan.data.diffaugment import diff_augment
 from sqgan.data.embeddings import ClipFeatures
 from sqgan.io import atomic_path, mark_output, write_json_atomic
@@ -56,6 +56,7 @@ from sqgan.models.factory import (
     lazy_ratios,
     mapping_layers,
     mbstd_channels,
+    num_classes,
     r1_gamma,
 )
 from sqgan.quant.codebook_prior import load_prior, restore_codebook
@@ -73,6 +74,7 @@ from sqgan.train.checkpoint import (
 __all__ = ["alpha_at", "build_discriminator", "build_generator", "train"]
 
 GRID_SIZE = 64  # fixed-z samples in each grid (8 × 8)
+GRID_CLASSES = 16  # a conditional grid's rows: one per class, up to this many (evenly spaced over the classes)
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -267,11 +269,40 @@ def init_weights(params: Params, G: nn.Module | None, D: nn.Module | None, G_ema
 
 
 # ----------------------------------------------------------------------------------- samples
+@dataclass(frozen=True)
+class FixedLatents:
+    """The fixed z (and classes) of a run's grids and collapse watch. Unconditional: 64 z, an 8 × 8 grid. Conditional:
+    one row per class (all K up to GRID_CLASSES, else that many evenly spaced), the same 8 z in every row, so a
+    column shows what the class changes."""
+
+    z: torch.Tensor  # [n, z_dim]
+    c: torch.Tensor | None  # [n] classes, None unconditional
+    nrow: int  # images per grid row
+
+    @classmethod
+    def make(cls, params: Params, device: torch.device) -> FixedLatents:
+        gen = torch.Generator().manual_seed(params.train.seed + 1)
+        k = num_classes(params)
+        if not k:
+            z = torch.randn(GRID_SIZE, params.model.z_dim, generator=gen)
+            return cls(z.to(device), None, int(math.sqrt(GRID_SIZE)))
+        cols = int(math.sqrt(GRID_SIZE))
+        rows = torch.linspace(0, k - 1, min(k, GRID_CLASSES)).round().long()
+        z = torch.randn(cols, params.model.z_dim, generator=gen).repeat(len(rows), 1)
+        return cls(z.to(device), rows.repeat_interleave(cols).to(device), cols)
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def part(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.z[start:stop], None if self.c is None else self.c[start:stop]
+
+
 @torch.no_grad()
-def sample_grid(g_ema: nn.Module, z: torch.Tensor, path: Path) -> Path:
+def sample_grid(g_ema: nn.Module, fixed: FixedLatents, path: Path) -> Path:
     g_ema.eval()
-    images = g_ema(z, noise_mode="const").images.cpu()
-    grid = make_grid(images, nrow=int(math.sqrt(len(z))), normalize=True, value_range=(-1, 1))
+    images = g_ema(fixed.z, fixed.c, noise_mode="const").images.cpu()
+    grid = make_grid(images, nrow=fixed.nrow, normalize=True, value_range=(-1, 1))
     with atomic_path(path) as tmp:
         save_image(grid, tmp, format="png")
     return path
@@ -281,9 +312,9 @@ def make_evaluator(params: Params, data_dir: str | Path, dataset: ManifestDatase
     """The run's evaluator: its reference split (the training images themselves when that is `train`) and its
     feature network are built on first use, and the real features are extracted once per run."""
     mp = params.metrics
-    images = dataset.images if mp.reference_split == "train" else None
-    return Evaluator(mp, lambda: Reference.load(data_dir, mp.reference_split, params.model.resolution, images),
-                     device)
+    images, labels = (dataset.images, dataset.labels) if mp.reference_split == "train" else (None, None)
+    return Evaluator(mp, lambda: Reference.load(data_dir, mp.reference_split, params.model.resolution, images,
+                                                labels), device)
 
 
 def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, hooks: Hooks, step: int,
@@ -452,11 +483,13 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
     gen = step_generator(tp.seed, step, rt.rank, device)
     idx = batch_indices(step, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
     real = dataset.batch(idx).to(device)
+    labels = dataset.labels[idx].to(device) if params.model.conditional else None  # the same images' classes
     loss = state.loss
 
     ws = rt.world_size
-    d_main = _apply(loss.d_main(real, gen, step), state.opt_d, ws)
-    d_regs = [_apply(loss.d_r1(real, gen, step), state.opt_d), _apply(loss.d_qcr(real, gen, step), state.opt_d)]
+    d_main = _apply(loss.d_main(real, gen, step, labels), state.opt_d, ws)
+    d_regs = [_apply(loss.d_r1(real, gen, step, labels), state.opt_d), _apply(loss.d_qcr(real, gen, step),
+                                                                            state.opt_d)]
     g_main = _apply(loss.g_main(gen, step), state.opt_g, ws)
     g_reg = _apply(loss.g_pl(gen, step), state.opt_g)
 
@@ -515,15 +548,16 @@ class Window:
 
 
 @torch.no_grad()
-def feature_similarity(D: nn.Module, reals: torch.Tensor, batch: int) -> float:
+def feature_similarity(D: nn.Module, reals: torch.Tensor, batch: int, labels: torch.Tensor | None = None) -> float:
     """Mean pairwise cosine similarity of D's penultimate features over `reals` (uint8; seed 000 A.4: lower = D
-    tells the images apart more). D in eval mode, dictionaries untouched."""
+    tells the images apart more; a conditional D is given their `labels`). D in eval mode, dictionaries untouched."""
     D = _unwrap(D)
     was = D.training
     D.eval()
     device = next(D.parameters()).device
     try:
-        feats = [D(reals[i : i + batch].to(device).float() / 127.5 - 1.0, update=False).features.float().flatten(1)
+        feats = [D(reals[i : i + batch].to(device).float() / 127.5 - 1.0, update=False,
+                   c=None if labels is None else labels[i : i + batch].to(device)).features.float().flatten(1)
                  for i in range(0, len(reals), batch)]
         return float(mean_pairwise_cosine(torch.cat(feats)))
     finally:
@@ -538,6 +572,7 @@ class Diversity:
     def __init__(self, params: Params, dataset: ManifestDataset, rt: Runtime) -> None:
         mp = params.metrics
         self.reals = dataset.images[: mp.diversity_images]
+        self.labels = dataset.labels[: mp.diversity_images] if params.model.conditional else None
         self.batch, self.rt = mp.batch_size, rt
         self.clip = None
         if mp.clip_similarity and mp.diversity_every and rt.is_main:
@@ -545,13 +580,17 @@ class Diversity:
             self.clip = ClipFeatures(model, preprocess, "generated")
             gen = torch.Generator().manual_seed(params.train.seed + 3)
             self.z = torch.randn(mp.diversity_images, params.model.z_dim, generator=gen).to(rt.device)
+            k = num_classes(params)  # conditional: classes in turn
+            self.c = torch.arange(mp.diversity_images, device=rt.device) % k if k else None
 
     def __call__(self, state: TrainState) -> dict[str, float]:
-        out = {"d/feature_similarity": feature_similarity(state.D, self.reals, self.batch)}
+        out = {"d/feature_similarity": feature_similarity(state.D, self.reals, self.batch, self.labels)}
         if self.clip is not None:
             state.G_ema.eval()
             with torch.no_grad():
-                images = torch.cat([to_uint8(state.G_ema(self.z[i : i + self.batch], noise_mode="const").images).cpu()
+                images = torch.cat([to_uint8(state.G_ema(self.z[i : i + self.batch],
+                                                         None if self.c is None else self.c[i : i + self.batch],
+                                                         noise_mode="const").images).cpu()
                                     for i in range(0, len(self.z), self.batch)])
             pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
             out["g/clip_similarity"] = float(mean_pairwise_cosine(torch.from_numpy(self.clip(pil))))
@@ -600,11 +639,11 @@ class CollapseWatch:
 
     MAX_REALS = 1000  # reals compared against (evenly spaced over the split): a few seconds at any dataset size
 
-    def __init__(self, params: Params, dataset: ManifestDataset, z: torch.Tensor) -> None:
+    def __init__(self, params: Params, dataset: ManifestDataset, fixed: FixedLatents) -> None:
         images = dataset.images
         if len(images) > self.MAX_REALS:
             images = images[torch.linspace(0, len(images) - 1, self.MAX_REALS).long()]
-        self.reals, self.z, self.mp = images, z, params.metrics
+        self.reals, self.fixed, self.mp = images, fixed, params.metrics
         self.real_diversity = mean_pairwise_rms(images) if len(images) >= 2 else 0.0
         self.first: int | None = None  # the step flagged
         self.learned = False  # an evaluation above both thresholds was seen
@@ -616,8 +655,8 @@ class CollapseWatch:
         if self.real_diversity <= 0:  # one real image (or identical ones): nothing to measure spread against
             return {}, None
         g_ema.eval()
-        fake = torch.cat([g_ema(self.z[i : i + 64], noise_mode="const").images.cpu()
-                          for i in range(0, len(self.z), 64)])
+        fake = torch.cat([g_ema(*self.fixed.part(i, i + 64), noise_mode="const").images.cpu()
+                          for i in range(0, len(self.fixed), 64)])
         st = collapse_stats(fake, self.reals, self.real_diversity)
         collapsed = st.pixel < self.mp.collapse_pixel or st.nn_distinct < self.mp.collapse_nn
         metrics = {**st.as_metrics(), "diversity/collapsed": float(collapsed)}
@@ -668,9 +707,9 @@ def train(
         mark_output(out_dir, "train")
 
     dataset = ManifestDataset(data_dir, params.model.resolution, split="train")
+    check_class_labels(data_dir, dataset.labels, num_classes(params))
     state = setup(params, rt, resume)
-    fixed_z = torch.randn(GRID_SIZE, params.model.z_dim, generator=torch.Generator().manual_seed(tp.seed + 1))
-    fixed_z = fixed_z.to(device)
+    fixed_z = FixedLatents.make(params, device)
     diversity = Diversity(params, dataset, rt)
     evaluator = make_evaluator(params, data_dir, dataset, device) if rt.is_main else None
     watch = CollapseWatch(params, dataset, fixed_z) if rt.is_main else None
@@ -740,7 +779,7 @@ def train(
     return finish(params, state, evaluator, out_dir, fixed_z, rt, hooks, checkpoint, watch)
 
 
-def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fixed_z: torch.Tensor,
+def finish(params: Params, state: TrainState, evaluator: Any, out_dir: Path, fixed_z: FixedLatents,
            rt: Runtime, hooks: Hooks, checkpoint: Callable[[], Path | None],
            watch: CollapseWatch | None = None) -> TrainResult:
     """The last checkpoint, the grid, the full evaluation, the collapse watch and metrics.json (rank 0), and the
