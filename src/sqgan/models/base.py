@@ -18,8 +18,8 @@ the loop never asks which backbone or which quantizer it has.
 
 Class-conditional (model.conditional, `num_classes` K > 0): G adds a learned class embedding e_y ∈ R^{z_dim}
 (N(0, 0.1²) at init, CLASS_EMBED_STD) to z before the mapping (before the synthesis without one), so w — and with SQ
-on, the style the codebook quantizes — carries the class; D adds the projection head of Miyato & Koyama 2018 to its logit,
-⟨embed(y), φ(x)⟩ with φ the trunk's penultimate features. Both take the labels `c` [B] (int64); an unconditional
+on, the style the codebook quantizes — carries the class; D adds the projection head of Miyato & Koyama 2018 to its
+logit, ⟨embed(y), φ(x)⟩ with φ the trunk's penultimate features. Both take the labels `c` [B] (int64); an unconditional
 network refuses labels and a conditional one refuses to run without.
 """
 
@@ -33,7 +33,6 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from sqgan.quant.common import QuantizerOutput
 from sqgan.quant.fq import FeatureQuantizer
-
 
 # The class embedding's init scale. At N(0, 1) (nn.Embedding's default: as large as z) the labelled demo's DCGAN
 # collapsed within each class (400 steps: pixel diversity 0.06× the class's reals, 0.04× with SQ; FID 2.06); at
@@ -107,7 +106,8 @@ class Generator(nn.Module):
         loss = sum((q.loss for q in quant.values()), z.new_zeros(()))
         ws = w[:, None, :].expand(-1, self.num_ws, -1)
         if mix_z is not None:
-            w2, _, quant2 = self.map(mix_z, truncation_psi, update_w_avg=False, c=c)  # as stylegan2-ada's skip_w_avg_update
+            # update_w_avg=False as stylegan2-ada's skip_w_avg_update
+            w2, _, quant2 = self.map(mix_z, truncation_psi, update_w_avg=False, c=c)
             loss = loss + sum((q.loss for q in quant2.values()), z.new_zeros(()))
             layer = torch.arange(self.num_ws, device=z.device)[None, :, None]
             ws = torch.where(layer >= mix_cutoff[:, None, None], w2[:, None, :], ws)
