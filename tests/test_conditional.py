@@ -227,6 +227,18 @@ def test_ifid_in_the_evaluator_tells_a_generator_that_ignores_its_class(labelled
     assert follows.provenance[i]["classes"]["num_classes"] == 2
     with pytest.raises(ValueError, match="unconditional"):
         ev(build_generator(default_params(tiny_overrides())), 32, 40, ["ifid"])
+    # PPL uniformity keeps each path in one class (path p in class p mod K): both ends of every path in its class
+    from sqgan.metrics import ppl_uniformity as U
+
+    seen = []
+    path_images = U.path_images
+    U.path_images = lambda G, z0, z1, intervals=U.INTERVALS, c=None: seen.append(c) or path_images(G, z0, z1, c=c)
+    try:
+        cond = build_generator(_params()).eval()
+        ev(cond, 32, 40, ["pplu"])
+    finally:
+        U.path_images = path_images
+    assert torch.cat(seen).tolist() == [0, 1, 0, 1]  # 40 images → 4 paths
 
 
 def test_evaluation_classes_are_balanced_and_do_not_depend_on_the_batch():
