@@ -9,6 +9,9 @@ step (patch head, projection head, distance losses; sqgan.losses.mixdl).
     python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --set model.channel_base=4096 \
         --set model.channel_max=128                          # StyleGAN2 G+D step on CPU
     python benchmarks/quant_overhead.py --arch stylegan2 --resolution 256 --only fq+sq --kimg   # on a GPU
+    python benchmarks/quant_overhead.py --arch biggan --only plain --only fq --set model.conditional=true \
+        --set model.num_classes=10 --set 'fq.layers=[0,1,2,3]' --set model.g_channels=16 --set model.d_channels=16
+                                                             # BigGAN 32², FQ at every D block (FQ-GAN Table 4)
 
 Numbers go in notes, never into timed tests.
 """
@@ -38,10 +41,12 @@ CONFIGS = {
 
 
 class RandomImages:
-    """What train_step needs of a dataset: len() and batch(indices) in [-1, 1]."""
+    """What train_step needs of a dataset: len(), batch(indices) in [-1, 1] and (conditional) labels."""
 
-    def __init__(self, n: int, resolution: int) -> None:
-        self.images = torch.rand(n, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    def __init__(self, n: int, resolution: int, classes: int = 0) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, resolution, resolution, generator=gen) * 2 - 1
+        self.labels = torch.randint(classes, (n,), generator=gen) if classes else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -73,9 +78,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rt = Runtime(device=device)
     names = a.only or list(CONFIGS)
-    data = RandomImages(512, a.resolution)
     base = [f"model.arch={a.arch}", f"model.resolution={a.resolution}", f"train.batch_size={a.batch}",
             "metrics.diversity_every=0", *a.sets]
+    model = default_params(base).model
+    data = RandomImages(512, a.resolution, model.num_classes if model.conditional else 0)
     states = {}
     for name in names:
         p = default_params(base + CONFIGS[name])

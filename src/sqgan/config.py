@@ -35,6 +35,10 @@ def d_blocks(arch: str, resolution: int) -> int:
         if resolution not in (32, 64):
             raise ValueError(f"SNGAN supports resolution 32 or 64, got {resolution}")
         return 4 if resolution == 32 else 5
+    if arch == "biggan":  # BigGAN-PyTorch's D_arch: 4 blocks at 32², 5 at 64², 6 at 128²
+        if resolution not in (32, 64, 128):
+            raise ValueError(f"BigGAN supports resolution 32, 64 or 128, got {resolution}")
+        return {32: 4, 64: 5, 128: 6}[resolution]
     return int(math.log2(resolution)) - 2
 
 
@@ -192,12 +196,14 @@ class DataParams(Section):
 
 
 # ---------------------------------------------------------------------------------------- model
-ARCH_RESOLUTIONS = {"dcgan": (32, 64), "sngan": (32, 64), "stylegan2": (32, 64, 128, 256, 512, 1024)}
+ARCH_RESOLUTIONS = {"dcgan": (32, 64), "sngan": (32, 64), "stylegan2": (32, 64, 128, 256, 512, 1024),
+                    "biggan": (32, 64, 128)}
 
 
 class ModelParams(Section):
-    arch: Literal["dcgan", "sngan", "stylegan2"] = Field(
-        "dcgan", description="backbone: dcgan (32/64px), sngan (ResNet + spectral norm, 32/64px), stylegan2 (32-1024px)"
+    arch: Literal["dcgan", "sngan", "stylegan2", "biggan"] = Field(
+        "dcgan", description="backbone: dcgan (32/64px), sngan (ResNet + spectral norm, 32/64px), stylegan2 "
+                             "(32-1024px), biggan (conditional BN, hierarchical z, projection D; 32/64/128px)"
     )
     resolution: int = Field(32, ge=32, le=1024, description="image side in px (a power of two the arch supports); "
                                                            "images are resized to it")
@@ -220,6 +226,9 @@ class ModelParams(Section):
                                                                           "unset = 1 for stylegan2, 0 for dcgan/sngan")
     pack: int = Field(1, ge=1, le=8, description="PacGAN: D scores this many samples at once, stacked along "
                                                  "channels (1 = off; 2 brought back a dropped mode, issue 25)")
+    shared_dim: int = Field(128, ge=1, le=4096, description="BigGAN: the shared class embedding's size (conditional)")
+    attention: int | None = Field(None, ge=8, le=1024, description="BigGAN: self-attention after the G and D blocks "
+                                                                   "at this side in px (BigGAN 128²: 64); unset = none")
     conditional: bool = Field(False, description="class-conditional G and D: G adds a class embedding to z, D a "
                                                  "projection head ⟨embed(y), features⟩; reads the manifest's labels")
     num_classes: int = Field(0, ge=0, le=100000, description="classes of a conditional run (model.conditional); the "
@@ -357,14 +366,19 @@ def gpu_spelling(v: Any) -> Any:
 
 
 class TrainParams(Section):
-    steps: int = Field(1000, ge=1, description="total optimisation steps (one D step + one G step each)")
+    steps: int = Field(1000, ge=1, description="total optimisation steps (d_steps D steps + one G step each)")
+    d_steps: int = Field(1, ge=1, le=16, description="D steps per G step, each on its own batch of reals (BigGAN's "
+                                                     "num_D_steps; its CIFAR runs: 4)")
+    ortho_reg: float = Field(0.0, ge=0.0, le=1.0, description="BigGAN's orthogonal regularisation β of G's weights "
+                                                              "(its G_ortho; 1e-4 at ImageNet, 0 on CIFAR)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
     lr_g: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of G (TTUR: below lr_d)")
     lr_d: float = Field(8e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam β2")
     loss: Literal["auto", "hinge", "nonsaturating"] = Field(
-        "auto", description="adversarial loss; auto = the backbone's (stylegan2: nonsaturating; dcgan, sngan: hinge)")
+        "auto", description="adversarial loss; auto = the backbone's (stylegan2: nonsaturating; dcgan, sngan, biggan: "
+                            "hinge)")
     r1_gamma: float | None = Field(None, ge=0.0, le=1e4, description="R1 weight γ (lazy, every r1_every steps); "
                                                                      "unset = 0.0002·R²/batch for stylegan2, 0 else")
     r1_every: int = Field(16, ge=1, le=10000, description="steps between R1 terms (lazy regularisation)")
@@ -678,6 +692,17 @@ class Params(Section):
         if bad:
             raise ValueError(f"mixdl.patch_sides: D's maps at {m.resolution}px have sides 4, 8, … "
                              f"{m.resolution // 2}, got {bad}; pick powers of two in that range (unset = R/8, R/16)")
+        if m.arch == "biggan":
+            slots = {32: 4, 64: 5, 128: 6}[m.resolution]  # hierarchical z: one chunk per G block + the first linear
+            latent = m.w_dim if self.sq.enabled else m.z_dim
+            if latent % slots:
+                raise ValueError(f"model.{'w_dim' if self.sq.enabled else 'z_dim'}: BigGAN at {m.resolution}px splits "
+                                 f"its latent into {slots} chunks, so it must be a multiple of {slots} (got {latent})")
+        if m.attention is not None and m.arch != "biggan":
+            raise ValueError("model.attention: self-attention is BigGAN's (model.arch biggan); unset it")
+        if m.attention is not None and (m.attention & (m.attention - 1) or not 8 <= m.attention <= m.resolution):
+            raise ValueError(f"model.attention: BigGAN's G blocks output 8, 16, … {m.resolution} px; got "
+                             f"{m.attention}, pick one of those")
         if m.conditional:
             self._check_conditional()
         elif "ifid" in self.metrics.names:

@@ -3,7 +3,7 @@
     d_main   D: L_adv(D(A(x)), D(A(G(z)))) + α_t · Σ L_FQ        (A = ADA and/or DiffAugment)
     d_r1     D: γ/2 · r1_every · E‖∇_x D(A(x))‖²                   every train.r1_every steps when γ > 0
     d_qcr    D: λ_qcr · qcr_every · ‖D(G(w^q)) − D(G(w'^q))‖²      every sq.qcr_every steps when SQ and λ_qcr > 0
-    g_main   G: L_adv(D(A(G(z)))) + λ_sq (L_sq + L_uf)
+    g_main   G: L_adv(D(A(G(z)))) + λ_sq (L_sq + L_uf) [+ β_ortho · BigGAN's orthogonal penalty]
     g_pl     G: pl_weight · pl_every · path-length penalty         every train.pl_every steps when pl_weight > 0
 
 With mixdl.enabled, one step in mixdl.every is a MixDL step (MixDLSettings.due; every = 2: the odd steps, as
@@ -40,7 +40,7 @@ from torch import nn
 from sqgan.config import Params
 from sqgan.losses import mixdl
 from sqgan.losses.adversarial import d_loss, g_loss
-from sqgan.losses.regularizers import path_length_penalty, qcr_penalty, r1_penalty
+from sqgan.losses.regularizers import orthogonal_penalty, path_length_penalty, qcr_penalty, r1_penalty
 from sqgan.models.factory import adversarial_loss, r1_gamma
 from sqgan.quant.common import QuantizerOutput
 
@@ -177,7 +177,12 @@ class GANLoss:
                            update=p.fq.update_in_g_step, c=c)
             adv = g_loss(d_out.logits.float(), self.kind)
         loss = adv + p.sq.lambda_sq * out.loss if self.sq_on else adv
-        stats = {"loss/g": loss, "loss/g_adv": adv}
+        stats = {"loss/g_adv": adv}
+        if p.train.ortho_reg > 0:  # BigGAN's orthogonal regularisation of the synthesis weights
+            ortho = orthogonal_penalty(unwrap(self.G).synthesis)
+            loss = loss + p.train.ortho_reg * ortho
+            stats["loss/ortho"] = ortho
+        stats["loss/g"] = loss
         if self.sq_on:
             stats["loss/sq"] = out.loss
         return Phase(loss, {k: v.detach() for k, v in stats.items()}, out.quant)

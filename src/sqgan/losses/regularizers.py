@@ -4,6 +4,7 @@
 - Path length (StyleGAN2 §3.2): (‖J_wᵀ y‖ − a)², y ~ N(0, I)/√(HW), a the EMA of the lengths.
 - QCR (SQ-GAN): ‖D(G(w^q)) − D(G(w'^q))‖², w' = f_W(z + ε), ε ~ N(0, σ²): D must not jump between neighbouring
   codes, so nearby quantized styles get nearby scores.
+- Orthogonal regularisation (BigGAN §3.1): ½ Σ_W ‖W Wᵀ ⊙ (1 − I)‖²_F over G's weights.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
@@ -34,3 +36,18 @@ def path_length_penalty(images: torch.Tensor, ws: torch.Tensor, pl_mean: torch.T
 def qcr_penalty(logits: torch.Tensor, perturbed_logits: torch.Tensor) -> torch.Tensor:
     """L_qcr = E (D(G(w^q)) − D(G(w'^q)))²."""
     return (logits - perturbed_logits).square().mean()
+
+
+def orthogonal_penalty(module: nn.Module, skip: tuple[str, ...] = ("shared",)) -> torch.Tensor:
+    """BigGAN's orthogonal regularisation (its `ortho`, as a loss): ½ Σ_W ‖W Wᵀ ⊙ (1 − I)‖²_F over the weights W
+    (rows = output units, flattened) of `module` with two or more dimensions, except those under `skip` (the shared
+    class embedding); its gradient 2 (W Wᵀ ⊙ (1 − I)) W is what BigGAN-PyTorch adds to each weight's gradient."""
+    total = None
+    for name, p in module.named_parameters():
+        if p.ndim < 2 or not p.requires_grad or any(name.startswith(s + ".") or f".{s}." in name for s in skip):
+            continue
+        w = p.reshape(p.shape[0], -1)
+        gram = w @ w.t()
+        term = 0.5 * (gram * (1 - torch.eye(gram.shape[0], device=p.device, dtype=p.dtype))).square().sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())

@@ -48,7 +48,11 @@ def path_images(G: nn.Module, z0: torch.Tensor, z1: torch.Tensor, intervals: int
     w = torch.lerp(w0[:, None, :], w1[:, None, :], t[None, :, None]).flatten(0, 1)
     if base.quantizer is not None:
         w = base.quantizer(w).quantized
-    images = base.synthesis(w[:, None, :].expand(-1, base.num_ws, -1), noise_mode="const")
+    ws = w[:, None, :].expand(-1, base.num_ws, -1)
+    if c is not None:  # each path's class for all its steps
+        images = base.synthesize(ws, c.repeat_interleave(intervals + 1), noise_mode="const")
+    else:
+        images = base.synthesis(ws, noise_mode="const")
     return to_uint8(images).unflatten(0, (len(z0), intervals + 1))
 
 

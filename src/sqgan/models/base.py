@@ -71,14 +71,28 @@ class Generator(nn.Module):
         self.z_dim, self.w_dim, self.num_ws = z_dim, w_dim, int(synthesis.num_ws)
         self.mapping, self.quantizer, self.synthesis = mapping, quantizer, synthesis
         self.num_classes = num_classes
-        # made last, so an unconditional generator draws its weights exactly as before
-        self.embed = nn.Embedding(num_classes, z_dim) if num_classes > 0 else None
+        # a synthesis that takes the classes itself (BigGAN's shared embedding) gets them there; any other gets z + e_c.
+        # Made last, so an unconditional generator draws its weights exactly as before.
+        self.own_classes = bool(getattr(synthesis, "takes_classes", False))
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes > 0 and not self.own_classes else None
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, std=CLASS_EMBED_STD)
 
     def condition(self, z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """z + e_c for a conditional generator (checked: labels given and in range), z itself otherwise."""
-        return z if self.embed is None and c is None else z + self.embed(check_labels(c, self.num_classes, "G"))
+        """z + e_c for a conditional generator (checked: labels given and in range), z itself otherwise (and for a
+        synthesis that takes the classes itself, after the same check)."""
+        if self.num_classes == 0 and c is None:
+            return z
+        c = check_labels(c, self.num_classes, "G")
+        return z if self.own_classes else z + self.embed(c)
+
+    def synthesize(self, ws: torch.Tensor, c: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                   noise_mode: str = "random") -> torch.Tensor:
+        """The synthesis of styles ws [B, num_ws, w_dim], given the classes when it takes them (BigGAN)."""
+        if self.own_classes and self.num_classes:
+            return self.synthesis(ws, generator=generator, noise_mode=noise_mode, c=check_labels(c, self.num_classes,
+                                                                                                 "G"))
+        return self.synthesis(ws, generator=generator, noise_mode=noise_mode)
 
     def map(self, z: torch.Tensor, truncation_psi: float = 1.0, update_w_avg: bool = True,
             c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -111,7 +125,7 @@ class Generator(nn.Module):
             loss = loss + sum((q.loss for q in quant2.values()), z.new_zeros(()))
             layer = torch.arange(self.num_ws, device=z.device)[None, :, None]
             ws = torch.where(layer >= mix_cutoff[:, None, None], w2[:, None, :], ws)
-        images = self.synthesis(ws, generator=generator, noise_mode=noise_mode)
+        images = self.synthesize(ws, c, generator=generator, noise_mode=noise_mode)
         return GeneratorOutput(images, ws, loss, quant)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from sqgan.config import Params
 from sqgan.models.base import Discriminator, Generator
+from sqgan.models.biggan import BigGANSynthesis, BigGANTrunk
 from sqgan.models.dcgan import DCGANSynthesis, DCGANTrunk, dcgan_init_
 from sqgan.models.sngan import SNGANSynthesis, SNGANTrunk
 from sqgan.models.stylegan2 import DiscriminatorTrunk, MappingNetwork, SynthesisNetwork
@@ -69,10 +70,23 @@ def _stylegan2_trunk(p: Params) -> nn.Module:
                               img_channels=3 * m.pack, conv_clamp=m.conv_clamp)
 
 
+def _biggan_synthesis(p: Params, latent: int) -> nn.Module:
+    return BigGANSynthesis(latent, p.model.resolution, p.model.g_channels, num_classes(p), p.model.shared_dim,
+                           p.model.attention)
+
+
+def _biggan_trunk(p: Params) -> nn.Module:
+    if mbstd_channels(p):
+        raise ValueError("model.mbstd_num_channels: the BigGAN discriminator has no minibatch-stddev layer; unset it")
+    return BigGANTrunk(p.model.resolution, p.model.d_channels, in_channels=3 * p.model.pack,
+                       attention=p.model.attention)
+
+
 BACKBONES: dict[str, Backbone] = {
     "dcgan": Backbone(_dcgan_synthesis, _dcgan_trunk, "hinge", dcgan_init_),
     "sngan": Backbone(_sngan_synthesis, _sngan_trunk, "hinge"),
     "stylegan2": Backbone(_stylegan2_synthesis, _stylegan2_trunk, "nonsaturating"),
+    "biggan": Backbone(_biggan_synthesis, _biggan_trunk, "hinge"),
 }
 
 

@@ -398,7 +398,7 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
     ada = None
     if params.ada.enabled:
         a = params.ada
-        ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size,
+        ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size * tp.d_steps,
                             speed_img=a.speed_kimg * 1000, p=a.p_init)
     state = TrainState(G, D, G_ema, opt_g, opt_d, None, ada, heads)  # type: ignore[arg-type]
     pl_mean = None
@@ -481,13 +481,15 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
     state.G.train()
     state.D.train()
     gen = step_generator(tp.seed, step, rt.rank, device)
-    idx = batch_indices(step, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
-    real = dataset.batch(idx).to(device)
-    labels = dataset.labels[idx].to(device) if params.model.conditional else None  # the same images' classes
     loss = state.loss
-
     ws = rt.world_size
-    d_main = _apply(loss.d_main(real, gen, step, labels), state.opt_d, ws)
+    d_mains = []
+    for j in range(tp.d_steps):  # BigGAN's num_D_steps: each D step on its own reals (the batches of sub-step
+        # step·d_steps + j, so every image still comes once per epoch), its fakes drawn from the step's generator
+        idx = batch_indices(step * tp.d_steps + j, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
+        real = dataset.batch(idx).to(device)
+        labels = dataset.labels[idx].to(device) if params.model.conditional else None  # the same images' classes
+        d_mains.append(_apply(loss.d_main(real, gen, step, labels), state.opt_d, ws))
     d_regs = [_apply(loss.d_r1(real, gen, step, labels), state.opt_d), _apply(loss.d_qcr(real, gen, step),
                                                                             state.opt_d)]
     g_main = _apply(loss.g_main(gen, step), state.opt_g, ws)
@@ -502,10 +504,11 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
         for b_ema, b in zip(state.G_ema.buffers(), G.buffers(), strict=True):
             b_ema.copy_(b)
     if state.ada is not None:
-        state.ada.accumulate(d_main.real_logits)  # type: ignore[union-attr]
+        for ph in d_mains:
+            state.ada.accumulate(ph.real_logits)  # type: ignore[union-attr]
         state.ada.update()
     state.step = step + 1
-    return [ph for ph in (d_main, *d_regs, g_main, g_reg) if ph is not None]
+    return [ph for ph in (*d_mains, *d_regs, g_main, g_reg) if ph is not None]
 
 
 class Window:
@@ -839,6 +842,8 @@ def reported_metrics(params: Params) -> set[str]:
             names.add("loss/qcr")
     if r1_gamma(params) > 0:
         names.add("loss/r1")
+    if params.train.ortho_reg > 0:
+        names.add("loss/ortho")
     if params.train.pl_weight > 0 and params.model.arch == "stylegan2":
         names |= {"loss/pl", "g/pl_mean"}
     if params.ada.enabled:
