@@ -163,8 +163,8 @@ def test_a_nan_at_step_k_stops_the_run_naming_the_last_checkpoint_which_resumes_
     k = 3  # the 4th step (0-based 3) makes the NaN: checkpoints 1..3 were written, step 4's must not be
     original = GANLoss.d_main
 
-    def poisoned(self, real, gen, step):
-        phase = original(self, real, gen, step)
+    def poisoned(self, real, gen, step, *labels):
+        phase = original(self, real, gen, step, *labels)
         if step == k:
             phase.loss = phase.loss * float("nan")
         return phase

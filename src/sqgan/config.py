@@ -35,6 +35,8 @@ def d_blocks(arch: str, resolution: int) -> int:
         if resolution not in (32, 64):
             raise ValueError(f"SNGAN supports resolution 32 or 64, got {resolution}")
         return 4 if resolution == 32 else 5
+    if arch == "fastgan":  # to 256², then five halvings
+        return 6
     if arch == "biggan":  # BigGAN-PyTorch's D_arch: 4 blocks at 32², 5 at 64², 6 at 128²
         if resolution not in (32, 64, 128):
             raise ValueError(f"BigGAN supports resolution 32, 64 or 128, got {resolution}")
@@ -197,13 +199,14 @@ class DataParams(Section):
 
 # ---------------------------------------------------------------------------------------- model
 ARCH_RESOLUTIONS = {"dcgan": (32, 64), "sngan": (32, 64), "stylegan2": (32, 64, 128, 256, 512, 1024),
-                    "biggan": (32, 64, 128)}
+                    "biggan": (32, 64, 128), "fastgan": (256, 512, 1024)}
 
 
 class ModelParams(Section):
-    arch: Literal["dcgan", "sngan", "stylegan2", "biggan"] = Field(
+    arch: Literal["dcgan", "sngan", "stylegan2", "biggan", "fastgan"] = Field(
         "dcgan", description="backbone: dcgan (32/64px), sngan (ResNet + spectral norm, 32/64px), stylegan2 "
-                             "(32-1024px), biggan (conditional BN, hierarchical z, projection D; 32/64/128px)"
+                             "(32-1024px), biggan (conditional BN, hierarchical z, projection D; 32/64/128px), fastgan "
+                             "(skip-layer excitation, self-supervised D; 256/512/1024px)"
     )
     resolution: int = Field(32, ge=32, le=1024, description="image side in px (a power of two the arch supports); "
                                                            "images are resized to it")

@@ -1,6 +1,7 @@
 """The losses of one training step as phases the loop calls in order (as stylegan2-ada's `loss.py`):
 
     d_main   D: L_adv(D(A(x)), D(A(G(z)))) + α_t · Σ L_FQ        (A = ADA and/or DiffAugment)
+                [+ FastGAN: Σ LPIPS of D's decoders' rebuilds of A(x)]
     d_r1     D: γ/2 · r1_every · E‖∇_x D(A(x))‖²                   every train.r1_every steps when γ > 0
     d_qcr    D: λ_qcr · qcr_every · ‖D(G(w^q)) − D(G(w'^q))‖²      every sq.qcr_every steps when SQ and λ_qcr > 0
     g_main   G: L_adv(D(A(G(z)))) + λ_sq (L_sq + L_uf) [+ β_ortho · BigGAN's orthogonal penalty]
@@ -41,7 +42,9 @@ from sqgan.config import Params
 from sqgan.losses import mixdl
 from sqgan.losses.adversarial import d_loss, g_loss
 from sqgan.losses.regularizers import orthogonal_penalty, path_length_penalty, qcr_penalty, r1_penalty
+from sqgan.metrics.features import LPIPSNet
 from sqgan.models.factory import adversarial_loss, r1_gamma
+from sqgan.models.fastgan import reconstruction_loss
 from sqgan.quant.common import QuantizerOutput
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -79,6 +82,10 @@ class GANLoss:
         self.mixing = params.model.style_mixing if num_ws > 1 else 0.0
         self.sq_on = params.sq.enabled
         self.num_classes = params.model.num_classes if params.model.conditional else 0
+        self.recon_lpips = None  # FastGAN: D's self-supervised reconstruction of reals, measured by LPIPS
+        if params.model.arch == "fastgan":
+            mp = params.metrics
+            self.recon_lpips = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).net.to(device)
         self.pl_mean = torch.zeros((), device=device)
         amp = params.train.amp and device.type == "cuda"
         self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
@@ -121,14 +128,20 @@ class GANLoss:
                 fake_out, fake_labels = self._generate(b, gen)
                 fake = fake_out.images
             c = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-            out = self.D(self.augment(torch.cat([real, fake.to(real.dtype)]), gen),
-                         feed=step >= p.fq.feed_warmup_steps, parts=(b, fake.shape[0]), c=c)
+            seen = self.augment(torch.cat([real, fake.to(real.dtype)]), gen)
+            out = self.D(seen, feed=step >= p.fq.feed_warmup_steps, parts=(b, fake.shape[0]), c=c)
             real_logits, fake_logits = out.logits.float().split(b)
             adv = d_loss(real_logits, fake_logits, self.kind)
         alpha = alpha_at(step, p.fq.alpha, p.fq.alpha_warmup_steps)
         loss = adv + alpha * out.loss
-        stats = {"loss/d": loss, "loss/d_adv": adv, "loss/fq": out.loss, "d/real_logit": real_logits.mean(),
+        stats = {"loss/d_adv": adv, "loss/fq": out.loss, "d/real_logit": real_logits.mean(),
                  "d/fake_logit": fake_logits.mean()}
+        if self.recon_lpips is not None:  # FastGAN: D rebuilds the reals it saw (a random quadrant among them)
+            part = int(torch.randint(4, (1,), generator=gen, device=self.device))
+            recon = reconstruction_loss(unwrap(self.D).trunk, out.aux, seen[:b].float(), part, self.recon_lpips)
+            loss = loss + recon
+            stats["loss/d_recon"] = recon
+        stats["loss/d"] = loss
         return Phase(loss, {k: v.detach() for k, v in stats.items()}, out.quant, real_logits.detach())
 
     def d_r1(self, real: torch.Tensor, gen: torch.Generator, step: int,

@@ -326,14 +326,16 @@ def patch_taps(D: nn.Module, resolution: int, sides: Sequence[int] | None = None
     want = set(sides) if sides is not None else {resolution // 8, resolution // 16}
     taps: list[tuple[str, int, int]] = []
     side = resolution
+    out_sides = getattr(trunk, "sides", None)  # a trunk whose blocks do not all halve says its sides (FastGAN)
     for i, block in enumerate(trunk.blocks):
+        out = out_sides[i] if out_sides is not None else side // 2
         if isinstance(trunk, DiscriminatorTrunk):
             for sub, s_ in (("conv0", side), ("conv1", side // 2)):
                 if s_ in want:
                     taps.append((f"trunk.blocks.{i}.{sub}", getattr(block, sub).out_channels, s_))
-        elif side // 2 in want:
-            taps.append((f"trunk.blocks.{i}", trunk.widths[i], side // 2))
-        side //= 2
+        elif out in want:
+            taps.append((f"trunk.blocks.{i}", trunk.widths[i], out))
+        side = out
     if not taps:
         raise ValueError(f"MixDL patch head: no D map of side {sorted(want)} at resolution {resolution}; pass sides "
                          f"that the discriminator has (it halves {resolution} down to 4)")
@@ -394,6 +396,8 @@ def settings_from(params) -> MixDLSettings:
 def feature_dim(D: nn.Module, resolution: int) -> int:
     """Size of D's penultimate features: one forward of the bare trunk (no quantizers) on zeros, in eval mode."""
     trunk = D.trunk
+    if hasattr(trunk, "feature_dim"):  # every sqgan trunk says it
+        return int(trunk.feature_dim)
     was = trunk.training
     trunk.eval()
     try:

@@ -13,6 +13,9 @@ A backbone provides two parts and nothing else:
     trunk whose head mixes samples (StyleGAN2's minibatch stddev) sets `batch_statistics = True` and takes
     `head(x, parts=(n1, n2, …))`, computing those statistics within each part.
 A trunk takes `in_channels` image channels: 3, or 3·m when D packs m samples (PacGAN, `Discriminator(pack=m)`).
+Optional: `skips` {block i: earlier block j} calls block i as `block(x, output_j)` (FastGAN's skip-layer excitation);
+`head_takes_input = True` calls `head(x, image=D's input, maps=the block outputs)`, and a head may return a third
+value, a dict, passed on as `DiscriminatorOutput.aux`; logits may be [B] or per patch [B, P] (the losses average).
 `Generator` and `Discriminator` below wrap them and put their quantizers' losses and statistics in one form, so
 the loop never asks which backbone or which quantizer it has.
 
@@ -54,6 +57,7 @@ class DiscriminatorOutput:
     features: torch.Tensor  # [B, F] penultimate features
     loss: torch.Tensor  # Σ over quantized layers of the FQ commitment loss (0 without)
     quant: dict[str, QuantizerOutput] = field(default_factory=dict)  # "fq/layer{i}" per quantized block
+    aux: dict = field(default_factory=dict)  # what a trunk's head adds (FastGAN: the maps its decoders rebuild from)
 
 
 class Generator(nn.Module):
@@ -219,8 +223,10 @@ class Discriminator(nn.Module):
             parts = packs if parts is not None else None  # the head's batch statistics: within each part's packs
         quant: dict[str, QuantizerOutput] = {}
         loss = x.new_zeros(())
+        image, maps = x, []
+        skips = getattr(self.trunk, "skips", {})
         for i, block in enumerate(self.trunk.blocks):
-            x = block(x)
+            x = block(x) if i not in skips else block(x, maps[skips[i]])
             q = self.quantizers[str(i)] if str(i) in self.quantizers else None
             if q is not None:
                 out = q(x, update=update)
@@ -228,12 +234,16 @@ class Discriminator(nn.Module):
                 loss = loss + out.loss
                 if q.feeds and feed:
                     x = out.quantized
+            maps.append(x)
+        kw: dict = {}
         if parts is not None and getattr(self.trunk, "batch_statistics", False):
-            logits, features = self.trunk.head(x, parts=parts)
-        else:
-            logits, features = self.trunk.head(x)
+            kw["parts"] = parts
+        if getattr(self.trunk, "head_takes_input", False):
+            kw.update(image=image, maps=maps)
+        logits, features, *rest = self.trunk.head(x, **kw)
         if m > 1:
             logits, features = unpack_samples(logits, sizes, m), unpack_samples(features, sizes, m)
         if self.embed is not None:
-            logits = logits + (self.embed(c) * features).sum(1)
-        return DiscriminatorOutput(logits, features, loss, quant)
+            proj = (self.embed(c) * features).sum(1)
+            logits = logits + proj.view(-1, *([1] * (logits.ndim - 1)))  # per patch: each patch's logit
+        return DiscriminatorOutput(logits, features, loss, quant, rest[0] if rest else {})

@@ -18,6 +18,7 @@ from sqgan.config import Params
 from sqgan.models.base import Discriminator, Generator
 from sqgan.models.biggan import BigGANSynthesis, BigGANTrunk
 from sqgan.models.dcgan import DCGANSynthesis, DCGANTrunk, dcgan_init_
+from sqgan.models.fastgan import FastGANSynthesis, FastGANTrunk
 from sqgan.models.sngan import SNGANSynthesis, SNGANTrunk
 from sqgan.models.stylegan2 import DiscriminatorTrunk, MappingNetwork, SynthesisNetwork
 from sqgan.quant.sq import StyleQuantizer
@@ -82,11 +83,22 @@ def _biggan_trunk(p: Params) -> nn.Module:
                        attention=p.model.attention)
 
 
+def _fastgan_synthesis(p: Params, latent: int) -> nn.Module:
+    return FastGANSynthesis(latent, p.model.resolution, p.model.g_channels)
+
+
+def _fastgan_trunk(p: Params) -> nn.Module:
+    if mbstd_channels(p):
+        raise ValueError("model.mbstd_num_channels: the FastGAN discriminator has no minibatch-stddev layer; unset it")
+    return FastGANTrunk(p.model.resolution, p.model.d_channels, in_channels=3 * p.model.pack)
+
+
 BACKBONES: dict[str, Backbone] = {
     "dcgan": Backbone(_dcgan_synthesis, _dcgan_trunk, "hinge", dcgan_init_),
     "sngan": Backbone(_sngan_synthesis, _sngan_trunk, "hinge"),
     "stylegan2": Backbone(_stylegan2_synthesis, _stylegan2_trunk, "nonsaturating"),
     "biggan": Backbone(_biggan_synthesis, _biggan_trunk, "hinge"),
+    "fastgan": Backbone(_fastgan_synthesis, _fastgan_trunk, "hinge"),
 }
 
 

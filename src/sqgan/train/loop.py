@@ -294,14 +294,15 @@ class FixedLatents:
     def __len__(self) -> int:
         return len(self.z)
 
-    def part(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.z[start:stop], None if self.c is None else self.c[start:stop]
+    def part(self, start: int, stop: int) -> tuple[torch.Tensor, ...]:
+        """The arguments of G for samples start … stop−1: (z,) or, conditional, (z, c)."""
+        return (self.z[start:stop],) if self.c is None else (self.z[start:stop], self.c[start:stop])
 
 
 @torch.no_grad()
 def sample_grid(g_ema: nn.Module, fixed: FixedLatents, path: Path) -> Path:
     g_ema.eval()
-    images = g_ema(fixed.z, fixed.c, noise_mode="const").images.cpu()
+    images = g_ema(*fixed.part(0, len(fixed)), noise_mode="const").images.cpu()
     grid = make_grid(images, nrow=fixed.nrow, normalize=True, value_range=(-1, 1))
     with atomic_path(path) as tmp:
         save_image(grid, tmp, format="png")
@@ -642,10 +643,12 @@ class CollapseWatch:
 
     MAX_REALS = 1000  # reals compared against (evenly spaced over the split): a few seconds at any dataset size
 
-    def __init__(self, params: Params, dataset: ManifestDataset, fixed: FixedLatents) -> None:
+    def __init__(self, params: Params, dataset: ManifestDataset, fixed: FixedLatents | torch.Tensor) -> None:
         images = dataset.images
         if len(images) > self.MAX_REALS:
             images = images[torch.linspace(0, len(images) - 1, self.MAX_REALS).long()]
+        if isinstance(fixed, torch.Tensor):  # unconditional z alone
+            fixed = FixedLatents(fixed, None, int(math.sqrt(len(fixed))))
         self.reals, self.fixed, self.mp = images, fixed, params.metrics
         self.real_diversity = mean_pairwise_rms(images) if len(images) >= 2 else 0.0
         self.first: int | None = None  # the step flagged
@@ -844,6 +847,8 @@ def reported_metrics(params: Params) -> set[str]:
         names.add("loss/r1")
     if params.train.ortho_reg > 0:
         names.add("loss/ortho")
+    if params.model.arch == "fastgan" and (not x.enabled or x.every > 1):
+        names.add("loss/d_recon")
     if params.train.pl_weight > 0 and params.model.arch == "stylegan2":
         names |= {"loss/pl", "g/pl_mean"}
     if params.ada.enabled:
