@@ -39,6 +39,8 @@ ui: setup
 bench: setup
 	$(BIN)/python benchmarks/quant_overhead.py
 	$(BIN)/python benchmarks/quant_overhead.py --arch stylegan2 --resolution 64 --batch 16 --only plain --only fq+sq --only 'fq+sq mixdl step' --set model.channel_base=4096 --set model.channel_max=128
+	$(BIN)/python benchmarks/quant_overhead.py --arch biggan --only plain --only fq --set model.conditional=true --set model.num_classes=10 --set 'fq.layers=[0,1,2,3]' --set model.g_channels=16 --set model.d_channels=16
+	$(BIN)/python benchmarks/backbone_speed.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/bookkeeping.py

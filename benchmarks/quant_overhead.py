@@ -64,6 +64,36 @@ def gpu_utilisation() -> str:
         return "n/a"
 
 
+def time_configs(configs: dict[str, list[str]], data: RandomImages, rt: Runtime, steps: int, rounds: int,
+                 kimg: bool = False) -> tuple[dict[str, list[float]], str]:
+    """Seconds per `train_step` of each configuration (its --set items), interleaved: `rounds` rounds of `steps` steps
+    of each in turn, after two warm-up steps each (FQ initialises its dictionary on the first batch). Also the GPU
+    utilisation at the end (kimg on a GPU), else ""."""
+    device = rt.device
+    states = {}
+    for name, sets in configs.items():
+        p = default_params(sets)
+        states[name] = (p, setup(p, rt))
+        for _ in range(2):
+            train_step(states[name][1], p, data, rt)
+    times: dict[str, list[float]] = {n: [] for n in configs}
+    util = ""
+    for _ in range(rounds):
+        for name in configs:
+            p, st = states[name]
+            for _ in range(steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                train_step(st, p, data, rt)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t)
+            if kimg and device.type == "cuda":
+                util = gpu_utilisation()
+    return times, util
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="dcgan")
@@ -82,27 +112,7 @@ def main() -> None:
             "metrics.diversity_every=0", *a.sets]
     model = default_params(base).model
     data = RandomImages(512, a.resolution, model.num_classes if model.conditional else 0)
-    states = {}
-    for name in names:
-        p = default_params(base + CONFIGS[name])
-        states[name] = (p, setup(p, rt))
-        for _ in range(2):  # warm-up (FQ initialises its dictionary on the first batch)
-            train_step(states[name][1], p, data, rt)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    util = ""
-    for _ in range(a.rounds):
-        for name in names:
-            p, st = states[name]
-            for _ in range(a.steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                train_step(st, p, data, rt)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t)
-            if a.kimg and device.type == "cuda":
-                util = gpu_utilisation()
+    times, util = time_configs({name: base + CONFIGS[name] for name in names}, data, rt, a.steps, a.rounds, a.kimg)
     print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) "
           f"threads={torch.get_num_threads()} arch={a.arch} res={a.resolution} batch={a.batch} "
           f"steps={a.steps}x{a.rounds}")
