@@ -215,8 +215,10 @@ class ModelParams(Section):
                                                         "DCGAN/SNGAN when SQ is on)")
     mapping_layers: int | None = Field(None, ge=1, le=16, description="mapping network depth; unset = 8 for "
                                                                       "stylegan2, 2 for the MLP DCGAN/SNGAN get")
-    g_channels: int = Field(64, ge=4, le=1024, description="DCGAN/SNGAN generator width (channels of its last block)")
-    d_channels: int = Field(64, ge=4, le=1024, description="DCGAN/SNGAN discriminator width (its first block)")
+    g_channels: int = Field(64, ge=4, le=1024, description="generator width: DCGAN/SNGAN channels of the last block; "
+                                                          "BigGAN's ch (G_ch); FastGAN's ngf")
+    d_channels: int = Field(64, ge=4, le=1024, description="discriminator width: DCGAN/SNGAN channels of the first "
+                                                          "block; BigGAN's ch (D_ch); FastGAN's ndf")
     channel_base: int = Field(16384, ge=16, le=1 << 20, description="StyleGAN2: channels at resolution r = "
                                                                     "min(channel_base / r, channel_max)")
     channel_max: int = Field(512, ge=4, le=4096, description="StyleGAN2: most channels of any layer")
