@@ -90,7 +90,7 @@ def test_an_unconditional_run_builds_the_networks_it_always_built_and_refuses_la
 def test_d_sees_each_real_image_with_its_own_label_and_fakes_with_the_drawn_ones(labelled):
     from sqgan.data.dataset import ManifestDataset
 
-    p = _params(**{"train.batch_size": 8})
+    p = _params(**{"train.batch_size": 8, "train.r1_gamma": 1.0, "train.r1_every": 1})
     state = setup(p, Runtime())
     dataset = ManifestDataset(labelled, 32, split="train")
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -109,6 +109,7 @@ def test_d_sees_each_real_image_with_its_own_label_and_fakes_with_the_drawn_ones
         i = int((flat - img.flatten()).abs().sum(1).argmin())
         assert int(dataset.labels[i]) == int(label)
     assert set(dataset.labels.tolist()) == {0, 1} and c[8:].min() >= 0 and c[8:].max() <= 1
+    assert torch.equal(seen[1][1], c[:8])  # R1 scores the same reals with the same labels
     assert len(set(c[:8].tolist())) == 2 or len(set(dataset.labels.tolist())) == 1
 
 

@@ -47,6 +47,21 @@ def test_widths_are_the_official_ones():
     assert logits.shape == (1, 50) and features.shape == (1, 512) and aux["small"].shape[-1] == 8
 
 
+def test_gs_sle_gates_the_64_128_256_maps_by_the_4_8_16_maps():
+    torch.manual_seed(0)
+    g = FastGANSynthesis(16, 256, 8).eval()
+    seen: dict[str, torch.Tensor] = {}
+    g.init.register_forward_hook(lambda m, i, o: seen.__setitem__("4", o))
+    for k, block in enumerate(g.blocks):
+        block.register_forward_hook(lambda m, i, o, s=g.sides[k]: seen.__setitem__(f"up{s}", o))
+    for s, sle in g.sle.items():
+        sle.register_forward_hook(lambda m, i, o, s=s: seen.__setitem__(f"sle{s}", (i[0], i[1], o)))
+    img = g(torch.randn(2, 1, 16))
+    assert torch.equal(seen["sle64"][0], seen["4"]) and torch.equal(seen["sle64"][1], seen["up64"])
+    assert torch.equal(seen["sle128"][0], seen["up8"]) and torch.equal(seen["sle256"][0], seen["up16"])
+    assert img.shape == (2, 3, 256, 256)
+
+
 def test_skip_layer_excitation_by_hand():
     torch.manual_seed(0)
     sle = SkipLayerExcitation(6, 4).eval()
@@ -91,6 +106,9 @@ def test_the_reconstruction_loss_rebuilds_the_whole_the_small_and_one_quadrant()
     lp = LPIPSNet("alex").net
     loss = reconstruction_loss(trunk, aux, x, 3, lp)
     assert torch.equal(seen["part"], maps[4][:, :, 8:, 8:])  # quadrant 3 of the 16² map
+    for part in range(4):  # the decoded quadrant of the map is the image's quadrant it is compared with
+        trunk.reconstructions(aux, 2, part)
+        assert torch.equal(seen["part"], crop_part(maps[4], part))
     whole, small, quad = trunk.decoder_big(maps[5]), trunk.decoder_small(aux["small"]), seen["part"]
     target = F.interpolate(x, size=128, mode="nearest")
     want = (lp(whole, target).sum() + lp(small, target).sum()
