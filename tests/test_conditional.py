@@ -277,7 +277,7 @@ def test_sample_class_draws_that_class_and_refuses_one_out_of_range(labelled, tm
     G.load_state_dict(load_checkpoint(res.checkpoint)["G_ema"])
     G.eval()
     want = to_uint8(G(seeded_latents(5, 32, 0), torch.full((5,), 1), noise_mode="const").images)
-    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "s1" / "images" / "000004.png"))).permute(2, 0, 1)
+    got = torch.from_numpy(np.array(Image.open(tmp_path / "s1" / "images" / "000004.png"))).permute(2, 0, 1)
     assert torch.equal(got, want[4])
     with pytest.raises(ValueError, match=r"2 classes, 0\.\.1"):
         S.run_sample(sp.override({"sample.label": 12}), checkpoint=res.checkpoint, out=tmp_path / "s2")
