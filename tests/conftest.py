@@ -136,3 +136,30 @@ def server():
     yield f"http://127.0.0.1:{httpd.server_address[1]}", _RangeHandler
     httpd.shutdown()
     httpd.server_close()
+
+
+def ddp_steps_digest(rank: int, port: int, data: str, out: str, params, steps: int) -> None:
+    """One rank of a 2-process gloo group: `steps` training steps on this rank's own batches of `data`, then the
+    sha256 of G's, D's (and MixDL's heads') parameters written to out/rank{rank}.txt, for the test to compare. (Buffers
+    such as w_avg follow each rank's own z between broadcasts, so they are left out.)"""
+    import hashlib
+
+    import torch.distributed as dist
+
+    from sqgan.data.dataset import ManifestDataset
+    from sqgan.train.loop import Runtime, setup, train_step, unwrap
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rt = Runtime(rank=rank, world_size=2)
+        state = setup(params, rt)
+        dataset = ManifestDataset(data, params.model.resolution, split="train")
+        for _ in range(steps):
+            train_step(state, params, dataset, rt)
+        digest = hashlib.sha256()
+        for module in (unwrap(state.G), unwrap(state.D), *([state.heads] if state.heads is not None else [])):
+            for t in module.parameters():
+                digest.update(t.detach().cpu().numpy().tobytes())
+        Path(out, f"rank{rank}.txt").write_text(digest.hexdigest())
+    finally:
+        dist.destroy_process_group()

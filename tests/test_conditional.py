@@ -4,7 +4,6 @@ resume with labels, and the errors a wrong label setting gets."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, tiny_overrides
+from conftest import ddp_steps_digest, free_port, tiny_overrides
 
 from sqgan.config import ConfigError, default_params
 from sqgan.metrics.evaluate import Evaluator, Reference, to_uint8
@@ -288,26 +287,7 @@ def test_sample_class_draws_that_class_and_refuses_one_out_of_range(labelled, tm
 
 # ------------------------------------------------------------------------------------------------------- DDP
 def _ddp_rank(rank: int, port: int, data: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from sqgan.data.dataset import ManifestDataset
-    from sqgan.train.loop import unwrap
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        p = _params(**{"train.batch_size": 4, "train.workers": 2})
-        rt = Runtime(rank=rank, world_size=2)
-        state = setup(p, rt)
-        dataset = ManifestDataset(data, 32, split="train")
-        for _ in range(3):
-            train_step(state, p, dataset, rt)
-        digest = hashlib.sha256()
-        for module in (unwrap(state.G), unwrap(state.D)):
-            for t in module.parameters():
-                digest.update(t.detach().cpu().numpy().tobytes())
-        Path(out, f"rank{rank}.txt").write_text(digest.hexdigest())
-    finally:
-        dist.destroy_process_group()
+    ddp_steps_digest(rank, port, data, out, _params(**{"train.batch_size": 4, "train.workers": 2}), steps=3)
 
 
 def test_ddp_ranks_stay_equal_with_labels(labelled, tmp_path):

@@ -3,13 +3,12 @@ exact resume, DDP ranks kept equal although the MixDL phases bypass DDP, a sweep
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, tiny_overrides
+from conftest import ddp_steps_digest, free_port, tiny_overrides
 
 from sqgan.config import ConfigError, default_params
 from sqgan.train.loop import (
@@ -140,26 +139,7 @@ def test_a_sweep_takes_mixdl_axes_and_refuses_a_bad_value():
 def _ddp_rank(rank: int, port: int, data: str, out: str, extra: dict) -> None:
     """Four steps (two of them MixDL steps) on this rank's own batches, then a hash of G's, D's and the heads'
     parameters."""
-    import torch.distributed as dist
-
-    from sqgan.data.dataset import ManifestDataset
-    from sqgan.train.loop import train_step, unwrap
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        p = _params(**STYLEGAN2, **extra)
-        rt = Runtime(rank=rank, world_size=2)
-        state = setup(p, rt)
-        dataset = ManifestDataset(data, 32, split="train")
-        for _ in range(4):
-            train_step(state, p, dataset, rt)
-        digest = hashlib.sha256()
-        for module in (unwrap(state.G), unwrap(state.D), *([state.heads] if state.heads is not None else [])):
-            for t in module.parameters():  # (buffers such as w_avg follow each rank's own z between broadcasts)
-                digest.update(t.detach().cpu().numpy().tobytes())
-        Path(out, f"rank{rank}.txt").write_text(digest.hexdigest())
-    finally:
-        dist.destroy_process_group()
+    ddp_steps_digest(rank, port, data, out, _params(**STYLEGAN2, **extra), steps=4)
 
 
 @pytest.mark.parametrize("extra", [{}, {"mixdl.enabled": False, "train.pl_weight": 2.0, "train.pl_every": 2}],
