@@ -610,6 +610,12 @@ class TuneParams(Section):
                                  "metrics": {"eval_every": 20}},
         description="params every trial gets on top of the rest, nested like params (e.g. a short schedule)",
     )
+    cells: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="named sets of params (nested like params), one per trial crossed with tune.space's axes: "
+                    "configurations that differ in several keys, e.g. {BigGAN: {fq: {layers: []}}, FQ-BigGAN: {…}}; "
+                    "a cell's keys win over tune.fixed, the axes' over a cell's; {} = none",
+    )
     searcher: Literal["grid", "random", "optuna"] = Field(
         "grid", description="grid: every grid combination × num_samples draws; random: grids drawn like choices; "
                             "optuna: Optuna TPE (grids become choices)",
@@ -645,6 +651,18 @@ class TuneParams(Section):
     @classmethod
     def _bool_spellings(cls, v: Any) -> Any:
         return None if v is None else gpu_spelling(v)
+
+    @field_validator("cells")
+    @classmethod
+    def _cell_names(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            if not str(name).strip():
+                raise ValueError("a cell needs a name (a non-empty key)")
+        return v
+
+    def cell_values(self, name: str) -> dict[str, Any]:
+        """Cell `name` as dotted keys ({"fq.layers": [], …})."""
+        return flatten(self.cells[name])
 
     def axes(self) -> dict[str, tuple[str, list[Any]]]:
         """The search space as {"fq.decay": ("grid", [0.8, 0.9]), …}."""
@@ -762,7 +780,8 @@ class Params(Section):
 
 
 # ------------------------------------------------------------------------------- load/override
-FREE_FORM = ("tune.space", "tune.fixed")  # dict-valued keys: one value each (MLflow param, `config show` line)
+# dict-valued keys: one value each (MLflow param, `config show` line)
+FREE_FORM = ("tune.space", "tune.fixed", "tune.cells")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,7 +17,8 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,7 @@ from sqgan.train.loop import absolute_init_from, init_source, interim_key, quali
 
 SWEEP_FILE = "sweep.json"  # in a sweep folder: tracking URI, parent run, Ray experiment path, params
 METRIC_ALIASES = ("kid", "fid")
+CELL = "cell"  # the Tune axis over tune.cells (its values are the cells' names)
 # With train.workers > 1 a trial's own process only starts its TorchTrainer and waits: no CPU (its workers hold
 # them), but Ray needs some resource in the bundle, so it asks for a little memory.
 TRIAL_DRIVER = {"CPU": 0, "memory": 256 * 2**20}
@@ -100,6 +102,7 @@ class SweepSpec:
     name: str
     use_gpu: bool
     metric: str  # the key Tune ranks on: an alias (kid, fid) or a logged metric
+    cell_data: dict[str, str] = field(default_factory=dict)  # cell → its own dataset folder (one setting data.dataset)
     fault: str | None = None  # tests only ($SQGAN_TEST_WORKER_FAULT, as ray_train's): a workers: 1 trial exits once
 
 
@@ -174,6 +177,7 @@ def check_sweep(params: Params) -> Params:
                 hint = " (K = 2^P: list powers of two, e.g. {grid: [16, 32, 64]})" if key == "fq.codebook_size" else ""
                 raise ConfigError(f"{e}; {name} {args} includes {value!r}, which the params schema rejects{hint}") \
                     from None
+    check_cells(params, base)
     reported = reported_metrics(base)
     key = metric_key(base, t.metric)
     if key not in reported:
@@ -189,6 +193,54 @@ def check_sweep(params: Params) -> Params:
             raise ConfigError(f"tune.grace_period={grace} is not below the trials' train.steps={base.train.steps}, so "
                               f"ASHA could never stop a trial; lower it or use tune.scheduler=fifo")
     return base
+
+
+def check_cells(params: Params, base: Params) -> None:
+    """Each of tune.cells resolves on the trials' base params (and with each grid value of the axes): an unknown key
+    or a value the schema rejects is a ConfigError naming the cell and the key; a cell may not set tune.* or a key
+    that an axis sweeps."""
+    axes = params.tune.axes()
+    for name in params.tune.cells:
+        values = params.tune.cell_values(name)
+        where = f"tune.cells.{name}"
+        for key in values:
+            if key.startswith("tune."):
+                raise ConfigError(f"{where}.{key}: a cell cannot set the sweep's own settings; pick params outside "
+                                  f"tune")
+            if key in axes:
+                raise ConfigError(f"{where}.{key}: tune.space sweeps {key} too; set it in the cells or in the space, "
+                                  f"not both")
+            msg = _unknown_key_message(key.split("."), f"{where}.{key}")
+            if msg:
+                raise ConfigError(msg)
+        cell = base.override(values, source=where)
+        for key, (kind, args) in axes.items():
+            for value in args if kind in ("grid", "choice") else []:
+                cell.override({key: value}, source=f"{where} with tune.space.{key}={value!r}")
+
+
+def cell_params(base: Params, config: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """A trial's params from Tune's `config`: its cell's values (when the sweep has cells), then its axes' values;
+    returns (params, the dotted values applied)."""
+    values = dict(config)
+    name = values.pop(CELL, None)
+    if name is not None:
+        values = {**base.tune.cell_values(name), **values}
+    return base.override(values, source=f"cell {name}" if name is not None else "trial"), values
+
+
+def cell_data_dirs(base: Params, data_dir: Path) -> dict[str, str]:
+    """The dataset folder of each cell that sets data.dataset or data.root to another than the sweep's (absolute:
+    a trial's process runs in its own folder)."""
+    out = {}
+    for name in base.tune.cells:
+        values = base.tune.cell_values(name)
+        if "data.dataset" in values or "data.root" in values:
+            p = base.override(values).data
+            folder = (Path(p.root) / p.dataset).resolve()
+            if folder != data_dir:
+                out[name] = str(folder)
+    return out
 
 
 def sweep_concurrency(params: Params, base: Params, available: dict[str, float],
@@ -217,6 +269,9 @@ def ray_space(params: Params) -> dict[str, Any]:
             space[key] = tune.randint(args[0], args[1] + 1)  # Ray's upper end is exclusive; ours is included
         elif name == "qrandint":
             space[key] = tune.qrandint(*args)
+    if params.tune.cells:
+        names = list(params.tune.cells)
+        space[CELL] = tune.choice(names) if grid_as_choice else tune.grid_search(names)
     return space
 
 
@@ -298,10 +353,10 @@ def run_trial(config: dict[str, Any], spec: SweepSpec) -> None:
     to a nested MLflow run (the same one again when the trial is resumed). With train.workers = 1 the loop runs in
     the trial's own process (`train_in_trial`); with more, the trial starts the same TorchTrainer as `sqgan train`."""
     trial_id = tune.get_context().get_trial_id()
-    params = Params.model_validate(spec.base).override(config, source=f"trial {trial_id}")
+    params, values = cell_params(Params.model_validate(spec.base), config)
     out_dir = Path(spec.sweep_dir) / "trials" / trial_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_dir = trial_data(params, config, Path(spec.data_dir), out_dir)
+    data_dir = trial_data(params, values, Path(spec.cell_data.get(config.get(CELL), spec.data_dir)), out_dir)
     run_id, done = trial_run(params, spec, trial_id, config, out_dir, data_dir)
     if done is not None:  # finished before the driver died, but Ray's sweep state had not caught up: not re-run
         final_key = metric_key(params, spec.metric)
@@ -419,8 +474,12 @@ def run_sweep(
     out_dir: str | Path,
     project_dir: str | Path = ".",
     force: bool = False,
+    tags: dict[str, str] | None = None,
+    files: dict[str, str] | None = None,
 ) -> Sweep:
-    """Check everything, open the parent run, run the trials under Ray Tune, write and log the report."""
+    """Check everything, open the parent run, run the trials under Ray Tune, write and log the report. `tags` go on
+    the parent run beside the sweep's own, and `files` (name → text) are logged to it before any trial starts (what
+    `sqgan experiment` needs to render its table from MLflow alone)."""
     params = absolute_init_from(params)
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir).resolve()
     project_dir = Path(project_dir).resolve()
@@ -431,21 +490,24 @@ def run_sweep(
     if (out_dir / SWEEP_FILE).exists() and not force:
         raise RuntimeError(f"--out {out_dir} holds an earlier sweep; continue it with `sqgan tune --resume {out_dir}`, "
                            f"choose another --out, or add --force to replace it (its runs stay in MLflow)")
-    use_gpu, storage, tracking_uri = _preflight(base, data_dir, project_dir)
+    cell_data = cell_data_dirs(base, data_dir)
+    use_gpu, storage, tracking_uri = _preflight(base, data_dir, project_dir, cell_data)
     available = available_resources(base)[0]
     concurrency = sweep_concurrency(params, base, available, node_resources() if base.ray.address else None)
 
     if force and stage_of(out_dir) == "sweep":  # an earlier sweep's folder: replaced whole, no stale trials left
         shutil.rmtree(out_dir)
     ray_train.init_ray(params)
-    parent_run_id = open_sweep_run(params, base, data_dir, project_dir)
+    parent_run_id = open_sweep_run(params, base, data_dir, project_dir, tags)
+    if files:
+        log_texts(tracking_uri, parent_run_id, files)
     name = f"sweep-{parent_run_id[:12]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     mark_output(out_dir, "sweep")
     (out_dir / "params.yaml").write_text(_dump_params(params))
     spec = SweepSpec(base=base.model_dump(mode="json"), data_dir=str(data_dir), sweep_dir=str(out_dir),
                      project_dir=str(project_dir), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                     storage=storage, name=name, use_gpu=use_gpu, metric=params.tune.metric,
+                     storage=storage, name=name, use_gpu=use_gpu, metric=params.tune.metric, cell_data=cell_data,
                      fault=os.environ.get("SQGAN_TEST_WORKER_FAULT"))
     spec_fields = {k: v for k, v in asdict(spec).items() if k != "base"}  # base: params.yaml beside it
     write_json_atomic(out_dir / SWEEP_FILE, {**spec_fields, "experiment_path": _join(storage, name),
@@ -454,20 +516,33 @@ def run_sweep(
     return _fit_and_report(tuner, params, spec, out_dir)
 
 
-def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path) -> str:
-    """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags."""
-    return start_run(params, data_dir, project_dir, tags=sweep_tags(params, base))[1]
+def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Path,
+                   tags: dict[str, str] | None = None) -> str:
+    """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags
+    (and the caller's `tags`)."""
+    return start_run(params, data_dir, project_dir, tags={**sweep_tags(params, base), **(tags or {})})[1]
+
+
+def log_texts(tracking_uri: str, run_id: str, files: dict[str, str]) -> None:
+    """Log each text as an artifact file of that name (written to a temp folder first)."""
+    client = mlflow_client(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="sqgan-files-") as d:
+        for name, text in files.items():
+            path = Path(d) / name
+            path.write_text(text)
+            client.log_artifact(run_id, str(path))
 
 
 def sweep_tags(params: Params, base: Params) -> dict[str, str]:
     """The sweep's parent run's tags: its search set-up (axes, metric and keys, mode, searcher, scheduler, steps)."""
     t = params.tune
     key = metric_key(base, t.metric)
-    tags = {STAGE: STAGE_SWEEP, TUNE_AXES: json.dumps(list(t.axes())), TUNE_METRIC: t.metric, TUNE_METRIC_KEY: key,
+    axes = ([CELL] if t.cells else []) + list(t.axes())
+    tags = {STAGE: STAGE_SWEEP, TUNE_AXES: json.dumps(axes), TUNE_METRIC: t.metric, TUNE_METRIC_KEY: key,
             TUNE_INTERIM_KEY: interim_key(base, key), TUNE_MODE: t.mode, TUNE_SEARCHER: t.searcher,
             TUNE_SCHEDULER: t.scheduler, TUNE_STEPS: str(base.train.steps)}
     if params.mlflow.run_name is None:
-        tags[RUN_NAME] = f"sweep-{'-'.join(k.split('.')[-1] for k in t.axes())}"
+        tags[RUN_NAME] = f"sweep-{'-'.join(k.split('.')[-1] for k in axes)}"
     return tags
 
 
@@ -481,7 +556,8 @@ def resume_sweep(sweep_dir: str | Path) -> Sweep:
     info = json.loads(info_file.read_text())
     params = load_params(sweep_dir / "params.yaml")
     base = check_sweep(params)
-    _, _, tracking_uri = _preflight(base, Path(info["data_dir"]), Path(info["project_dir"]))
+    _, _, tracking_uri = _preflight(base, Path(info["data_dir"]), Path(info["project_dir"]),
+                                    info.get("cell_data", {}))
     if tracking_uri != info["tracking_uri"]:
         raise RuntimeError(f"the sweep logged to {info['tracking_uri']}, but this shell resolves {tracking_uri}; "
                            f"set MLFLOW_TRACKING_URI={info['tracking_uri']} (or unset it) and resume again")
@@ -497,10 +573,13 @@ def resume_sweep(sweep_dir: str | Path) -> Sweep:
     return _fit_and_report(tuner, params, spec, sweep_dir)
 
 
-def _preflight(base: Params, data_dir: Path, project_dir: Path) -> tuple[bool, str, str]:
-    """A trial's checks before Ray starts, as `sqgan train`'s: the dataset, then storage, tracking server and
-    resources. Returns (use_gpu, storage, tracking URI)."""
+def _preflight(base: Params, data_dir: Path, project_dir: Path,
+               cell_data: dict[str, str] | None = None) -> tuple[bool, str, str]:
+    """A trial's checks before Ray starts, as `sqgan train`'s: the datasets (the sweep's and each cell's own), then
+    storage, tracking server and resources. Returns (use_gpu, storage, tracking URI)."""
     read_manifest(data_dir)
+    for folder in (cell_data or {}).values():
+        read_manifest(Path(folder))
     return check_environment(base, project_dir)
 
 

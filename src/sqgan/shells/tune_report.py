@@ -38,6 +38,7 @@ from sqgan.tags import (
     TRIAL_NODE,
     TRIAL_NODES,
     TRIAL_STATUS,
+    TRIAL_VALUES,
     TUNE_AXES,
     TUNE_BEST_RUN_ID,
     TUNE_BEST_TRIAL,
@@ -134,7 +135,9 @@ def _trial_table(client: Any, tracking_uri: str, parent_run_id: str) -> tuple[
         row = {"trial": tags.get(TRIAL_ID, ""), "status": status, "step": _last_step(client, run),
                key: m.get(key, math.nan), **({interim: m.get(interim, math.nan)} if interim != key else {}),
                "collapsed": collapsed}
-        row.update({a: _parse(p.get(a)) for a in axes})
+        values = json.loads(tags.get(TRIAL_VALUES, "{}"))
+        # a cell (tune.cells) is no param of the run: its name is among the trial's values
+        row.update({a: values.get(a) if a == "cell" else _parse(p.get(a)) for a in axes})
         row["run_id"] = run.info.run_id
         rows.append(row)
         logged[run.info.run_id] = set(m)
@@ -158,6 +161,8 @@ def planned_trials(params: Any) -> list[dict[str, Any]]:
     """Every trial the sweep will run, as its axis values: the grid axes' product (× tune.num_samples); an axis
     that is drawn (choice, uniform, …) is None until its trial starts. The trial table lists the ones that did not."""
     axes = params.tune.axes()
+    if params.tune.cells:  # the axis over tune.cells, first (as the sweep's axes tag lists it)
+        axes = {"cell": ("grid", list(params.tune.cells)), **axes}
     grid = {k: args for k, (name, args) in axes.items() if name == "grid"}
     combos = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     drawn = {k: None for k in axes if k not in grid}
