@@ -573,6 +573,98 @@ def summary(run_dir: Annotated[Path, typer.Argument(help="run folder")] = Path("
         typer.echo(line)
 
 
+experiment_app = typer.Typer(help="A seed paper's table or figure as a file in experiments/: list, show, run it "
+                                    "(--scale demo offline in minutes, paper on a cluster), render its table.",
+                               no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+DirOpt = Annotated[Path, typer.Option("--dir", help="folder of the experiment files")]
+NameArg = Annotated[str, typer.Argument(help="experiment name (a file in --dir) or an experiment .yaml path")]
+ScaleOpt = Annotated[str, typer.Option(help="demo: offline stand-in data and a short schedule (minutes on 2 CPUs); "
+                                            "paper: the paper's recipe as written (a GPU cluster: ray.address)")]
+
+
+def _scale(scale: str) -> str:
+    if scale not in ("demo", "paper"):
+        _err(f"error: --scale must be demo or paper, got {scale!r}")
+        raise typer.Exit(2)
+    return scale
+
+
+@experiment_app.command("list")
+def experiment_list(folder: DirOpt = Path("experiments")) -> None:
+    """Every experiment file: its name and title."""
+    # on demand: this command's stack only (module docstring)
+    from sqgan.commands.experiment import list_experiments
+
+    for name, title in list_experiments(folder):
+        typer.echo(f"{name:18s} {title}")
+
+
+@experiment_app.command("show")
+def experiment_show(name: NameArg, folder: DirOpt = Path("experiments")) -> None:
+    """An experiment's source, rows, columns, metrics, paper numbers and what each scale trains."""
+    # on demand: this command's stack only (module docstring)
+    from sqgan.commands.experiment import show_experiment
+
+    with stage_errors():
+        typer.echo(show_experiment(name, folder))
+
+
+@experiment_app.command("run")
+def experiment_run(
+    name: NameArg,
+    scale: ScaleOpt = "demo",
+    resume: Annotated[bool, typer.Option("--resume", help="continue the interrupted run in --out: only the unfinished "
+                                                          "cells train")] = False,
+    out: Annotated[Path | None, typer.Option(help="sweep folder (default: runs/experiments/NAME-SCALE)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an earlier run's folder (its runs stay in "
+                                                        "MLflow)")] = False,
+    folder: DirOpt = Path("experiments"),
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """Build the datasets the cells need, train every cell × seed as one Ray Tune sweep under one MLflow parent run,
+    and print the table beside the paper's numbers. The file and every cell's params are checked before any data or
+    Ray work; --params/--set give what is yours (mlflow.*, ray.*, data.root, tune.max_concurrent_trials)."""
+    # on demand: this command's stack only (module docstring)
+    from sqgan.commands.experiment import run_experiment, write_table
+    from sqgan.shells.tracking import mlflow_client
+
+    p = resolve(params, set_, no_params_file)
+    with stage_errors():
+        uri, parent_id, sweep_dir = run_experiment(p, name, _scale(scale), out, resume, force, folder)  # type: ignore[arg-type]
+        parent = mlflow_client(uri).get_run(parent_id)
+        _, md = write_table(uri, parent, sweep_dir / "table")
+    typer.echo(f"experiment {name}: sweep {sweep_dir}; mlflow parent run {parent_id} ({uri})")
+    typer.echo(md, nl=False)
+    typer.echo(f"table: {sweep_dir / 'table'} (table.md, .tex, .csv, .json)")
+
+
+@experiment_app.command("table")
+def experiment_table(
+    name: NameArg,
+    scale: Annotated[str | None, typer.Option(help="the newest run at this scale (default: the newest at any)")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="this parent run id instead of the newest")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder of table.md/.tex/.csv/.json (default: "
+                                                  "runs/experiments/NAME-SCALE-table)")] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    no_params_file: NoParamsOpt = False,
+) -> None:
+    """Render an experiment's table from MLflow alone (ours as mean ± std over seeds, the paper's number, the
+    difference) as markdown, LaTeX, CSV and JSON, logged back to its parent run."""
+    # on demand: this command's stack only (module docstring)
+    from sqgan.commands.experiment import table_experiment
+
+    p = resolve(params, set_, no_params_file)
+    name = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+    with stage_errors():
+        _, md, where = table_experiment(p, name, _scale(scale) if scale else None, run, out)  # type: ignore[arg-type]
+    typer.echo(md, nl=False)
+    typer.echo(f"table: {where} (table.md, .tex, .csv, .json)")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="sqgan")
 

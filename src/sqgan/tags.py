@@ -57,6 +57,11 @@ TUNE_SCHEDULER = "sqgan.tune.scheduler"
 TUNE_BEST_TRIAL = "sqgan.tune.best_trial"
 TUNE_BEST_RUN_ID = "sqgan.tune.best_run_id"
 
+# an experiment's parent run (a sweep that `sqgan experiment run` started)
+EXPERIMENT = "sqgan.experiment"  # the experiment's name (experiments/<name>.yaml)
+EXPERIMENT_SCALE = "sqgan.experiment.scale"  # demo | paper
+EXPERIMENT_SHA256 = "sqgan.experiment.sha256"  # of the experiment file as it ran
+
 # a sweep's trial (a run nested under the parent)
 TRIAL_ID = "sqgan.trial_id"  # the Ray trial id
 RAY_TRIAL_ID = "ray.trial_id"
