@@ -18,3 +18,4 @@ RUN pip install -c constraints.txt . && sqgan --help > /dev/null
 
 # The project files the stages read (params, DVC stages, pipelines); data and runs come from volumes or storage.
 COPY --chown=ray:users params.yaml dvc.yaml ./
+COPY --chown=ray:users experiments ./experiments

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kfp import compiler
 
-from pipelines.sqgan import DATASETS, FACTORIES, compiled_name
+from pipelines.sqgan import DATASETS, EXPERIMENT_FILE, FACTORIES, compiled_name, experiment_pipeline
 
 COMPILED = Path(__file__).resolve().parent / "compiled"
 
@@ -23,6 +23,8 @@ def compile_all(folder: Path) -> list[Path]:
             path = folder / compiled_name(kind, dataset)
             compiler.Compiler().compile(factory(dataset), str(path))
             written.append(path)
+    compiler.Compiler().compile(experiment_pipeline(), str(folder / EXPERIMENT_FILE))
+    written.append(folder / EXPERIMENT_FILE)
     return written
 
 

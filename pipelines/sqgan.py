@@ -3,7 +3,9 @@
 - `data_pipeline(dataset)`: download → prepare one dataset (the demo: build it offline);
 - `train_pipeline(dataset)`: data → train → eval (the metrics);
 - `sweep_pipeline(dataset)`: data → `sqgan tune` as a KubeRay RayJob (trial table, best params) → a final train on
-  the best params → eval.
+  the best params → eval;
+- `experiment_pipeline()`: `sqgan experiment run NAME --scale SCALE` (name, scale and the file's text are run-time
+  parameters: one compiled file for every experiment) → its table beside the paper's numbers.
 
 Every pipeline takes `params_yaml` (the text of a params.yaml: the same file drives DVC, the CLI, Ray Tune and KFP)
 and `overrides` (`--set` items), made into one params artifact that every task reads, and `tracking_uri` and
@@ -19,6 +21,7 @@ from kfp import dsl
 
 from components import IMAGE
 from components.data import PREPARE, demo_data, download
+from components.experiment import experiment
 from components.sweep import tune
 from components.tracking import finish_pipeline_run, load_params, open_pipeline_run
 from components.train import evaluate, train
@@ -106,6 +109,24 @@ def sweep_pipeline(dataset: str) -> Callable[..., Any]:
 
 
 FACTORIES = {"data": data_pipeline, "train": train_pipeline, "sweep": sweep_pipeline}
+EXPERIMENT_FILE = "experiment.yaml"  # the compiled experiment pipeline (not one per dataset)
+
+
+def experiment_pipeline() -> Callable[..., Any]:
+    name = "sqgan-experiment"
+
+    @dsl.pipeline(name=name, description="sqgan: a seed paper's table (experiments/NAME.yaml) → every cell × seed as "
+                                         "one sweep → the table beside the paper's numbers, in one MLflow parent run")
+    def pipeline(params_yaml: str, name: str, scale: str = "demo", experiment_yaml: str = "",
+                 experiments_dir: str = "/home/ray/sqgan/experiments", overrides: list = [],  # noqa: B006
+                 tracking_uri: str = "", parent_run_id: str = ""):
+        run = Run("sqgan-experiment", params_yaml, overrides, tracking_uri, parent_run_id)
+        ran = experiment(name=name, scale=scale, experiment_yaml=experiment_yaml, experiments_dir=experiments_dir,
+                         **run.common())
+        ran.set_caching_options(False)  # a table of the runs it trains now, never a cached one
+        run.finish(ran)
+
+    return pipeline
 
 
 def compiled_name(kind: str, dataset: str) -> str:

@@ -55,8 +55,8 @@ def test_every_pipeline_compiles_and_the_committed_yaml_is_current():
 
     diffs = stale()
     assert not diffs, "pipelines/compiled/ is out of date; run `make pipelines`:\n" + "\n".join(diffs)
-    assert sorted(p.name for p in COMPILED.glob("*.yaml")) == sorted(compiled_name(k, d) for k in KINDS
-                                                                    for d in DATASETS)
+    assert sorted(p.name for p in COMPILED.glob("*.yaml")) == sorted([*(compiled_name(k, d) for k in KINDS
+                                                                       for d in DATASETS), "experiment.yaml"])
 
 
 def _spec(name: str) -> dict[str, Any]:
@@ -97,15 +97,16 @@ def test_components_are_thin_calls_of_sqgan_kfp_tasks():
     import inspect
 
     import components.data
+    import components.experiment
     import components.sweep
     import components.tracking
     import components.train
 
-    modules = (components.data, components.sweep, components.tracking, components.train)
+    modules = (components.data, components.experiment, components.sweep, components.tracking, components.train)
     comps = [obj for mod in modules for obj in vars(mod).values()
              if hasattr(obj, "python_func") and obj.python_func.__module__ == mod.__name__]
-    assert len(comps) == 19  # load/open/finish, demo, download, curate, 7 datasets, subset, selffilter, train, prior,
-    #                          eval, tune
+    assert len(comps) == 20  # load/open/finish, demo, download, curate, 7 datasets, subset, selffilter, train, prior,
+    #                          eval, tune, experiment
     for c in comps:
         body = inspect.getsource(c.python_func).split('"""')[-1]
         code = [ln.strip() for ln in body.splitlines() if ln.strip()]

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from sqgan.commands.eval import run_eval
+from sqgan.commands.experiment import run_experiment, write_table
 from sqgan.commands.prior import run_prior
 from sqgan.config import Params, load_params
 from sqgan.data.prepare import download_raw
@@ -274,6 +275,31 @@ def sweep_task(params_path: str | Path, overrides: list[str], tracking_uri: str,
                 t.write_text(f"# best trial of sweep run {sweep.info.run_id}, with this pipeline's ray and mlflow\n"
                              + yaml.safe_dump(best, sort_keys=False))
     return str(sweep.info.run_id)
+
+
+def experiment_task(params_path: str | Path, overrides: list[str], tracking_uri: str, parent_run_id: str, name: str,
+                    scale: str, experiment_yaml: str, experiments_dir: str | Path, work: str | Path,
+                    table_md: str | Path, table_csv: str | Path) -> dict[str, Any]:
+    """`sqgan experiment run NAME --scale SCALE` in this task's pod (its local Ray, or ray.address from the params):
+    the experiment file is `experiment_yaml` (its text) when given, else NAME in `experiments_dir` (the image's
+    experiments/); datasets are built under data.root, the sweep runs into `work` and nests under the pipeline's
+    parent run. Returns the experiment's parent run id and its cells; the table goes to `table_md` / `table_csv`."""
+    p = task_params(params_path, overrides, tracking_uri, parent_run_id)
+    if scale not in ("demo", "paper"):
+        raise ValueError(f"scale {scale!r}: pass demo or paper")
+    with _task(p, f"experiment {name}"), tempfile.TemporaryDirectory(prefix="sqgan-experiment-") as tmp:
+        source: str | Path = name
+        if experiment_yaml.strip():
+            source = Path(tmp) / f"{name}.yaml"
+            source.write_text(experiment_yaml)
+        uri, run_id, sweep_dir = run_experiment(p, str(source), scale, Path(work), folder=Path(experiments_dir))  # type: ignore[arg-type]
+        parent = tracking.mlflow_client(uri).get_run(run_id)
+        rows, md = write_table(uri, parent, Path(sweep_dir) / "table")
+    with atomic_path(table_md) as t:
+        t.write_text(md)
+    with atomic_path(table_csv) as t:
+        t.write_bytes((Path(sweep_dir) / "table" / "table.csv").read_bytes())
+    return {"experiment_run_id": run_id, "cells": len({(r["row"], r["column"]) for r in rows})}
 
 
 def numbers(values: dict[str, Any]) -> dict[str, float]:
