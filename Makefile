@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/ray_overhead.py
 	$(BIN)/python benchmarks/bookkeeping.py
+	$(BIN)/python benchmarks/experiment_overhead.py
 	$(BIN)/python benchmarks/metrics_pipeline.py
 	$(BIN)/python benchmarks/metrics_pipeline.py --inception --n 300 --rounds 2
 	$(BIN)/python benchmarks/truncation.py --resolution 32 --channel-base 2048 --channel-max 128 --sq --n-sample 256
