@@ -187,7 +187,9 @@ def _check_generator(G: Persistent, path: Path) -> None:
     c_dim = int(_kw(G, "c_dim", 0) or 0)
     if c_dim > 0:
         raise ImportRefused(f"{path}: a class-conditional network (c_dim = {c_dim}); sqgan imports unconditional "
-                            f"networks only until class labels land (the seed-systems issue)")
+                            f"networks only: ada's mapping takes its class embedding beside z (concatenated), sqgan's "
+                            f"conditional G adds one to z, so the weights do not carry over; train it with "
+                            f"model.conditional instead")
     arch = synthesis.init_kwargs.get("architecture") or G.init_kwargs.get("synthesis_kwargs", {}).get("architecture")
     if arch not in (None, "skip"):
         raise ImportRefused(f"{path}: a generator with the '{arch}' architecture; sqgan's StyleGAN2 is 'skip' "
