@@ -144,6 +144,19 @@ def test_a_bad_experiment_file_exits_2_naming_the_file_cell_and_key_before_any_d
     assert not data_root.exists() and not (tmp_path / "ray").exists()  # no dataset built, no Ray started
 
 
+def test_the_paper_scale_on_a_machine_without_gpus_is_refused_before_any_data_or_ray(tmp_path):
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    r = runner.invoke(app, ["experiment", "run", "fqgan-cifar", "--scale", "paper", "--dir", str(ROOT / "experiments"),
+                            "--out", str(tmp_path / "exp"), "--no-params-file", "--set", f"data.root={tmp_path / 'd'}",
+                            "--set", f"ray.storage_path={tmp_path / 'ray'}"])
+    assert r.exit_code == 1 and "trains on GPUs (train.use_gpu true) and this machine has none" in r.output, r.output
+    assert "ray.address=ray://HEAD:10001" in r.output
+    assert not (tmp_path / "d").exists() and not (tmp_path / "ray").exists()
+
+
 def test_an_unknown_experiment_name_lists_the_known_ones():
     r = runner.invoke(app, ["experiment", "show", "fqgan-cifra", "--dir", str(ROOT / "experiments")])
     assert r.exit_code == 1 and "unknown experiment 'fqgan-cifra'" in r.output

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import matplotlib
 import matplotlib.pyplot as plt
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -344,6 +345,10 @@ def run_experiment(params: Params, name: str, scale: Scale = "demo", out: Path |
     sweeps.check_sweep(sp)
     other: Scale = "paper" if scale == "demo" else "demo"
     sweeps.check_sweep(sweep_params(params, exp, path, other))  # a file must hold at both scales
+    if sp.train.use_gpu == "true" and not sp.ray.address and torch.cuda.device_count() == 0:
+        raise RuntimeError(f"the {scale} scale of {exp.name} trains on GPUs (train.use_gpu true) and this machine has "
+                           f"none; run it on a Ray cluster (--set ray.address=ray://HEAD:10001, or the Kubeflow "
+                           f"experiment pipeline), or look first with --scale demo")
     names = datasets_needed(sp, sp.tune.cells)
     build_data(sp, names, exp.scales[scale].build)
     text = Path(path).read_text()
@@ -488,7 +493,7 @@ def render_markdown(exp: Experiment, rows: list[dict[str, Any]], scale: str, par
                 r = next(x for x in sub if x["row"] == row and x["column"] == c)
                 cells += [_ours(r), _paper(r), _num(r["diff"])]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    sources = sorted({f"{r['paper_source']} ({r['paper_stat']})" for r in rows if r["paper_source"]})
+    sources = sorted({f"{r['metric']}: {r['paper_source']} ({r['paper_stat']})" for r in rows if r["paper_source"]})
     if sources:
         lines += ["", "Paper numbers:"] + [f"- {s}" for s in sources]
     return "\n".join(lines) + "\n"
