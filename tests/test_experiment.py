@@ -342,6 +342,8 @@ def test_a_figure_plots_the_interim_metric_mean_over_seeds_per_cell(tmp_path):
 def test_the_kubeflow_experiment_task_nests_the_experiment_under_the_pipeline_run(demo_dir, tmp_path, monkeypatch):
     """What the experiment component runs: the file's text passed in, the sweep in the task's own Ray, the experiment's
     parent run nested under the pipeline's, the table as the task's outputs."""
+    import shutil
+
     from mlflow.tracking import MlflowClient
 
     from sqgan.commands.kfp_tasks import experiment_task, open_pipeline_run, write_params
@@ -349,19 +351,32 @@ def test_the_kubeflow_experiment_task_nests_the_experiment_under_the_pipeline_ru
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params_file = tmp_path / "params.yaml"
+    shutil.copytree(demo_dir, tmp_path / "data" / "demo")
     overrides = [f"mlflow.artifact_root={tmp_path / 'art'}", f"ray.storage_path={tmp_path / 'ray'}",
-                 "ray.cpus_per_worker=1", f"data.root={demo_dir.parent}", f"data.dataset={demo_dir.name}"]
+                 "ray.cpus_per_worker=1", f"data.root={tmp_path / 'data'}", "data.dataset=demo"]
     write_params((ROOT / "params.yaml").read_text(), overrides, params_file)
     pipeline_run = open_pipeline_run(params_file, overrides, uri, "", "sqgan-experiment", "kfp-run-1")
+    # the FQ row trains on a dataset of its own, built by the scale's recipe: each trial gets its cell's folder
+    build = {"demo10": {"stage": "subset", "params": {"data": {"subset": {"source": "demo", "n": 10}}}}}
     text = tiny_experiment(tmp_path / "..", name="kfptiny",
-                           scales={"demo": {"seeds": [0], "params": TINY_SCALE}, "paper": {"seeds": [0]}}).read_text()
+                           rows={"plain": {"fq": {"enabled": False}},
+                                 "FQ": {"fq": {"enabled": True}, "data": {"dataset": "demo10"},
+                                        "train": {"batch_size": 8}}},
+                           scales={"demo": {"seeds": [0], "params": {**TINY_SCALE, "train": {
+                               k: v for k, v in TINY_SCALE["train"].items() if k != "batch_size"}}, "build": build},
+                                   "paper": {"seeds": [0]}}).read_text()
     r = experiment_task(params_file, overrides, uri, pipeline_run, "kfptiny", "demo", text, tmp_path / "nowhere",
                         tmp_path / "sweep", tmp_path / "table.md", tmp_path / "table.csv")
     client = MlflowClient(tracking_uri=uri)
     exp_run = client.get_run(r["experiment_run_id"])
     assert exp_run.data.tags["mlflow.parentRunId"] == pipeline_run and r["cells"] == 2
     assert exp_run.data.tags["sqgan.experiment"] == "kfptiny"
-    assert len(_children(client, r["experiment_run_id"])) == 2
+    trials = {json.loads(x.data.tags["sqgan.trial_values"])["cell"]: x
+              for x in _children(client, r["experiment_run_id"])}
+    assert sorted(trials) == ["FQ @ demo", "plain @ demo"]
+    assert Path(trials["FQ @ demo"].data.tags["data.dir"]) == (tmp_path / "data" / "demo10").resolve()
+    assert Path(trials["plain @ demo"].data.tags["data.dir"]) == (tmp_path / "data" / "demo").resolve()
+    assert (tmp_path / "data" / "demo10" / "manifest.parquet").is_file()
     assert "| FQ |" in (tmp_path / "table.md").read_text()
     rows = list(csv.DictReader((tmp_path / "table.csv").open()))
     assert {row["row"] for row in rows} == {"plain", "FQ"} and all(row["n"] == "1" for row in rows)
