@@ -163,3 +163,42 @@ def ddp_steps_digest(rank: int, port: int, data: str, out: str, params, steps: i
         Path(out, f"rank{rank}.txt").write_text(digest.hexdigest())
     finally:
         dist.destroy_process_group()
+
+
+def kill_after_first_trial(cmd: list[str], cwd: Path, sweep_dir: Path, uri: str, timeout: float = 240) -> list:
+    """Start a sweep driver (`sqgan tune` / `sqgan experiment run`) in its own process group, wait until one trial's
+    run is FINISHED in MLflow, then SIGKILL the driver and its local Ray. Returns the finished runs (its log:
+    cwd/driver.log)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    client = MlflowClient(tracking_uri=uri)
+    finished: list = []
+    with (cwd / "driver.log").open("w") as log:
+        driver = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and driver.poll() is None:
+                time.sleep(2)
+                info = sweep_dir / "sweep.json"
+                if not info.exists():
+                    continue
+                parent = client.get_run(json.loads(info.read_text())["parent_run_id"])
+                runs = client.search_runs([parent.info.experiment_id],
+                                          f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+                finished = [r for r in runs if r.info.status == "FINISHED"]
+                if finished:
+                    break
+            assert finished, (cwd / "driver.log").read_text()[-3000:]
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, by the process group we started
+            driver.wait(30)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    return finished

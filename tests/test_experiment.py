@@ -8,15 +8,13 @@ import csv
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, kill_after_first_trial
 from typer.testing import CliRunner
 
 from sqgan.cli import app
@@ -281,29 +279,10 @@ def test_a_killed_experiment_driver_resumes_training_only_the_missing_cells(demo
     out = tmp_path / "exp"
     base = [sys.executable, "-m", "sqgan.cli", "experiment", "run", str(path), "--out", str(out), "--no-params-file",
             *infra(tmp_path, demo_dir), "--set", "tune.max_concurrent_trials=1", "--set", "ray.num_cpus=2"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    finished = kill_after_first_trial(base, tmp_path, out, uri)
+    client = MlflowClient(tracking_uri=uri)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen(base, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    finished: list = []
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and driver.poll() is None:
-            time.sleep(2)
-            if (out / "sweep.json").exists():
-                pid = json.loads((out / "sweep.json").read_text())["parent_run_id"]
-                finished = [x for x in _children(client, pid) if x.info.status == "FINISHED"]
-                if finished:
-                    break
-        assert finished, (tmp_path / "driver.log").read_text()[-3000:]
-        assert driver.poll() is None, "the experiment ended before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, by the process group we started
-        driver.wait(30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        log.close()
     r = subprocess.run([*base, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     pid = json.loads((out / "sweep.json").read_text())["parent_run_id"]

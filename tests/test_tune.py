@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, kill_after_first_trial, tiny_overrides
 from typer.testing import CliRunner
 
 from sqgan.cli import app
@@ -374,30 +373,8 @@ def test_a_sweep_driver_killed_after_a_trial_finished_resumes_without_rerunning_
     cmd = [*sqgan, "tune", "--no-params-file", "--data", str(demo_dir), "--out", str(tmp_path / "sweep")]
     for s in sets:
         cmd += ["--set", s]
-    log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
     client = MlflowClient(tracking_uri=uri)
-    finished: list = []
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and driver.poll() is None:
-            time.sleep(2)
-            info = tmp_path / "sweep" / "sweep.json"
-            if not info.exists():
-                continue
-            finished = [r for r in _children(client, json.loads(info.read_text())["parent_run_id"])
-                        if r.info.status == "FINISHED"]
-            if finished:
-                break
-        assert finished, (tmp_path / "driver.log").read_text()[-3000:]
-        assert driver.poll() is None, "the sweep ended before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, by the process group we started
-        driver.wait(30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        log.close()
+    finished = kill_after_first_trial(cmd, tmp_path, tmp_path / "sweep", uri)
     parent_id = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["parent_run_id"]
     assert client.get_run(parent_id).info.status == "RUNNING"  # what a killed driver leaves
 
