@@ -65,7 +65,8 @@ def infra(tmp_path: Path, demo_dir: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ files
 def test_the_shipped_experiments_cover_the_seed_tables():
-    assert {"fqgan-cifar", "fqgan-overhead", "fqgan-hparams", "mixdl-10shot", "sqgan-datasets"} <= set(SHIPPED)
+    assert {"fqgan-cifar", "fqgan-overhead", "fqgan-hparams", "mixdl-10shot", "mixdl-pplu", "mixdl-nnmodes",
+            "sqgan-datasets", "selfdistilled-elbow"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -453,7 +453,7 @@ def _num(v: float, digits: int = 3) -> str:
 def _ours(r: dict[str, Any]) -> str:
     if r["n"] == 0:
         return "–"
-    std = "" if math.isnan(r["std"]) else f" ± {_num(r['std'], 2)}"
+    std = "" if math.isnan(r["std"]) or r["n"] < 2 else f" ± {_num(r['std'], 2)}"
     return f"{_num(r['mean'])}{std} (n={r['n']})"
 
 
@@ -470,7 +470,7 @@ def header(exp: Experiment, scale: str, parent_id: str, same: dict[str, str] | N
         lines.append("**DEMO SCALE: stand-in data and a short schedule; these numbers are NOT comparable to the "
                      "paper's.**")
     if not exp.paper:
-        lines.append(f"Paper numbers: none ({exp.paper_numbers.strip()}).")
+        lines.append(f"Paper numbers: {exp.paper_numbers.strip()}.")
     if exp.gaps.strip():
         lines.append(f"Where the paper scale departs from the paper: {exp.gaps.strip()}.")
     for cell, earlier in (same or {}).items():
