@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -499,8 +498,8 @@ def run_sweep(
         shutil.rmtree(out_dir)
     ray_train.init_ray(params)
     parent_run_id = open_sweep_run(params, base, data_dir, project_dir, tags)
-    if files:
-        log_texts(tracking_uri, parent_run_id, files)
+    for file, text in (files or {}).items():
+        mlflow_client(tracking_uri).log_text(parent_run_id, text, file)
     name = f"sweep-{parent_run_id[:12]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     mark_output(out_dir, "sweep")
@@ -521,16 +520,6 @@ def open_sweep_run(params: Params, base: Params, data_dir: Path, project_dir: Pa
     """The sweep's parent run: the sweep's params (tune.* among them) and provenance, the search set-up as tags
     (and the caller's `tags`)."""
     return start_run(params, data_dir, project_dir, tags={**sweep_tags(params, base), **(tags or {})})[1]
-
-
-def log_texts(tracking_uri: str, run_id: str, files: dict[str, str]) -> None:
-    """Log each text as an artifact file of that name (written to a temp folder first)."""
-    client = mlflow_client(tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="sqgan-files-") as d:
-        for name, text in files.items():
-            path = Path(d) / name
-            path.write_text(text)
-            client.log_artifact(run_id, str(path))
 
 
 def sweep_tags(params: Params, base: Params) -> dict[str, str]:
