@@ -305,10 +305,31 @@ def test_eval_measures_truncated_samples_and_records_the_truncation(trained, tmp
     assert multi.metrics[fid] not in (plain.metrics[fid], mean.metrics[fid])
     assert "truncation" not in plain.provenance[fid]
     assert mean.provenance[fid]["truncation"] == {"mode": "global", "psi": 0.0}
+    inertia = multi.provenance[lpips]["truncation"].pop("inertia")
     assert multi.provenance[lpips]["truncation"] == {"mode": "multimodal", "psi": 0.5, "assign": "l2", "centres": 8,
                                                      "fit_samples": 512, "seed": 0}
+    assert multi.metrics["truncation/kmeans_inertia"] == inertia > 0  # logged beside FID: the elbow study's y
+    assert "truncation/kmeans_inertia" not in mean.metrics and "truncation/kmeans_inertia" not in plain.metrics
     logged = json.loads((tmp_path / "eval.json").read_text())["provenance"][fid]["truncation"]
     assert logged["mode"] == "multimodal"
+
+
+def test_training_logs_the_kmeans_inertia_of_its_multimodal_centres(trained, tmp_path):
+    """The elbow study's y: Σ squared distance of the fit_samples mapped w to their nearest of sample.centres centres,
+    for G_ema as it was evaluated (refitted here from the checkpoint: the same number)."""
+    from sqgan.models.factory import build_generator
+    from sqgan.sampling.truncation import fit_centres
+    from sqgan.train.checkpoint import load_checkpoint
+
+    params = default_params(TINY_SG2 + ["train.steps=2", "train.checkpoint_every=2", "metrics.num_fake=16",
+                                        "metrics.names=[fid]", "metrics.truncation=multimodal", "sample.assign=l2",
+                                        "sample.centres=4", "sample.fit_samples=128"])
+    result = train(params, trained["data"], tmp_path / "run")
+    G = build_generator(params)
+    G.load_state_dict(load_checkpoint(result.checkpoint)["G_ema"])
+    again = fit_centres(G.eval(), 128, 4, 0)
+    assert result.metrics["truncation/kmeans_inertia"] == pytest.approx(again.inertia, rel=1e-4)
+    assert fit_centres(G, 128, 16, 0).inertia < again.inertia
 
 
 def test_training_evaluates_truncated_samples_when_asked(trained, tmp_path):

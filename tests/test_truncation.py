@@ -132,10 +132,14 @@ def test_kmeans_recovers_planted_clusters_of_w():
     means = 20 * torch.randn(3, 8, generator=gen)  # few clusters: random init (the paper's) can stall with many
     labels = torch.arange(300) % 3
     w = means[labels] + 0.3 * torch.randn(300, 8, generator=gen)
-    found = T.kmeans_centres(w, n_clusters=3, seed=0)
+    found, inertia = T.kmeans_centres(w, n_clusters=3, seed=0)
     nearest = torch.cdist(means, found).argmin(1)
     assert sorted(nearest.tolist()) == [0, 1, 2]  # one centre per planted cluster
     torch.testing.assert_close(found[nearest], means, atol=0.1, rtol=0)
+    # inertia: Σ of squared distances to the nearest centre (≈ 300 · 8 · 0.3² for the planted noise)
+    assert inertia == pytest.approx(float(torch.cdist(w, found).min(1).values.pow(2).sum()), rel=1e-3)
+    assert 0.7 * 300 * 8 * 0.09 < inertia < 1.3 * 300 * 8 * 0.09
+    assert T.kmeans_centres(w, n_clusters=6, seed=0)[1] < inertia  # more centres, less inertia: the elbow's y
 
 
 def test_centres_are_kmeans_of_the_unquantized_mapped_w(G, centres):

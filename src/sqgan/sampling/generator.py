@@ -119,4 +119,15 @@ def eval_generator(params: Params, G: nn.Module, cache: Path | None = None) -> t
         if sp.assign == "lpips":
             lpips_net = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).to(T._device_of(G))
         info.update(assign=sp.assign, centres=sp.centres, fit_samples=sp.fit_samples, seed=sp.seed)
+        if centres.inertia is not None:
+            info["inertia"] = centres.inertia
     return TruncatedGenerator(G, mode, sp.psi, sp.assign, centres, lpips_net), info
+
+
+INERTIA_KEY = "truncation/kmeans_inertia"  # the metric an evaluation with multimodal truncation logs beside FID
+
+
+def truncation_metrics(info: dict[str, Any] | None) -> dict[str, float]:
+    """What an evaluation logs of its truncation (`eval_generator`'s info): the k-means inertia of the multimodal
+    centres (Σ over the fit_samples mapped w of the squared distance to the nearest centre), the elbow study's y."""
+    return {INERTIA_KEY: float(info["inertia"])} if info and "inertia" in info else {}

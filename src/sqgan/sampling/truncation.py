@@ -122,8 +122,10 @@ def mapped_w(G: nn.Module, n: int, seed: int = 0, batch: int = 1024, device: tor
     return torch.cat(out) if out else torch.zeros(0, G.w_dim)
 
 
-def kmeans_centres(w: torch.Tensor, n_clusters: int = DEFAULT_CLUSTERS, seed: int = 0) -> torch.Tensor:
-    """k-means centres [n_clusters, w_dim] of w [n, w_dim]: scikit-learn's KMeans with random init, as the paper
+def kmeans_centres(w: torch.Tensor, n_clusters: int = DEFAULT_CLUSTERS, seed: int = 0
+                   ) -> tuple[torch.Tensor, float]:
+    """(k-means centres [n_clusters, w_dim] of w [n, w_dim], their inertia: Σ over w of the squared distance to its
+    nearest centre, the y of the paper's elbow plot): scikit-learn's KMeans with random init, as the paper
     (defaults otherwise: Lloyd, n_init chosen by sklearn, tol 1e-4)."""
     if n_clusters < 1 or len(w) < n_clusters:
         raise ValueError(f"k-means needs 1 ≤ n_clusters ≤ number of w, got n_clusters={n_clusters} for {len(w)} w; "
@@ -131,7 +133,7 @@ def kmeans_centres(w: torch.Tensor, n_clusters: int = DEFAULT_CLUSTERS, seed: in
 
     km = KMeans(n_clusters=n_clusters, init="random", random_state=seed)
     km.fit(w.detach().cpu().float().numpy())
-    return torch.from_numpy(km.cluster_centers_).float()
+    return torch.from_numpy(km.cluster_centers_).float(), float(km.inertia_)
 
 
 @dataclass
@@ -143,6 +145,7 @@ class Centres:
     n: int  # mapped w they were fitted on
     seed: int  # of z and of k-means
     g_sha256: str  # `generator_fingerprint` of the G they belong to
+    inertia: float | None = None  # k-means inertia on those n w (None: a cache written before it was kept)
 
     @property
     def n_clusters(self) -> int:
@@ -167,9 +170,9 @@ def fit_centres(G: nn.Module, n: int = DEFAULT_N, n_clusters: int = DEFAULT_CLUS
                 batch: int = 1024, device: torch.device | str | None = None, progress: bool = False) -> Centres:
     """Map n seeded z to w, k-means them into n_clusters centres, render each centre once."""
     w = mapped_w(G, n, seed, batch, device, progress)
-    centres = kmeans_centres(w, n_clusters, seed)
+    centres, inertia = kmeans_centres(w, n_clusters, seed)
     images = render_uint8(G, centres, batch=min(batch, 64))
-    return Centres(centres, images, n, seed, generator_fingerprint(G))
+    return Centres(centres, images, n, seed, generator_fingerprint(G), inertia)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -184,7 +187,7 @@ def save_centres(centres: Centres, path: str | Path) -> Path:
     payload = {"format": CACHE_FORMAT, "w": centres.w.detach().cpu().contiguous(),
                "images": centres.images.detach().cpu().contiguous(), "n": centres.n, "n_clusters": centres.n_clusters,
                "seed": centres.seed, "w_dim": centres.w_dim, "resolution": centres.resolution,
-               "g_sha256": centres.g_sha256}
+               "g_sha256": centres.g_sha256, "inertia": centres.inertia}
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -209,7 +212,7 @@ def load_centres(path: str | Path, G: nn.Module, n: int = DEFAULT_N, n_clusters:
     if differ:
         what = "; ".join("G's weights differ" if d.startswith("g_sha256") else d for d in differ)
         raise StaleCentres(f"truncation centres {path} were made for another generator or settings ({what}); {fix}")
-    return Centres(saved["w"], saved["images"], saved["n"], saved["seed"], saved["g_sha256"])
+    return Centres(saved["w"], saved["images"], saved["n"], saved["seed"], saved["g_sha256"], saved.get("inertia"))
 
 
 def load_or_fit(G: nn.Module, path: str | Path, n: int = DEFAULT_N, n_clusters: int = DEFAULT_CLUSTERS,
