@@ -272,6 +272,58 @@ def test_a_small_experiment_runs_under_ray_and_mlflow_and_its_table_equals_the_r
     assert json.loads((again / "table.json").read_text())["FQ"]["demo"]["fid"]["paper"] == 1.5
 
 
+def test_the_dvc_experiment_stage_names_every_shipped_file_at_both_scales():
+    matrix = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["experiment"]["matrix"]
+    assert sorted(matrix["name"]) == sorted(SHIPPED) and matrix["scale"] == ["demo", "paper"]
+
+
+@pytest.mark.ray
+def test_dvc_repro_of_an_experiment_stage_writes_its_table_as_dvc_metrics_and_a_second_repro_skips(demo_dir, tmp_path):
+    """The experiment stage of dvc.yaml (its matrix cut to one tiny file): `dvc repro experiment@tiny-demo` runs it,
+    `dvc metrics show` reads the table (the same numbers as table.csv), and a second repro reproduces nothing."""
+    import shutil
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = dvc_yaml["stages"]["experiment"]
+    stage["matrix"] = {"name": ["tiny"], "scale": ["demo"]}
+    (proj / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"experiment": stage}}, sort_keys=False))
+    shutil.copy(ROOT / ".gitignore", proj)
+    shutil.copytree(ROOT / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (proj / "experiments").mkdir()
+    tiny_experiment(proj / "experiments")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(root=str(demo_dir.parent), dataset=demo_dir.name)
+    params["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "art"))
+    params["ray"].update(storage_path=str(tmp_path / "ray"), cpus_per_worker=1)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("RAY_ADDRESS", None)
+    dvc = os.path.join(bin_dir, "dvc")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), cwd=proj, env=env, capture_output=True, text=True, timeout=600)
+
+    assert run("git", "init", "-q").returncode == 0 and run(dvc, "init", "-q").returncode == 0
+    first = run(dvc, "repro", "experiment@tiny-demo")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "Running stage 'experiment@tiny-demo'" in first.stdout
+    shown = run(dvc, "metrics", "show", "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    metrics = next(iter(json.loads(shown.stdout).values()))["data"]["runs/experiments/tiny-demo/table/table.json"]
+    table = {(r["row"], r["metric"]): r for r in
+             csv.DictReader((proj / "runs/experiments/tiny-demo/table/table.csv").open())}
+    for row in ("plain", "FQ"):
+        got = metrics["data"][row]["demo"]["fid"]
+        assert got["mean"] == pytest.approx(float(table[row, "fid"]["mean"])) and got["n"] == 2
+    assert metrics["data"]["FQ"]["demo"]["fid"]["paper"] == 1.5 and metrics["data"]["scale"] == "demo"
+    second = run(dvc, "repro", "experiment@tiny-demo")
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout[-2000:]
+
+
 @pytest.mark.ray
 def test_a_killed_experiment_driver_resumes_training_only_the_missing_cells(demo_dir, tmp_path):
     from mlflow.tracking import MlflowClient

@@ -19,7 +19,7 @@ SRC = ROOT / "src"
 DVC_TO_STAGE = {"demo_data": "demo"}  # DVC stage name → table name where they differ
 ENTRY = {"train": ("sqgan.shells.ray_train",), "sweep": ("sqgan.shells.tune",),  # stages outside the data table
          "prior": ("sqgan.commands.prior",), "report": ("sqgan.commands.report",),
-         "eval": ("sqgan.commands.eval",)}
+         "eval": ("sqgan.commands.eval",), "experiment": ("sqgan.commands.experiment",)}
 
 
 def _module_file(name: str) -> Path | None:
