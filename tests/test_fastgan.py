@@ -91,6 +91,25 @@ def test_forward_backward_with_fq_sq_reaches_every_parameter_and_ds_sle_reads_th
     assert set(d.quant) == {"fq/layer3", "fq/layer5"}
 
 
+
+def test_d_normalises_reals_among_reals_and_fakes_among_fakes_as_the_officials_two_calls():
+    """One D call on [reals, fakes] with parts gives what two calls give (BatchNorm statistics within each part, as
+    in G's step, where D sees fakes alone); over the joint batch it would not."""
+    p = _params(**{"fq.enabled": "false"})
+    torch.manual_seed(0)
+    D = build_discriminator(p).train()
+    for m in D.modules():  # spectral norm's power iteration held still, so the calls compare exactly
+        if type(m).__name__ == "_SpectralNorm":
+            m.eval()
+    real, fake = torch.randn(3, 3, 256, 256), torch.randn(3, 3, 256, 256) * 0.5 + 0.4
+    both = D(torch.cat([real, fake]), parts=(3, 3)).logits
+    apart = torch.cat([D(real).logits, D(fake).logits])
+    joint = D(torch.cat([real, fake])).logits
+    assert torch.allclose(both, apart, atol=1e-5), (both - apart).abs().max()
+    assert (joint - apart).abs().max() > 0.05
+    assert all(m.parts is None for m in D.modules() if hasattr(m, "parts"))  # reset after the call
+    assert not any(hasattr(m, "parts") for m in D.trunk.decoder_big.modules())  # decoders see reals alone
+
 def test_the_reconstruction_loss_rebuilds_the_whole_the_small_and_one_quadrant():
     torch.manual_seed(0)
     trunk = FastGANTrunk(256, 4).eval()

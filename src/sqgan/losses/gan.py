@@ -237,7 +237,7 @@ class GANLoss:
             anchors, mixes = anchors.to(real.dtype), mixes.to(real.dtype)
             tap = mixdl.random_tap(self.heads.patch, gen)
             patches = mixdl.patch_logits(D, self.heads.patch, self.augment(torch.cat([real, mixes]), gen), tap,
-                                         feed=feed)
+                                         feed=feed, parts=(b, mixes.shape[0]))
             real_p, fake_p = patches.float().flatten(1).split([b, mixes.shape[0]])
             adv = d_loss(real_p, fake_p, self.kind)
             term = mixdl.d_mixdl_term(D, self.heads.proj, anchors, mixes, c, self.mixdl, feed=feed, update=True,

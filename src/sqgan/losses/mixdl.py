@@ -306,9 +306,10 @@ def d_mixdl_term(D: nn.Module, head: ProjectionHead, anchor_images: torch.Tensor
     if coefficients.shape != (mix_images.shape[0], b):
         raise ValueError(f"d_mixdl_term: coefficients must be [{mix_images.shape[0]}, {b}] (mixes × anchors), got "
                          f"{list(coefficients.shape)}")
-    parts = [anchor_images, mix_images] if reals is None else [reals, anchor_images, mix_images]
-    out = D(torch.cat(parts), feed=feed, update=update)
+    images = [anchor_images, mix_images] if reals is None else [reals, anchor_images, mix_images]
     r = 0 if reals is None else reals.shape[0]
+    # batch statistics (StyleGAN2's minibatch stddev, FastGAN's BatchNorm) never mix the reals with G's images
+    out = D(torch.cat(images), feed=feed, update=update, parts=None if reals is None else (r, b + mix_images.shape[0]))
     proj = head(out.features[r:].float())
     kl = distance_kl(coefficients, cosine_similarities(proj[b:], proj[:b]))
     loss = s.lambda_d * _reduce(kl, b, s.reduction)
@@ -372,11 +373,12 @@ def random_tap(head: MixupPatchHead, generator: torch.Generator) -> int:
 
 
 def patch_logits(D: nn.Module, head: MixupPatchHead, images: torch.Tensor, index: int, *,
-                 feed: bool = True) -> torch.Tensor:
+                 feed: bool = True, parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """Patch logits [B, H, W] of D's map `head.taps[index]` on `images`; D's forward stops at that map, as the
-    official patch D returns early. FQ dictionaries are left as they are."""
+    official patch D returns early. FQ dictionaries are left as they are. `parts` (e.g. reals, mixes) keep D's batch
+    statistics within each (FastGAN's BatchNorm)."""
     with capture_activations(D, [head.taps[index]], stop=True) as acts:
-        D(images, feed=feed, update=False)
+        D(images, feed=feed, update=False, parts=parts)
     return head(acts[head.taps[index]], index)
 
 

@@ -28,6 +28,7 @@ network refuses labels and a conditional one refuses to run without.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -225,22 +226,25 @@ class Discriminator(nn.Module):
         loss = x.new_zeros(())
         image, maps = x, []
         skips = getattr(self.trunk, "skips", {})
-        for i, block in enumerate(self.trunk.blocks):
-            x = block(x) if i not in skips else block(x, maps[skips[i]])
-            q = self.quantizers[str(i)] if str(i) in self.quantizers else None
-            if q is not None:
-                out = q(x, update=update)
-                quant[f"fq/layer{i}"] = out
-                loss = loss + out.loss
-                if q.feeds and feed:
-                    x = out.quantized
-            maps.append(x)
-        kw: dict = {}
-        if parts is not None and getattr(self.trunk, "batch_statistics", False):
-            kw["parts"] = parts
-        if getattr(self.trunk, "head_takes_input", False):
-            kw.update(image=image, maps=maps)
-        logits, features, *rest = self.trunk.head(x, **kw)
+        # a trunk with BatchNorm (FastGAN's) keeps its statistics within each part for the whole call
+        in_parts = getattr(self.trunk, "batch_parts", None)
+        with in_parts(parts) if in_parts is not None else contextlib.nullcontext():
+            for i, block in enumerate(self.trunk.blocks):
+                x = block(x) if i not in skips else block(x, maps[skips[i]])
+                q = self.quantizers[str(i)] if str(i) in self.quantizers else None
+                if q is not None:
+                    out = q(x, update=update)
+                    quant[f"fq/layer{i}"] = out
+                    loss = loss + out.loss
+                    if q.feeds and feed:
+                        x = out.quantized
+                maps.append(x)
+            kw: dict = {}
+            if parts is not None and getattr(self.trunk, "batch_statistics", False):
+                kw["parts"] = parts
+            if getattr(self.trunk, "head_takes_input", False):
+                kw.update(image=image, maps=maps)
+            logits, features, *rest = self.trunk.head(x, **kw)
         if m > 1:
             logits, features = unpack_samples(logits, sizes, m), unpack_samples(features, sizes, m)
         if self.embed is not None:

@@ -28,6 +28,9 @@ fixed random backbone).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,11 +62,27 @@ def _conv(cin: int, cout: int, k: int, s: int = 1, p: int = 0) -> nn.Module:
     return _sn(nn.Conv2d(cin, cout, k, s, p, bias=False))
 
 
-def _bn(c: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c)
+def _bn(c: int, cls: type[nn.BatchNorm2d] = nn.BatchNorm2d) -> nn.BatchNorm2d:
+    bn = cls(c)
     nn.init.normal_(bn.weight, 1.0, INIT_STD)
     nn.init.zeros_(bn.bias)
     return bn
+
+
+class PartBatchNorm2d(nn.BatchNorm2d):
+    """D's BatchNorm, whose batch statistics (in training) stay within each part of the batch: `parts`, the sizes of
+    the reals and the fakes that one D call judges together (set by `FastGANTrunk.batch_parts`). The official code
+    judges them in two calls, so reals are normalised among reals and fakes among fakes, as in G's step, where D sees
+    fakes alone. Normalised over the joint batch instead, D learns to tell fakes by where they sit relative to the
+    reals, which the fakes-only batch of G's step normalises away: G got no usable gradient (grey or off-colour
+    backgrounds that never became the data's). The running statistics update once per part, as two calls would."""
+
+    parts: tuple[int, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parts is None or len(self.parts) < 2 or not self.training:
+            return super().forward(x)
+        return torch.cat([nn.BatchNorm2d.forward(self, chunk) for chunk in x.split(list(self.parts))])
 
 
 class GLU(nn.Module):
@@ -170,7 +189,7 @@ class DownBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.main = nn.Sequential(_conv(cin, cout, 4, 2, 1), _bn(cout), nn.LeakyReLU(0.2))
+        self.main = nn.Sequential(_conv(cin, cout, 4, 2, 1), _bn(cout, PartBatchNorm2d), nn.LeakyReLU(0.2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)
@@ -182,9 +201,10 @@ class DownBlockComp(nn.Module):
 
     def __init__(self, cin: int, cout: int, sle_from: int | None = None) -> None:
         super().__init__()
-        self.main = nn.Sequential(_conv(cin, cout, 4, 2, 1), _bn(cout), nn.LeakyReLU(0.2),
-                                  _conv(cout, cout, 3, 1, 1), _bn(cout), nn.LeakyReLU(0.2))
-        self.direct = nn.Sequential(nn.AvgPool2d(2), _conv(cin, cout, 1), _bn(cout), nn.LeakyReLU(0.2))
+        self.main = nn.Sequential(_conv(cin, cout, 4, 2, 1), _bn(cout, PartBatchNorm2d), nn.LeakyReLU(0.2),
+                                  _conv(cout, cout, 3, 1, 1), _bn(cout, PartBatchNorm2d), nn.LeakyReLU(0.2))
+        self.direct = nn.Sequential(nn.AvgPool2d(2), _conv(cin, cout, 1), _bn(cout, PartBatchNorm2d),
+                                    nn.LeakyReLU(0.2))
         self.sle = SkipLayerExcitation(sle_from, cout) if sle_from is not None else None
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,7 +246,8 @@ class FastGANTrunk(nn.Module):
             first = nn.Sequential(_conv(in_channels, nfc[512], 4, 2, 1), nn.LeakyReLU(0.2))
         else:
             first = nn.Sequential(_conv(in_channels, nfc[1024], 4, 2, 1), nn.LeakyReLU(0.2),
-                                  _conv(nfc[1024], nfc[512], 4, 2, 1), _bn(nfc[512]), nn.LeakyReLU(0.2))
+                                  _conv(nfc[1024], nfc[512], 4, 2, 1), _bn(nfc[512], PartBatchNorm2d),
+                                  nn.LeakyReLU(0.2))
         self.widths = [nfc[512], nfc[256], nfc[128], nfc[64], nfc[32], nfc[16]]
         self.sides = list(D_SIDES)
         self.skips = {3: 0, 4: 1, 5: 2}  # the 32², 16², 8² maps gated by the 256², 128², 64² ones
@@ -234,7 +255,8 @@ class FastGANTrunk(nn.Module):
         self.blocks = nn.ModuleList([first, DownBlockComp(w[0], w[1]), DownBlockComp(w[1], w[2]),
                                      DownBlockComp(w[2], w[3], w[0]), DownBlockComp(w[3], w[4], w[1]),
                                      DownBlockComp(w[4], w[5], w[2])])
-        self.rf_big = nn.Sequential(_conv(w[5], nfc[8], 1), _bn(nfc[8]), nn.LeakyReLU(0.2), _conv(nfc[8], 1, 4))
+        self.rf_big = nn.Sequential(_conv(w[5], nfc[8], 1), _bn(nfc[8], PartBatchNorm2d), nn.LeakyReLU(0.2),
+                                    _conv(nfc[8], 1, 4))
         self.small = nn.Sequential(_conv(in_channels, nfc[256], 4, 2, 1), nn.LeakyReLU(0.2),
                                    DownBlock(nfc[256], nfc[128]), DownBlock(nfc[128], nfc[64]),
                                    DownBlock(nfc[64], nfc[32]))
@@ -243,6 +265,18 @@ class FastGANTrunk(nn.Module):
         self.decoder_big, self.decoder_small = SimpleDecoder(w[5], base), SimpleDecoder(nfc[32], base)
         self.decoder_part = SimpleDecoder(w[4], base)
         self.feature_dim = w[5]
+
+    @contextlib.contextmanager
+    def batch_parts(self, parts: tuple[int, ...] | None) -> Iterator[None]:
+        """Within this block, D's BatchNorms keep their statistics within each part (reals, fakes) of the batch."""
+        norms = [m for m in self.modules() if isinstance(m, PartBatchNorm2d)]
+        for m in norms:
+            m.parts = parts
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.parts = None
 
     def head(self, x: torch.Tensor, image: torch.Tensor, maps: list[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
