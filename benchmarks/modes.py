@@ -1,6 +1,7 @@
 """The ground-truth learning benchmark: does every backbone × method cover a distribution with K known modes?
 
-The data (`sqgan.data.modes`): K = 16 modes (4 shapes × 4 colours) at 32², 64 seeded images per mode. Each row
+The data (`sqgan.data.modes`): K = 16 modes (4 shapes × 4 colours) at 32² (FastGAN: 256², its smallest size), 64
+seeded images per mode. Each row
 trains with the plain loop (no Ray or MLflow), draws 1024 G_ema samples and reads their modes back from the pixels:
 modes covered of K (a mode counts when it holds a quarter of its uniform share of the clean samples), KL of the
 generated mode histogram from uniform, and the share of samples that are a clean mode. The target: ≥ 14 of 16
@@ -42,12 +43,19 @@ METHODS = {
 # shipped lr_g 2e-4 / lr_d 8e-4 and DiffAugment colour + translation — at half the rates 16 modes reach 10/16 in 3000
 # steps, and cutout's 16 × 16 hole can cover most of a 32² image's one shape, benchmarks/results/learning.md;
 # StyleGAN2: stylegan2-ada's lr 0.0025, betas (0, 0.99)); the step counts are what the table states
+# (BigGAN: the CIFAR launch script's rates, unconditional here; FastGAN: the official lr 2e-4, betas (0.5, 0.999),
+# batch 8, at its smallest size, 256², with 16 channels where the official has 64)
 ARCHS = {
     "dcgan": (["model.g_channels=64", "model.d_channels=64"], 3000),
     "sngan": (["model.g_channels=64", "model.d_channels=64"], 3000),
     "stylegan2": (["model.channel_base=2048", "model.channel_max=128", "model.mapping_layers=2",
                    "train.lr_g=0.0025", "train.lr_d=0.0025", "train.beta1=0", "train.beta2=0.99"], 1000),
+    "biggan": (["model.g_channels=32", "model.d_channels=32", "train.lr_g=2e-4", "train.lr_d=2e-4",
+                "train.beta1=0", "train.beta2=0.999"], 3000),
+    "fastgan": (["model.resolution=256", "model.g_channels=16", "model.d_channels=16", "train.batch_size=8",
+                 "train.lr_g=2e-4", "train.lr_d=2e-4"], 1000),
 }
+RESOLUTION = {"fastgan": 256}  # the modes data at the backbone's size (default 32²)
 TARGET = {"covered": 14 / 16, "kl": 0.3, "clean": 0.8}
 
 
@@ -68,8 +76,14 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sqgan-modes-"))
-    full = build_modes(work / "modes", resolution=32, shapes=4, colours=4, per_mode=64)
-    shots = build_modes(work / "modes-16shot", resolution=32, shapes=4, colours=4, per_mode=1)
+    made: dict[tuple[int, int], Path] = {}
+
+    def modes_data(resolution: int, per_mode: int) -> Path:  # built once per size, seeded
+        if (resolution, per_mode) not in made:
+            made[resolution, per_mode] = build_modes(work / f"modes-{resolution}-{per_mode}", resolution=resolution,
+                                                     shapes=4, colours=4, per_mode=per_mode)
+        return made[resolution, per_mode]
+
     print("| arch | method | steps | modes covered | KL(p‖uniform) | clean | pixel div. | s | target | missing |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ok = True
@@ -78,7 +92,7 @@ def main() -> int:
             sets, steps = ARCHS[arch]
             steps = args.steps or steps
             for method in args.only or list(METHODS):
-                data = shots if method.startswith("mixdl") else full
+                data = modes_data(RESOLUTION.get(arch, 32), 1 if method.startswith("mixdl") else 64)
                 params = default_params([f"model.arch={arch}", f"train.steps={steps}", "metrics.eval_every=0",
                                          "metrics.names=[fid]", "metrics.num_fake=64", "metrics.diversity_every=0",
                                          f"train.checkpoint_every={steps}", *sets, *METHODS[method], *args.set])
