@@ -390,7 +390,10 @@ class TrainParams(Section):
     pl_weight: float = Field(0.0, ge=0.0, le=1e4, description="StyleGAN2 path-length regularisation weight "
                                                               "(2 in the paper; 0 = off)")
     pl_every: int = Field(4, ge=1, le=10000, description="steps between path-length terms (lazy)")
-    amp: bool = Field(False, description="bf16 autocast of G and D on GPU (ignored on CPU)")
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "off", description="mixed precision of every G and D pass (torch.autocast on the run's device): bf16 (CPU or "
+                           "GPU), fp16 (GPU only, losses scaled by a GradScaler per optimiser); off = float32. The "
+                           "quantizers' EMA statistics and codebooks stay float32 either way")
     g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="G_ema decay (ramped: min(decay, (1+t)/(10+t)))")
     max_abs_logit: float = Field(
         1e4, ge=0.0, description="stop the run as diverged when a logged window mean of D's logits or an adversarial "
@@ -418,6 +421,12 @@ class TrainParams(Section):
     @classmethod
     def _bool_spellings(cls, v: Any) -> Any:
         return gpu_spelling(v)
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _amp_bools(cls, v: Any) -> Any:  # the field was a bool (true meant bf16 autocast)
+        return {True: "bf16", False: "off", "true": "bf16", "false": "off"}.get(v, v) if isinstance(v, bool | str) \
+            else v
 
 
 # -------------------------------------------------------------------------------------- metrics

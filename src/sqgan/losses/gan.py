@@ -66,6 +66,15 @@ def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
     return alpha * min(1.0, step / warmup_steps)
 
 
+def amp_dtype(params: Params, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of train.amp on `device` (None: float32); fp16 off a GPU is an error naming bf16."""
+    amp = params.train.amp
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"train.amp fp16 needs a GPU (its loss scaling is for CUDA's float16) and this run is on "
+                         f"{device.type}; on a CPU use train.amp=bf16, or off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
 class GANLoss:
     """The phases of a step for G and D (possibly DDP-wrapped) under `params`."""
 
@@ -87,8 +96,9 @@ class GANLoss:
             mp = params.metrics
             self.recon_lpips = LPIPSNet(mp.lpips_backbone, mp.lpips_weights).net.to(device)
         self.pl_mean = torch.zeros((), device=device)
-        amp = params.train.amp and device.type == "cuda"
-        self._autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        dtype = amp_dtype(params, device)
+        self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None \
+            else contextlib.nullcontext
 
     # ------------------------------------------------------------------------------------ helpers
     def _z(self, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -142,7 +142,7 @@ class MappingMLP(nn.Module):
         w = (z if self.skip is None else z @ self.skip.t()) + self.residual(z)
         if update_w_avg:
             with torch.no_grad():
-                self.w_avg.copy_(w.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
+                self.w_avg.copy_(w.detach().float().mean(0).lerp(self.w_avg, self.w_avg_beta))
         return w
 
 

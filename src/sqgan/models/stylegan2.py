@@ -246,7 +246,7 @@ class MappingNetwork(nn.Module):
             x = getattr(self, f"fc{idx}")(x)
         if update_w_avg:
             with torch.no_grad():
-                self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+                self.w_avg.copy_(x.detach().float().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))  # f32 (amp)
         return x
 
 

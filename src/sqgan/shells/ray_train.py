@@ -632,4 +632,7 @@ def check_environment(params: Params, project_dir: str | Path) -> tuple[bool, st
     check_tracking(tracking_uri)
     available, where = available_resources(params)
     use_gpu = check_resources(params, available, where, node_resources() if params.ray.address else None)
+    if params.train.amp == "fp16" and not use_gpu:
+        raise RuntimeError(f"train.amp fp16 needs GPUs (its loss scaling is for CUDA's float16) and this run trains on "
+                           f"CPUs ({where}); use --set train.amp=bf16 (CPU or GPU) or off")
     return use_gpu, storage, tracking_uri

@@ -42,7 +42,7 @@ from sqgan.data.dataset import ManifestDataset, check_class_labels
 from sqgan.data.diffaugment import diff_augment
 from sqgan.data.embeddings import ClipFeatures
 from sqgan.io import atomic_path, mark_output, write_json_atomic
-from sqgan.losses.gan import GANLoss, Phase, alpha_at, unwrap
+from sqgan.losses.gan import GANLoss, Phase, alpha_at, amp_dtype, unwrap
 from sqgan.losses.mixdl import MixDLHeads
 from sqgan.metrics.codebook import perplexity, utilisation
 from sqgan.metrics.collapse import collapse_stats, mean_pairwise_rms
@@ -353,6 +353,7 @@ class TrainState:
     loss: GANLoss
     ada: Any  # sqgan.data.ada.AdaController | None
     heads: nn.Module | None = None  # D's MixDL heads (mixdl.enabled), trained by opt_d
+    scalers: dict[str, torch.amp.GradScaler] | None = None  # train.amp fp16: one loss scaler per optimiser (g, d)
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged window (kept across a resume)
 
@@ -403,6 +404,8 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size * tp.d_steps,
                             speed_img=a.speed_kimg * 1000, p=a.p_init)
     state = TrainState(G, D, G_ema, opt_g, opt_d, None, ada, heads)  # type: ignore[arg-type]
+    if amp_dtype(params, device) == torch.float16:  # bf16 has float32's range: no loss scaling
+        state.scalers = {"g": torch.amp.GradScaler(device.type), "d": torch.amp.GradScaler(device.type)}
     pl_mean = None
     if resume is not None:
         ckpt = load_checkpoint(resume)
@@ -419,6 +422,9 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
             heads.load_state_dict(ckpt["mixdl_heads"])
         if ada is not None and ckpt.get("ada") is not None:
             ada.load_state_dict(ckpt["ada"])
+        if state.scalers is not None and ckpt.get("scalers") is not None:
+            for k, scaler in state.scalers.items():
+                scaler.load_state_dict(ckpt["scalers"][k])
         pl_mean = ckpt.get("pl_mean")
         _set_rng_state(ckpt["rng"])
         state.metrics = dict(ckpt.get("metrics", {}))  # kept when no step is left to run
@@ -443,6 +449,7 @@ def checkpoint_state(state: TrainState, params: Params) -> dict[str, Any]:
         "opt_d": state.opt_d.state_dict(),
         "ada": state.ada.state_dict() if state.ada is not None else None,
         "mixdl_heads": state.heads.state_dict() if state.heads is not None else None,
+        "scalers": {k: v.state_dict() for k, v in state.scalers.items()} if state.scalers is not None else None,
         "pl_mean": state.loss.pl_mean.detach().cpu(),
         "rng": _rng_state(),
         "params": params.model_dump(mode="json"),
@@ -450,13 +457,20 @@ def checkpoint_state(state: TrainState, params: Params) -> dict[str, Any]:
     }
 
 
-def _apply(phase: Phase | None, opt: torch.optim.Optimizer, world_size: int = 1) -> Phase | None:
+def _apply(phase: Phase | None, opt: torch.optim.Optimizer, world_size: int = 1,
+           scaler: torch.amp.GradScaler | None = None) -> Phase | None:
+    """Backward and step of one phase; with `scaler` (train.amp fp16) the loss is scaled, the step skipped when a
+    gradient is not finite, and the scale adapted."""
     if phase is not None:
         opt.zero_grad(set_to_none=True)
-        phase.loss.backward()
+        (phase.loss if scaler is None else scaler.scale(phase.loss)).backward()
         if world_size > 1 and phase.sync:
             all_reduce_grads(phase.sync, world_size)
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
     return phase
 
 
@@ -485,17 +499,18 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
     gen = step_generator(tp.seed, step, rt.rank, device)
     loss = state.loss
     ws = rt.world_size
+    sg, sd = (state.scalers["g"], state.scalers["d"]) if state.scalers is not None else (None, None)
     d_mains = []
     for j in range(tp.d_steps):  # BigGAN's num_D_steps: each D step on its own reals (the batches of sub-step
         # step·d_steps + j, so every image still comes once per epoch), its fakes drawn from the step's generator
         idx = batch_indices(step * tp.d_steps + j, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
         real = dataset.batch(idx).to(device)
         labels = dataset.labels[idx].to(device) if params.model.conditional else None  # the same images' classes
-        d_mains.append(_apply(loss.d_main(real, gen, step, labels), state.opt_d, ws))
-    d_regs = [_apply(loss.d_r1(real, gen, step, labels), state.opt_d), _apply(loss.d_qcr(real, gen, step),
-                                                                            state.opt_d)]
-    g_main = _apply(loss.g_main(gen, step), state.opt_g, ws)
-    g_reg = _apply(loss.g_pl(gen, step), state.opt_g)
+        d_mains.append(_apply(loss.d_main(real, gen, step, labels), state.opt_d, ws, sd))
+    d_regs = [_apply(loss.d_r1(real, gen, step, labels), state.opt_d, scaler=sd),
+              _apply(loss.d_qcr(real, gen, step), state.opt_d, scaler=sd)]
+    g_main = _apply(loss.g_main(gen, step), state.opt_g, ws, sg)
+    g_reg = _apply(loss.g_pl(gen, step), state.opt_g, scaler=sg)
 
     # G_ema, its decay ramped up over the first steps so a short run's G_ema is not its init
     beta = ema_beta(step, tp.g_ema_decay)
