@@ -179,6 +179,9 @@ class SelfFilterParams(Section):
 class DataParams(Section):
     dataset: str = Field("demo", min_length=1, description="curated dataset to train on: folder name under data.root")
     root: str = Field("data", min_length=1, description="folder that holds the curated datasets")
+    mirror: bool = Field(False, description="training sees every image also flipped left-right (stylegan2-ada's "
+                                            "--mirror: an epoch is 2N samples); metrics compare with the images as "
+                                            "they are")
     cache: str = Field(".cache/features", min_length=1, description="features cache (keyed by image sha256)")
     demo: DemoDataParams = Field(default_factory=DemoDataParams, description="the offline demo dataset")
     curate: CurateParams = Field(default_factory=CurateParams, description="curation (also used by metfaces, ffhq2k5)")
@@ -377,6 +380,9 @@ class TrainParams(Section):
     ortho_reg: float = Field(0.0, ge=0.0, le=1.0, description="BigGAN's orthogonal regularisation β of G's weights "
                                                               "(its G_ortho; 1e-4 at ImageNet, 0 on CIFAR)")
     batch_size: int = Field(32, ge=1, le=4096, description="images per step per worker")
+    data_on_device_gib: float = Field(4.0, ge=0.0, description="on a GPU, the uint8 training images are copied to it "
+                                                               "once when they take at most this many GiB, and each "
+                                                               "batch is gathered there (0 = always from host memory)")
     lr_g: float = Field(2e-4, gt=0.0, le=1.0, description="Adam learning rate of G (TTUR: below lr_d)")
     lr_d: float = Field(8e-4, gt=0.0, le=1.0, description="Adam learning rate of D")
     beta1: float = Field(0.5, ge=0.0, lt=1.0, description="Adam β1")

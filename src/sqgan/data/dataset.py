@@ -13,10 +13,15 @@ from sqgan.data.manifest import read_manifest
 
 
 class ManifestDataset(Dataset):
-    """Images of one split of a curated dataset as float tensors in [-1, 1], [3, R, R]."""
+    """Images of one split of a curated dataset as float tensors in [-1, 1], [3, R, R]. With `mirror` (stylegan2-ada's
+    --mirror) it holds 2N samples: index i < N is image i, index N + i is image i flipped left-right (`batch`,
+    `batch_labels`); `images` and `labels` stay the N images as decoded."""
 
-    def __init__(self, root: str | Path, resolution: int, split: str | None = "train") -> None:
+    def __init__(self, root: str | Path, resolution: int, split: str | None = "train", mirror: bool = False) -> None:
         self.root = Path(root)
+        self.mirror = mirror
+        self._gather: torch.Tensor | None = None  # a copy of images on the training device (`to_device`)
+        self._gather_labels: torch.Tensor | None = None
         df = read_manifest(self.root)
         if split is not None:
             df = df[df["split"] == split]
@@ -37,13 +42,44 @@ class ManifestDataset(Dataset):
         self.labels = torch.tensor(self.manifest["label"].to_numpy(dtype=np.int64)) if labelled else None
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.images.shape[0] * (2 if self.mirror else 1)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.images[i].float() / 127.5 - 1.0
+        return self.batch(torch.tensor([i]))[0].cpu()
+
+    def to_device(self, device: torch.device, max_bytes: int) -> bool:
+        """Keep a copy of the uint8 images (and labels) on `device` for `batch` when they take at most `max_bytes`
+        (a GPU: batches are then gathered there, no host copy per step); False (nothing done) on a CPU or when too
+        large."""
+        if device.type == "cpu" or self.images.numel() > max_bytes:
+            return False
+        self._gather = self.images.to(device)
+        self._gather_labels = self.labels.to(device) if self.labels is not None else None
+        return True
+
+    def _split(self, indices: torch.Tensor, on: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = indices.to(on)
+        if not self.mirror:
+            return idx, None
+        n = self.images.shape[0]
+        return idx % n, idx >= n
 
     def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.images[indices].float() / 127.5 - 1.0
+        """Samples `indices` (of len(self)) as float [B, 3, R, R] in [-1, 1], on the device `to_device` chose (else
+        the host)."""
+        src = self._gather if self._gather is not None else self.images
+        idx, flip = self._split(indices, src.device)
+        x = src[idx]
+        if flip is not None:
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.float() / 127.5 - 1.0
+
+    def batch_labels(self, indices: torch.Tensor) -> torch.Tensor:
+        """The classes of samples `indices` (a flipped image keeps its class); the dataset must have labels."""
+        if self.labels is None:
+            raise ValueError(f"{self.root}: the manifest has no 'label' column")
+        src = self._gather_labels if self._gather_labels is not None else self.labels
+        return src[self._split(indices, src.device)[0]]
 
 
 def check_class_labels(root: str | Path, labels: np.ndarray | torch.Tensor | None, num_classes: int) -> None:

@@ -504,8 +504,8 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
     for j in range(tp.d_steps):  # BigGAN's num_D_steps: each D step on its own reals (the batches of sub-step
         # step·d_steps + j, so every image still comes once per epoch), its fakes drawn from the step's generator
         idx = batch_indices(step * tp.d_steps + j, len(dataset), tp.batch_size, rt.world_size, rt.rank, tp.seed)
-        real = dataset.batch(idx).to(device)
-        labels = dataset.labels[idx].to(device) if params.model.conditional else None  # the same images' classes
+        real = dataset.batch(idx).to(device)  # gathered on the device when the images live there (no copy)
+        labels = dataset.batch_labels(idx).to(device) if params.model.conditional else None  # the same images
         d_mains.append(_apply(loss.d_main(real, gen, step, labels), state.opt_d, ws, sd))
     d_regs = [_apply(loss.d_r1(real, gen, step, labels), state.opt_d, scaler=sd),
               _apply(loss.d_qcr(real, gen, step), state.opt_d, scaler=sd)]
@@ -728,8 +728,9 @@ def train(
         sample_dir.mkdir(parents=True, exist_ok=True)
         mark_output(out_dir, "train")
 
-    dataset = ManifestDataset(data_dir, params.model.resolution, split="train")
+    dataset = ManifestDataset(data_dir, params.model.resolution, split="train", mirror=params.data.mirror)
     check_class_labels(data_dir, dataset.labels, num_classes(params))
+    dataset.to_device(device, int(params.train.data_on_device_gib * 2**30))
     state = setup(params, rt, resume)
     fixed_z = FixedLatents.make(params, device)
     diversity = Diversity(params, dataset, rt)

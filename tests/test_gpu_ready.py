@@ -1,14 +1,20 @@
-"""Mixed precision (issue 24): `train.amp` bf16 runs G and D under torch.autocast on the run's device (so on CPU
-here), the quantizers' statistics and codebooks stay float32, a short run stays near its float32 twin; fp16 is for
-GPUs only (a GradScaler per optimiser) and is refused on CPU before Ray, naming bf16."""
+"""GPU readiness, tested on CPU (issue 24). Mixed precision: `train.amp` bf16 runs G and D under torch.autocast on
+the run's device (so on CPU here), the quantizers' statistics and codebooks stay float32, a short run stays near its
+float32 twin; fp16 is for GPUs only (a GradScaler per optimiser) and is refused on CPU before Ray, naming bf16. Data:
+the uint8 images gathered on the training device when they fit (the "meta" device stands in for a GPU), and
+`data.mirror` (stylegan2-ada's x-flips: 2N samples)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
+from PIL import Image
 
 from sqgan.config import ConfigError, default_params
+from sqgan.data.dataset import ManifestDataset
+from sqgan.data.manifest import write_manifest
 from sqgan.losses.gan import Phase, amp_dtype
 from sqgan.train.loop import Hooks, Runtime, _apply, setup, train, train_step
 
@@ -103,3 +109,57 @@ def test_the_loss_scaler_scales_the_backward_and_unscales_the_step():
     before = scaled.detach().clone()
     _apply(Phase((scaled * float("inf")).sum(), {}), opt_b, scaler=scaler)
     assert torch.equal(scaled.detach(), before) and scaler.get_scale() == 512.0
+
+
+def _labelled(tmp_path, n: int = 3, side: int = 8):
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(root / f"images/{i}.png")
+        rows.append({"path": f"images/{i}.png", "width": side, "height": side, "source": "t", "source_id": str(i),
+                     "split": "train", "label": i % 2})
+    write_manifest(root, rows)
+    return root
+
+
+def test_mirror_doubles_the_samples_with_left_right_flips_that_keep_their_class(tmp_path):
+    root = _labelled(tmp_path)
+    plain, mirrored = ManifestDataset(root, 8), ManifestDataset(root, 8, mirror=True)
+    assert (len(plain), len(mirrored)) == (3, 6)
+    idx = torch.tensor([0, 1, 2, 3, 4, 5])
+    x = mirrored.batch(idx)
+    assert torch.equal(x[:3], plain.batch(idx[:3]))
+    assert torch.equal(x[3:], plain.batch(idx[:3]).flip(-1))  # N + i is image i flipped left-right
+    assert not torch.equal(x[3:], x[:3])
+    assert mirrored.batch_labels(idx).tolist() == [0, 1, 0, 0, 1, 0]
+    assert torch.equal(mirrored[4], plain[1].flip(-1))
+    assert mirrored.images.shape[0] == 3  # what metrics compare with: the images as they are
+
+
+def test_the_images_are_gathered_on_the_training_device_when_they_fit(tmp_path):
+    """"meta" stands in for a GPU: a batch comes out on the device the images were copied to, indices from the host;
+    over the bound, or on a CPU, nothing moves."""
+    root = _labelled(tmp_path)
+    ds = ManifestDataset(root, 8, mirror=True)
+    assert not ds.to_device(torch.device("cpu"), 2**30)
+    assert not ds.to_device(torch.device("meta"), ds.images.numel() - 1)  # 1 byte too few
+    assert ds.batch(torch.tensor([0, 4])).device.type == "cpu"
+    assert ds.to_device(torch.device("meta"), ds.images.numel())
+    assert ds.batch(torch.tensor([0, 4])).device.type == "meta"
+    assert ds.batch_labels(torch.tensor([1, 5])).device.type == "meta"
+    assert ds.images.device.type == "cpu"  # the host copy stays for metrics and the collapse watch
+
+
+def test_a_mirrored_conditional_run_trains(tmp_path):
+    """data.mirror through the loop: an epoch of 2N samples, a flipped sample's class read through batch_labels."""
+    from sqgan.data.demo import build_demo
+
+    data = build_demo(tmp_path / "data" / "demo", resolution=32, stride=128, lfw_faces=30, labels=True)
+    p = default_params(tiny_overrides(**{"data.mirror": "true", "model.conditional": "true", "model.num_classes": 2,
+                                         "train.steps": 12, "train.checkpoint_every": 12, "metrics.eval_every": 0,
+                                         "metrics.diversity_every": 0, "metrics.names": "[fid]",
+                                         "train.batch_size": 32}))
+    result = train(p, data, tmp_path / "run")
+    assert result.metrics and all(np.isfinite(v) for v in result.metrics.values())
