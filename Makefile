@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_PORT ?= 5000
 
-.PHONY: setup demo test ui bench bench-learning lint pipelines clean
+.PHONY: setup demo test ui bench bench-learning bench-gpu lint pipelines clean
 
 setup: $(STAMP)
 
@@ -48,7 +48,13 @@ bench: setup
 	$(BIN)/python benchmarks/metrics_pipeline.py
 	$(BIN)/python benchmarks/metrics_pipeline.py --inception --n 300 --rounds 2
 	$(BIN)/python benchmarks/truncation.py --resolution 32 --channel-base 2048 --channel-max 128 --sq --n-sample 256
+	$(BIN)/python benchmarks/gpu.py --quick --out benchmarks/results/gpu-quick
 	$(MAKE) bench-learning
+
+# The GPU benchmark at full size (StyleGAN2 256², batch 32; float32 / bf16 × plain / FQ + SQ / + QCR): run it the
+# moment a GPU is there; it writes benchmarks/results/gpu/gpu.json and gpu.md.
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu.py --out benchmarks/results/gpu
 
 # Does every backbone and method learn? The ground-truth mode benchmark (K = 16 known modes; exits 1 when a row misses
 # its target) and the learning ablation on the demo data (~1.5 h together on 2 CPU cores).

@@ -163,3 +163,23 @@ def test_a_mirrored_conditional_run_trains(tmp_path):
                                          "train.batch_size": 32}))
     result = train(p, data, tmp_path / "run")
     assert result.metrics and all(np.isfinite(v) for v in result.metrics.values())
+
+
+def test_the_gpu_benchmark_runs_quick_on_cpu_and_writes_every_row(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    got = {(row["method"], row["precision"]) for row in report["rows"]}
+    assert got == {(m, p) for m in ("plain", "fq+sq", "fq+sq+qcr/4") for p in ("float32", "bf16")}
+    assert all(row["sec_per_kimg"] > 0 and np.isfinite(row["sec_per_kimg"]) for row in report["rows"])
+    assert report["metric_pipeline"]["images_per_s"] > 0 and report["device"] == "cpu"
+    assert "train.compile" in report["not_measured"]["compile"]
+    table = (tmp_path / "gpu.md").read_text()
+    assert table.count("| fq+sq+qcr/4 |") == 2 and "sec/kimg" in table
