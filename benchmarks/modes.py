@@ -50,7 +50,7 @@ ARCHS = {
     "sngan": (["model.g_channels=64", "model.d_channels=64"], 3000),
     "stylegan2": (["model.channel_base=2048", "model.channel_max=128", "model.mapping_layers=2",
                    "train.lr_g=0.0025", "train.lr_d=0.0025", "train.beta1=0", "train.beta2=0.99"], 1000),
-    "biggan": (["model.g_channels=32", "model.d_channels=32", "train.lr_g=2e-4", "train.lr_d=2e-4",
+    "biggan": (["model.g_channels=16", "model.d_channels=16", "train.lr_g=2e-4", "train.lr_d=2e-4",
                 "train.beta1=0", "train.beta2=0.999"], 3000),
     "fastgan": (["model.resolution=256", "model.g_channels=16", "model.d_channels=16", "train.batch_size=8",
                  "train.lr_g=2e-4", "train.lr_d=2e-4"], 1000),
