@@ -1,16 +1,17 @@
-"""The GPU benchmark (issue 24), ready before a GPU is: StyleGAN2 training steps in float32 and bf16, plain / FQ + SQ /
-FQ + SQ + QCR every 4 steps, side by side (the loop's real `train_step`, interleaved in rounds); per row the median
-step time, sec/kimg, peak memory and, on a GPU, its utilisation (nvidia-smi); then the metric pipeline's images/s on
-Inception-sized inputs (299², torch-fidelity's Inception-v3 architecture, random weights: the speed does not depend
-on them). One JSON and one markdown table. It runs wherever torch runs: on a CPU `--quick` takes well under two
-minutes (tests/test_gpu_ready.py runs it).
+"""The GPU benchmark (issue 24), ready before a GPU is: StyleGAN2 training steps in float32, bf16 and bf16 with
+`train.compile`, plain / FQ + SQ / FQ + SQ + QCR every 4 steps, side by side (the loop's real `train_step`,
+interleaved in rounds, after warm-up steps that hold the compile); per row the median step time, sec/kimg, peak
+memory and, on a GPU, its utilisation (nvidia-smi); then the metric pipeline's images/s on Inception-sized inputs
+(299², torch-fidelity's Inception-v3 architecture, random weights: the speed does not depend on them). One JSON and
+one markdown table. It runs wherever torch runs: on a CPU `--quick` takes about two minutes, most of it compiling
+(tests/test_gpu_ready.py runs it).
 
     python benchmarks/gpu.py --out benchmarks/results/gpu                # StyleGAN2 256², batch 32 (a GPU)
     python benchmarks/gpu.py --quick --out /tmp/gpu-quick                 # 32², tiny widths: the CPU check
 
-Not measured here yet: `train.compile` (torch.compile) rows — sqgan has no such switch yet, the JSON says so — and
-1 vs 2 GPU workers under Ray Train (needs a machine with 2 GPUs; the JSON says when it has fewer). Numbers go in notes
-and benchmarks/results/, never into timed tests.
+With 2 or more GPUs it also runs `benchmarks/ray_overhead.py --device cuda --workers 2` (1 vs 2 GPU workers under
+Ray Train, DDP) and puts its rows in the JSON; with fewer the JSON says it was not measured. Numbers go in notes and
+benchmarks/results/, never into timed tests.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ METHODS = {
     "fq+sq": ["fq.enabled=true", "sq.enabled=true", "sq.lambda_qcr=0"],
     "fq+sq+qcr/4": ["fq.enabled=true", "sq.enabled=true", "sq.qcr_every=4"],
 }
-PRECISIONS = {"float32": ["train.amp=off"], "bf16": ["train.amp=bf16"]}
+PRECISIONS = {"float32": ["train.amp=off"], "bf16": ["train.amp=bf16"],
+              "bf16+compile": ["train.amp=bf16", "train.compile=true"]}
 FULL = {"resolution": 256, "batch": 32, "steps": 5, "rounds": 3, "metric_images": 1024,
         "sets": ["model.channel_base=16384", "model.channel_max=512"]}
 QUICK = {"resolution": 32, "batch": 4, "steps": 2, "rounds": 1, "metric_images": 16,
@@ -65,6 +67,17 @@ def metric_images_per_s(n: int, device: torch.device, batch: int = 64) -> float:
     return n / (time.perf_counter() - t)
 
 
+def ray_workers(out: Path) -> dict:
+    """1 vs 2 GPU workers under Ray Train: benchmarks/ray_overhead.py's plain, Ray ×1 and Ray ×2 rows on cuda."""
+    import json
+    import subprocess
+
+    path = out / "ray_workers.json"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("ray_overhead.py")), "--device", "cuda", "--workers",
+                    "2", "--trials", "0", "--json", str(path)], check=True, timeout=3600)
+    return json.loads(path.read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32², tiny widths, one round: the CPU check")
@@ -86,7 +99,8 @@ def main() -> int:
     for cfg, ts in times.items():
         method, precision = cfg.rsplit(" ", 1)
         step = statistics.median(ts)
-        rows.append({"method": method, "precision": precision, "compile": False, "ms_per_step": step * 1e3,
+        rows.append({"method": method, "precision": precision, "compile": "compile" in precision,
+                     "ms_per_step": step * 1e3,
                      "sec_per_kimg": step * 1000 / size["batch"], "steps_timed": len(ts)})
     ips = metric_images_per_s(size["metric_images"], device)
     report = {
@@ -95,9 +109,12 @@ def main() -> int:
         "quick": a.quick, "rows": rows, "peak_memory": peak_memory(device), "gpu_utilisation": util or "n/a",
         "metric_pipeline": {"network": "inception-v3 (random weights)", "input": "299² uint8",
                             "images": size["metric_images"], "images_per_s": ips},
-        "not_measured": {"compile": "train.compile does not exist yet (issue 24)",
-                         "ray_2_gpus": f"needs 2 GPUs; this machine has {torch.cuda.device_count()}"},
+        "not_measured": {},
     }
+    if torch.cuda.device_count() >= 2:
+        report["ray_1_vs_2_gpus"] = ray_workers(a.out)
+    else:
+        report["not_measured"]["ray_1_vs_2_gpus"] = f"needs 2 GPUs; this machine has {torch.cuda.device_count()}"
     a.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(a.out / "gpu.json", report)
     ref = {r["method"]: r["ms_per_step"] for r in rows if r["precision"] == "float32"}
@@ -111,7 +128,9 @@ def main() -> int:
                      f"{r['ms_per_step'] / ref[r['method']]:.3f} |")
     lines += ["", f"Metric pipeline: {ips:.1f} images/s (Inception-v3 features of 299² inputs, "
                   f"{size['metric_images']} images).",
-              "", *(f"Not measured: {k} — {v}." for k, v in report["not_measured"].items()), ""]
+              "", *(f"Not measured: {k} — {v}." for k, v in report["not_measured"].items()),
+              *(["Ray Train 1 vs 2 GPU workers: ray_workers.json (benchmarks/ray_overhead.py's rows)."]
+                if "ray_1_vs_2_gpus" in report else []), ""]
     with atomic_path(a.out / "gpu.md") as tmp:
         tmp.write_text("\n".join(lines))
     print("\n".join(lines))

@@ -165,6 +165,93 @@ def test_a_mirrored_conditional_run_trains(tmp_path):
     assert result.metrics and all(np.isfinite(v) for v in result.metrics.values())
 
 
+def _compiled_twins(arch: dict, **extra) -> tuple:
+    """The same params eager and with train.compile (identical initial weights: the seed draws them before any
+    compile), one training step each on the same data; returns (params, eager state, compiled state, their phases)."""
+    # learning rates of 1e-9: Adam's first step moves a weight by ±lr wherever its gradient is nonzero (near-zero
+    # gradients that differ in rounding would part the twins by 2·lr), so each phase of both sees the same weights
+    over = {**arch, "fq.enabled": "true", "sq.enabled": "true", "train.batch_size": 8, "train.r1_every": 1,
+            "train.r1_gamma": 1.0, "train.lr_g": 1e-9, "train.lr_d": 1e-9, **extra}
+    eager_p = default_params(tiny_overrides(**over))
+    compiled_p = default_params(tiny_overrides(**over, **{"train.compile": "true"}))
+    eager, compiled = setup(eager_p, Runtime()), setup(compiled_p, Runtime())
+    phases = []
+    for state, p in ((eager, eager_p), (compiled, compiled_p)):
+        torch.manual_seed(1)  # FQ's batch init draws its first codewords from the global generator
+        phases.append(train_step(state, p, _Data(side=p.model.resolution), Runtime()))
+    return eager_p, eager, compiled, phases
+
+
+@pytest.mark.parametrize("arch", [{"model.arch": "dcgan"}, {**SG2, "train.pl_weight": 2.0, "train.pl_every": 1}],
+                         ids=["dcgan", "stylegan2"])
+def test_a_compiled_step_equals_an_eager_step(arch):
+    """train.compile: G's synthesis and D's blocks compiled in place (dynamo made graphs of them); one step with
+    FQ + SQ, R1 (and StyleGAN2's path-length term: both double backwards, run eager) gives the eager step's losses
+    and weights to float32 rounding."""
+    import torch._dynamo.utils as dynamo_utils
+
+    graphs_before = dynamo_utils.counters["stats"]["unique_graphs"]
+    _, eager, compiled, (eager_phases, compiled_phases) = _compiled_twins(arch)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] > graphs_before  # something was compiled and ran
+    assert compiled.G.synthesis._compiled_call_impl is not None and eager.G.synthesis._compiled_call_impl is None
+    assert all(b._compiled_call_impl is not None for b in compiled.D.trunk.blocks)
+    assert compiled.G_ema.synthesis._compiled_call_impl is None  # G_ema (sampling, evaluation) stays eager
+    names = [sorted(ph.stats) for ph in eager_phases]
+    assert names == [sorted(ph.stats) for ph in compiled_phases] and ["loss/r1"] in names
+    if arch.get("model.arch") == "stylegan2":
+        assert ["g/pl_mean", "loss/pl"] in names
+    for a, b in zip(eager_phases, compiled_phases, strict=True):
+        for k in a.stats:
+            assert torch.allclose(a.stats[k], b.stats[k], rtol=1e-4, atol=1e-5), (k, a.stats[k], b.stats[k])
+    for net in ("G", "D"):  # the gradients each network's last phase left
+        ea, co = dict(getattr(eager, net).named_parameters()), dict(getattr(compiled, net).named_parameters())
+        assert ea.keys() == co.keys()
+        graded = [k for k in ea if ea[k].grad is not None]
+        assert graded and graded == [k for k in co if co[k].grad is not None]
+        for k in graded:
+            g_e, g_c = ea[k].grad, co[k].grad
+            assert torch.allclose(g_e, g_c, rtol=1e-3, atol=1e-4 * float(g_e.abs().max()) + 1e-9), (net, k)
+
+
+def test_checkpoints_of_compiled_networks_load_into_eager_ones_and_back(tmp_path):
+    """nn.Module.compile works in place: a compiled run's checkpoint has the eager keys (no `_orig_mod.`), resumes
+    into an eager run, and an eager checkpoint resumes into a compiled one; each gives the same images."""
+    from sqgan.train.checkpoint import save_checkpoint
+    from sqgan.train.loop import checkpoint_state
+
+    p, eager, compiled, _ = _compiled_twins({"model.arch": "dcgan"})
+    z = torch.randn(4, p.model.z_dim, generator=torch.Generator().manual_seed(1))
+    for src, dst_compile in ((compiled, "false"), (eager, "true")):
+        path = save_checkpoint(tmp_path / f"from_{dst_compile}.pt", checkpoint_state(src, p))
+        saved = torch.load(path, weights_only=True)
+        assert not any("_orig_mod" in k for net in ("G", "D", "G_ema") for k in saved[net])
+        p2 = default_params(tiny_overrides(**{"model.arch": "dcgan", "fq.enabled": "true", "sq.enabled": "true",
+                                              "train.batch_size": 8, "train.compile": dst_compile}))
+        dst = setup(p2, Runtime(), resume=path)
+        assert (dst.G.synthesis._compiled_call_impl is not None) == (dst_compile == "true")
+        with torch.no_grad():
+            for net in ("G", "G_ema"):
+                want = getattr(src, net).eval()(z, noise_mode="const").images
+                got = getattr(dst, net).eval()(z, noise_mode="const").images
+                assert torch.allclose(want, got, atol=1e-5), net
+
+
+def test_compile_on_a_torch_that_cannot_compile_is_one_clear_error_before_ray(tmp_path, monkeypatch):
+    """train.compile's preflight compiles a one-line function in a fresh interpreter: with no working C++ compiler
+    (CXX naming none) that is a RuntimeError naming train.compile=false, not a stack trace from the first step."""
+    from sqgan.shells.ray_train import check_environment
+
+    p = default_params(tiny_overrides(**{"train.compile": "true", "mlflow.tracking_uri":
+                                         f"sqlite:///{tmp_path / 'm.db'}", "ray.storage_path": str(tmp_path / "ray")}))
+    check_environment(p, tmp_path)  # this machine compiles
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(RuntimeError, match=r"train.compile: this torch cannot compile here \(.*C\+\+ compiler.*"
+                                           r"--set train.compile=false"):
+        check_environment(p, tmp_path)
+    off = {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "ray.storage_path": str(tmp_path / "ray")}
+    check_environment(default_params(tiny_overrides(**off)), tmp_path)  # compile off: no probe, no error
+
+
 def test_the_gpu_benchmark_runs_quick_on_cpu_and_writes_every_row(tmp_path):
     import json
     import subprocess
@@ -173,13 +260,14 @@ def test_the_gpu_benchmark_runs_quick_on_cpu_and_writes_every_row(tmp_path):
     from conftest import ROOT
 
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     got = {(row["method"], row["precision"]) for row in report["rows"]}
-    assert got == {(m, p) for m in ("plain", "fq+sq", "fq+sq+qcr/4") for p in ("float32", "bf16")}
+    assert got == {(m, p) for m in ("plain", "fq+sq", "fq+sq+qcr/4") for p in ("float32", "bf16", "bf16+compile")}
     assert all(row["sec_per_kimg"] > 0 and np.isfinite(row["sec_per_kimg"]) for row in report["rows"])
+    assert {row["precision"] for row in report["rows"] if row["compile"]} == {"bf16+compile"}
     assert report["metric_pipeline"]["images_per_s"] > 0 and report["device"] == "cpu"
-    assert "train.compile" in report["not_measured"]["compile"]
+    assert "needs 2 GPUs" in report["not_measured"]["ray_1_vs_2_gpus"]
     table = (tmp_path / "gpu.md").read_text()
-    assert table.count("| fq+sq+qcr/4 |") == 2 and "sec/kimg" in table
+    assert table.count("| fq+sq+qcr/4 |") == 3 and "sec/kimg" in table

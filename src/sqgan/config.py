@@ -400,6 +400,10 @@ class TrainParams(Section):
         "off", description="mixed precision of every G and D pass (torch.autocast on the run's device): bf16 (CPU or "
                            "GPU), fp16 (GPU only, losses scaled by a GradScaler per optimiser); off = float32. The "
                            "quantizers' EMA statistics and codebooks stay float32 either way")
+    compile: bool = Field(False, description="torch.compile G's synthesis and D's blocks and head in place (the "
+                                             "first steps compile them: minutes; checkpoints load into eager "
+                                             "networks and back; R1 and path-length terms run eager, being double "
+                                             "backwards); a torch build that cannot compile is refused before Ray")
     g_ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="G_ema decay (ramped: min(decay, (1+t)/(10+t)))")
     max_abs_logit: float = Field(
         1e4, ge=0.0, description="stop the run as diverged when a logged window mean of D's logits or an adversarial "

@@ -280,14 +280,17 @@ class SynthesisLayer(nn.Module):
         x = modulated_conv2d(x, self.weight, styles, demodulate=True, padding=self.padding, up=self.up,
                              resample_filter=self.resample_filter)
         if self.use_noise and noise_mode == "random":
-            # From `generator` (on x's device), so the images are a function of its seed.
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], generator=generator,
-                                device=x.device, dtype=x.dtype)
-            x = x + noise * self.noise_strength
+            x = x + draw_noise(x, self.resolution, generator) * self.noise_strength
         elif self.use_noise and noise_mode == "const":
             x = x + self.noise_const.to(x.dtype) * self.noise_strength
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act(x, self.bias, act="lrelu", gain=SQRT2 * gain, clamp=clamp)
+
+
+@torch.compiler.disable  # torch.compile cannot trace a draw from a torch.Generator: this one step stays eager
+def draw_noise(x: torch.Tensor, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A noise input [B, 1, R, R] from `generator` (on x's device), so the images are a function of its seed."""
+    return torch.randn([x.shape[0], 1, resolution, resolution], generator=generator, device=x.device, dtype=x.dtype)
 
 
 class ToRGBLayer(nn.Module):

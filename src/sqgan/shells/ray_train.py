@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -635,4 +637,36 @@ def check_environment(params: Params, project_dir: str | Path) -> tuple[bool, st
     if params.train.amp == "fp16" and not use_gpu:
         raise RuntimeError(f"train.amp fp16 needs GPUs (its loss scaling is for CUDA's float16) and this run trains on "
                            f"CPUs ({where}); use --set train.amp=bf16 (CPU or GPU) or off")
+    if params.train.compile:
+        check_compile(use_gpu)
     return use_gpu, storage, tracking_uri
+
+
+# what train.compile needs, tried in a fresh interpreter (its compiler settings and caches are the run's; the
+# driver's own dynamo state is left alone): Inductor compiles a small function for the CPU with a C++ compiler,
+# for GPUs with Triton
+_COMPILE_PROBE = '''
+import sys, torch
+if sys.argv[1] == "gpu":  # the driver need not have a GPU itself: that Triton imports is what can be tried here
+    import triton  # noqa: F401
+else:
+    torch.compile(lambda x: x * 2.0 + 1.0, dynamic=False)(torch.ones(3))
+'''
+
+
+def check_compile(use_gpu: bool) -> None:
+    """train.compile's preflight, before Ray starts: a torch build (or machine) that cannot compile is one clear
+    error naming the fix, not a stack trace from the first training step."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, "gpu" if use_gpu else "cpu"], capture_output=True,
+                              text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("train.compile: torch.compile did not compile a one-line function in 10 minutes; set "
+                           "--set train.compile=false") from None
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln] or done.stderr.splitlines()
+        why = lines[-1].strip() if lines else f"exit status {done.returncode}"
+        needs = "Triton (pip install triton, as the CUDA torch wheels bring)" if use_gpu else \
+            "a working C++ compiler (g++ or clang, or $CXX naming one)"
+        raise RuntimeError(f"train.compile: this torch cannot compile here ({why}); it needs {needs}. Install it, "
+                           f"or train eagerly with --set train.compile=false")

@@ -379,6 +379,23 @@ def set_optimiser_settings(params: Params, opt_g: torch.optim.Optimizer, opt_d: 
             group["lr"], group["betas"] = lr * ratio, (tp.beta1**ratio, tp.beta2**ratio)
 
 
+def compile_networks(G: nn.Module, D: nn.Module) -> list[str]:
+    """train.compile: torch.compile, in place (nn.Module.compile, so state_dict keys and checkpoints are those of the
+    eager networks), of G's synthesis and of each block and the head of D's trunk; G's mapping network and every
+    quantizer stay eager (small, with data-dependent EMA updates). Returns the compiled modules' names."""
+    named = [("G.synthesis", G.synthesis)]
+    trunk = D.trunk
+    named += [(f"D.trunk.blocks.{i}", b) for i, b in enumerate(trunk.blocks)]
+    if isinstance(getattr(trunk, "head", None), nn.Module):
+        named.append(("D.trunk.head", trunk.head))
+    # one graph per block and per input shape (the main batch, QCR's): more than dynamo's default 8 recompiles of one
+    # block class's forward
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for _, m in named:
+        m.compile(dynamic=False)  # shapes vary by phase (batch, R1, QCR): one graph each, not symbolic sizes
+    return [n for n, _ in named]
+
+
 def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> TrainState:
     """Build G, D, G_ema, the optimisers, the loss and ADA; load the checkpoint `resume` when given; wrap in DDP."""
     tp, device = params.train, rt.device
@@ -403,6 +420,8 @@ def setup(params: Params, rt: Runtime, resume: str | Path | None = None) -> Trai
         a = params.ada
         ada = AdaController(target=a.target, interval=a.interval, batch_size=tp.batch_size * rt.world_size * tp.d_steps,
                             speed_img=a.speed_kimg * 1000, p=a.p_init)
+    if tp.compile:  # after G_ema's copy: G_ema (sampling, evaluation) stays eager
+        compile_networks(G, D)
     state = TrainState(G, D, G_ema, opt_g, opt_d, None, ada, heads)  # type: ignore[arg-type]
     if amp_dtype(params, device) == torch.float16:  # bf16 has float32's range: no loss scaling
         state.scalers = {"g": torch.amp.GradScaler(device.type), "d": torch.amp.GradScaler(device.type)}
@@ -507,10 +526,12 @@ def train_step(state: TrainState, params: Params, dataset: ManifestDataset, rt: 
         real = dataset.batch(idx).to(device)  # gathered on the device when the images live there (no copy)
         labels = dataset.batch_labels(idx).to(device) if params.model.conditional else None  # the same images
         d_mains.append(_apply(loss.d_main(real, gen, step, labels), state.opt_d, ws, sd))
-    d_regs = [_apply(loss.d_r1(real, gen, step, labels), state.opt_d, scaler=sd),
-              _apply(loss.d_qcr(real, gen, step), state.opt_d, scaler=sd)]
+    with torch.compiler.set_stance("force_eager"):  # R1's gradient penalty is a double backward: eager (compile)
+        d_r1 = _apply(loss.d_r1(real, gen, step, labels), state.opt_d, scaler=sd)
+    d_regs = [d_r1, _apply(loss.d_qcr(real, gen, step), state.opt_d, scaler=sd)]
     g_main = _apply(loss.g_main(gen, step), state.opt_g, ws, sg)
-    g_reg = _apply(loss.g_pl(gen, step), state.opt_g, scaler=sg)
+    with torch.compiler.set_stance("force_eager"):  # the path-length term too
+        g_reg = _apply(loss.g_pl(gen, step), state.opt_g, scaler=sg)
 
     # G_ema, its decay ramped up over the first steps so a short run's G_ema is not its init
     beta = ema_beta(step, tp.g_ema_decay)
