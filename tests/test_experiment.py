@@ -19,6 +19,8 @@ from typer.testing import CliRunner
 
 from sqgan.cli import app
 from sqgan.commands.experiment import (
+    evaluate_cells,
+    evaluation_cells,
     experiment_files,
     load_experiment,
     resolve_cells,
@@ -115,6 +117,28 @@ def test_cells_with_the_same_params_train_once_and_show_twice():
     assert len(sweep_params(default_params(), exp, path, "demo").tune.cells) == 2
     base, cells = resolve_cells(default_params(), exp, path, "paper")
     assert same_runs(base, cells) == {}  # the paper's columns differ: data and num_classes
+
+
+def test_cells_that_differ_only_in_evaluation_params_train_once():
+    """The elbow study's rows differ in sample.centres alone: one training, the other rows evaluate it; a cell that
+    changes a training param (here model.z_dim) is trained."""
+    path = SHIPPED["selfdistilled-elbow"]
+    exp = load_experiment(path)
+    for scale in ("demo", "paper"):
+        base, cells = resolve_cells(default_params(), exp, path, scale)
+        assert evaluation_cells(base, cells) == {"N=32 @ self-filtered": "N=16 @ self-filtered",
+                                                 "N=64 @ self-filtered": "N=16 @ self-filtered",
+                                                 "N=128 @ self-filtered": "N=16 @ self-filtered"}
+        assert list(sweep_params(default_params(), exp, path, scale).tune.cells) == ["N=16 @ self-filtered"]
+    base = default_params()
+    cells = {"a": {"sample.psi": 0.5}, "b": {"sample.psi": 0.7, "metrics.truncation": "global"},
+             "c": {"sample.psi": 0.5, "model.z_dim": 64}, "d": {"sample.psi": 0.5}}
+    assert evaluation_cells(base, cells) == {"b": "a"}  # d is a's twin (same_runs), c trains
+    from sqgan.commands.experiment import show_experiment
+
+    shown = show_experiment("selfdistilled-elbow", ROOT / "experiments")
+    assert "demo scale: 4 cells × 1 seeds = 1 trainings and 3 evaluations of trained cells" in shown
+    assert same_runs(base, cells) == {"d": "a"}
 
 
 @pytest.mark.parametrize(("change", "words"), [
@@ -270,6 +294,53 @@ def test_a_small_experiment_runs_under_ray_and_mlflow_and_its_table_equals_the_r
     assert (again / "table.csv").read_text() == first
     assert "NOT comparable to the paper" in (again / "table.md").read_text()
     assert json.loads((again / "table.json").read_text())["FQ"]["demo"]["fid"]["paper"] == 1.5
+
+
+@pytest.mark.ray
+def test_an_evaluation_only_cell_evaluates_the_trained_cells_g_with_its_own_values(demo_dir, tmp_path):
+    """Rows N=2 and N=8 KMeans centres of multimodal truncation: one training (N=2), then `sqgan eval` of its
+    checkpoint with N=8 in a run nested under the experiment, tagged as that cell; more centres fit the same w
+    closer (lower inertia), the table shows each run's values, and a second pass adds nothing."""
+    from mlflow.tracking import MlflowClient
+
+    scale = {**TINY_SCALE, "sample": {"fit_samples": 300}}
+    path = tiny_experiment(
+        tmp_path, name="elbow", params={"model": {"arch": "dcgan"}, "sq": {"enabled": True}, "fq": {"enabled": False},
+                                        "metrics": {"truncation": "multimodal"},
+                                        "sample": {"psi": 0.5, "assign": "l2"}},
+        rows={"N=2": {"sample": {"centres": 2}}, "N=8": {"sample": {"centres": 8}}},
+        metrics=["fid", {"name": "inertia", "key": "truncation/kmeans_inertia", "mode": "min"}],
+        paper=[], paper_numbers="a test fixture",
+        scales={"demo": {"seeds": [0], "params": scale}, "paper": {"seeds": [0]}})
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "sqgan.cli", "experiment", "run", str(path), "--out", str(out), "--no-params-file",
+           *infra(tmp_path, demo_dir)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "cell 'N=8 @ demo' seed 0: evaluated" in r.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = json.loads((out / "sweep.json").read_text())["parent_run_id"]
+    runs = {json.loads(x.data.tags["sqgan.trial_values"])["cell"]: x for x in _children(client, parent_id)}
+    assert sorted(runs) == ["N=2 @ demo", "N=8 @ demo"]
+    trained, evaluated = runs["N=2 @ demo"], runs["N=8 @ demo"]
+    assert evaluated.data.tags["sqgan.eval.of_run"] == trained.info.run_id
+    assert evaluated.data.tags["sqgan.stage"] == "eval" and "sqgan.eval.of_run" not in trained.data.tags
+    assert (trained.data.params["sample.centres"], evaluated.data.params["sample.centres"]) == ("2", "8")
+    inertia = "truncation/kmeans_inertia"
+    assert 0 < evaluated.data.metrics[inertia] < trained.data.metrics[inertia]
+    provenance = json.loads(evaluated.data.tags["sqgan.metric.fid40_train_randcnn"])
+    assert provenance["truncation"]["centres"] == 8 and provenance["truncation"]["psi"] == 0.5
+    table = {(row["row"], row["metric"]): row for row in csv.DictReader((out / "table" / "table.csv").open())}
+    for row, run in (("N=2", trained), ("N=8", evaluated)):
+        assert float(table[row, "inertia"]["mean"]) == pytest.approx(run.data.metrics[inertia], rel=1e-12)
+        assert float(table[row, "fid"]["mean"]) == pytest.approx(run.data.metrics["fid40_train_randcnn"], rel=1e-12)
+        assert table[row, "fid"]["n"] == "1"
+    params = default_params(["mlflow.tracking_uri=" + uri, f"data.root={demo_dir.parent}",
+                             f"data.dataset={demo_dir.name}"])
+    assert evaluate_cells(params, uri, parent_id, tmp_path) == []  # what --resume runs: nothing is missing
+    assert len(_children(client, parent_id)) == 2
 
 
 def test_the_dvc_experiment_stage_names_every_shipped_file_at_both_scales():

@@ -77,6 +77,7 @@ STOPPED_AT_STEP = "sqgan.stopped_at_step"
 # commands
 EVAL_CHECKPOINT = "sqgan.eval.checkpoint"
 EVAL_LAST_CHECKPOINT = "sqgan.eval.last_checkpoint"
+EVALUATED_RUN = "sqgan.eval.of_run"  # an experiment's evaluation-only cell: the trained run it evaluated
 SAMPLE_LAST_OUT = "sqgan.sample.last_out"
 SAMPLE_LAST_CHECKPOINT = "sqgan.sample.last_checkpoint"
 PRIOR_L_OT_FINAL = "sqgan.prior.l_ot_final"

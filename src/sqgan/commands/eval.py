@@ -58,8 +58,12 @@ def run_eval(
     out: str | Path | None = None,
     project_dir: str | Path = ".",
     progress: bool = True,
+    new_run_tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
 ) -> EvalResult:
-    """Evaluate the checkpoint (or run) with `params`' eval and metrics sections; log and write the results."""
+    """Evaluate the checkpoint (or run) with `params`' eval and metrics sections; log and write the results.
+    `new_run_tags` and `parent_run_id` go to the run created for a checkpoint that belongs to none (an experiment's
+    evaluation-only cell: nested under the experiment's parent run, tagged as its cell)."""
     if (checkpoint is None) == (run_id is None):
         raise ValueError("pass exactly one of --run RUN_ID and --checkpoint PATH")
     check_metric_names(params.eval.metrics, "eval.metrics")
@@ -96,9 +100,11 @@ def run_eval(
         if new_run:
             uri = resolve_tracking_uri(params, project_dir)
             check_tracking(uri)
-            logged = trained.model_copy(update={"mlflow": params.mlflow, "metrics": mp, "eval": ep})
-            uri, new_id = start_run(logged, data, project_dir, tags={STAGE: STAGE_EVAL,
-                                                                     EVAL_CHECKPOINT: str(ckpt)})
+            logged = trained.model_copy(update={"mlflow": params.mlflow, "metrics": mp, "eval": ep,
+                                                "sample": params.sample})  # the truncation evaluated
+            uri, new_id = start_run(logged, data, project_dir, tags={STAGE: STAGE_EVAL, EVAL_CHECKPOINT: str(ckpt),
+                                                                     **(new_run_tags or {})},
+                                    parent_run_id=parent_run_id)
             target = (uri, new_id)
         logger = MlflowLogger(*target, skip_logged=True)  # an identical re-evaluation adds no second point
         logger.log_metrics(ev.metrics, step)

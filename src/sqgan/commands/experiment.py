@@ -44,6 +44,8 @@ from sqgan.shells import tune as sweeps
 from sqgan.shells.tracking import child_runs, mlflow_client, open_existing, resolve_tracking_uri, search_all
 from sqgan.shells.tune import CELL
 from sqgan.tags import (
+    DATA_DIR,
+    EVALUATED_RUN,
     EXPERIMENT,
     EXPERIMENT_SCALE,
     EXPERIMENT_SHA256,
@@ -249,6 +251,34 @@ def same_runs(base: Params, cells: dict[str, dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+# params that change what an evaluation measures and not what training makes: cells that differ only in them share
+# one training (per seed), and each is its trained G evaluated with its own values (`sqgan eval`)
+EVAL_ONLY_KEYS = ("sample.", "metrics.truncation")
+
+
+def _training_params(p: Params) -> str:
+    flat = {k: v for k, v in p.flat().items() if not k.startswith(EVAL_ONLY_KEYS)}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def evaluation_cells(base: Params, cells: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """cell → the earlier cell whose params differ from it only in EVAL_ONLY_KEYS (the elbow study's N centres, a
+    ψ grid): such a cell is not trained; the other cell's trained G is evaluated with its values. Cells with the same
+    params altogether are `same_runs`' and not listed here."""
+    same = same_runs(base, cells)
+    seen: dict[str, str] = {}
+    out = {}
+    for name, values in cells.items():
+        if name in same:
+            continue
+        trained = _training_params(base.override(values))
+        if trained in seen:
+            out[name] = seen[trained]
+        else:
+            seen[trained] = name
+    return out
+
+
 def cell_metric_keys(exp: Experiment, base: Params, cells: dict[str, dict[str, Any]], path: Path) -> dict[str, str]:
     """metric_keys of the cells, which must agree (one column per metric in the table)."""
     found: dict[str, str] | None = None
@@ -317,7 +347,8 @@ def sweep_params(params: Params, exp: Experiment, path: Path, scale: Scale) -> P
     """The sweep that runs the experiment: the cells as tune.cells, seeds as the only axis, FIFO (a table needs every
     cell to the end), ranked on the first metric."""
     base, cells = resolve_cells(params, exp, path, scale)
-    cells = {c: v for c, v in cells.items() if c not in same_runs(base, cells)}
+    skip = {**same_runs(base, cells), **evaluation_cells(base, cells)}
+    cells = {c: v for c, v in cells.items() if c not in skip}
     first = exp.metrics[0]
     ranked = first.key or first.name
     metric = ranked if ranked not in METRICS or ranked in ("fid", "kid") else \
@@ -340,6 +371,7 @@ def run_experiment(params: Params, name: str, scale: Scale = "demo", out: Path |
     out = Path(out or f"runs/experiments/{exp.name}-{scale}")
     if resume:
         sweep = sweeps.resume_sweep(out)
+        evaluate_cells(params, sweep.tracking_uri, sweep.parent_run_id, project_dir)
         return sweep.tracking_uri, sweep.parent_run_id, sweep.sweep_dir
     sp = sweep_params(params, exp, path, scale)
     sweeps.check_sweep(sp)
@@ -354,6 +386,7 @@ def run_experiment(params: Params, name: str, scale: Scale = "demo", out: Path |
     text = Path(path).read_text()
     keys = {"cells": {c: list(rc) for c, rc in exp.cells().items()},
             "same_as": same_runs(*resolve_cells(params, exp, path, scale)),
+            "evaluates": evaluation_cells(*resolve_cells(params, exp, path, scale)),
             "curve_key": interim_key(sp, metric_keys(exp, sp)[exp.curve]) if exp.curve else None,
             "metrics": cell_metric_keys(exp, sp, sp.tune.cells, path),
             "scale": scale, "datasets": names}
@@ -362,7 +395,55 @@ def run_experiment(params: Params, name: str, scale: Scale = "demo", out: Path |
     data_dir = Path(sp.data.root) / sp.tune.cells[next(iter(sp.tune.cells))].get("data.dataset", sp.data.dataset)
     sweep = sweeps.run_sweep(sp, data_dir, out, project_dir=project_dir, force=force, tags=tags,
                              files={FILE_ARTIFACT: text, KEYS_ARTIFACT: json.dumps(keys, indent=1)})
+    evaluate_cells(params, sweep.tracking_uri, sweep.parent_run_id, project_dir)
     return sweep.tracking_uri, sweep.parent_run_id, sweep.sweep_dir
+
+
+def evaluate_cells(params: Params, tracking_uri: str, parent_id: str, project_dir: Path = Path(".")) -> list[str]:
+    """The evaluation-only cells (`evaluation_cells`), after the sweep: for each seed whose trained cell completed
+    and that has no evaluation of this cell yet (so a resumed experiment adds only what is missing), its latest
+    checkpoint evaluated by `sqgan eval` with the cell's params — the metrics its training would have logged
+    (metrics.names on metrics.num_fake images) — in a run nested under the experiment's parent, tagged as the cell's
+    trial, which `table` reads like any other. Runs in this process (the driver). Returns the new runs' ids."""
+    from sqgan.commands.eval import run_eval  # on demand: the metric networks' stack
+    from sqgan.shells.tracking import checkpoint_of_run
+
+    client = mlflow_client(tracking_uri)
+    parent = client.get_run(parent_id)
+    keys = json.loads(_artifact_text(client, parent_id, KEYS_ARTIFACT))
+    evaluates: dict[str, str] = keys.get("evaluates", {})
+    if not evaluates:
+        return []
+    exp = Experiment.model_validate(yaml.safe_load(_artifact_text(client, parent_id, FILE_ARTIFACT)))
+    label = Path(f"{exp.name}.yaml (as run {parent_id})")
+    base, cells = resolve_cells(params, exp, label, keys["scale"])
+    base = base.override({"mlflow.tracking_uri": tracking_uri}, source=str(label))
+    done: dict[str, dict[Any, Any]] = {}  # cell → seed → its completed run
+    for run in child_runs(client, parent):
+        values = json.loads(run.data.tags.get(TRIAL_VALUES, "{}"))
+        if run.info.status == "FINISHED" and run.data.tags.get(TRIAL_STATUS) == "completed":
+            done.setdefault(values.get(CELL), {})[values.get("train.seed")] = run
+    new = []
+    for cell, trained in evaluates.items():
+        for seed, run in sorted(done.get(trained, {}).items(), key=lambda kv: str(kv[0])):
+            if seed in done.get(cell, {}):
+                continue
+            p = base.override({**cells[cell], "train.seed": seed}, source=f"{label}: cell '{cell}'")
+            p = p.override({"eval.metrics": list(p.metrics.names), "eval.num_fake": p.metrics.num_fake,
+                            "eval.lpips_pairs": max(1, p.metrics.num_fake // 2),
+                            "mlflow.run_name": f"{cell} seed {seed} (evaluates {run.info.run_id[:8]})"},
+                           source=f"{label}: cell '{cell}'")
+            tags = {TRIAL_VALUES: json.dumps({CELL: cell, "train.seed": seed}, sort_keys=True),
+                    TRIAL_STATUS: "completed", EVALUATED_RUN: run.info.run_id}
+            with tempfile.TemporaryDirectory(prefix="sqgan-exp-eval-") as d:
+                ckpt = checkpoint_of_run(tracking_uri, run.info.run_id, Path(d))
+                result = run_eval(p, checkpoint=ckpt, data_dir=run.data.tags.get(DATA_DIR), out=Path(d) / "eval.json",
+                                  project_dir=project_dir, progress=False, new_run_tags=tags,
+                                  parent_run_id=parent_id)
+            new.append(result.run_id)
+            print(f"experiment {exp.name}: cell '{cell}' seed {seed}: evaluated {run.info.run_id} as run "
+                  f"{result.run_id}", flush=True)
+    return new
 
 
 # --------------------------------------------------------------------------------------------- table
@@ -463,7 +544,8 @@ def _paper(r: dict[str, Any]) -> str:
     return _num(r["paper"]) + ("" if math.isnan(r["paper_std"]) else f" ± {_num(r['paper_std'], 2)}")
 
 
-def header(exp: Experiment, scale: str, parent_id: str, same: dict[str, str] | None = None) -> list[str]:
+def header(exp: Experiment, scale: str, parent_id: str, same: dict[str, str] | None = None,
+           evaluates: dict[str, str] | None = None) -> list[str]:
     lines = [f"# {exp.title}", "", f"Source: {exp.source}. Aggregation: {exp.aggregate}",
              f"MLflow parent run {parent_id}, scale **{scale}**."]
     if scale == "demo":
@@ -475,12 +557,15 @@ def header(exp: Experiment, scale: str, parent_id: str, same: dict[str, str] | N
         lines.append(f"Where the paper scale departs from the paper: {exp.gaps.strip()}.")
     for cell, earlier in (same or {}).items():
         lines.append(f"'{cell}' has the same params as '{earlier}' at this scale: trained once, shown in both.")
+    for cell, trained in (evaluates or {}).items():
+        lines.append(f"'{cell}' differs from '{trained}' only in evaluation params (sample.*, metrics.truncation): "
+                     f"not trained; '{trained}''s G evaluated with its values.")
     return lines
 
 
 def render_markdown(exp: Experiment, rows: list[dict[str, Any]], scale: str, parent_id: str,
-                    same: dict[str, str] | None = None) -> str:
-    lines = header(exp, scale, parent_id, same)
+                    same: dict[str, str] | None = None, evaluates: dict[str, str] | None = None) -> str:
+    lines = header(exp, scale, parent_id, same, evaluates)
     for m in exp.metrics:
         sub = [r for r in rows if r["metric"] == m.name]
         what = f"slowdown vs {m.relative_to}, %" if m.relative_to else f"{sub[0]['key']}, {m.mode} is better"
@@ -591,7 +676,7 @@ def write_table(tracking_uri: str, parent: Any, out: Path, log: bool = True) -> 
     scale = parent.data.tags.get(EXPERIMENT_SCALE, keys.get("scale", "?"))
     rows = table_rows(exp, keys, per_cell)
     out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(exp, rows, scale, parent.info.run_id, keys.get("same_as"))
+    md = render_markdown(exp, rows, scale, parent.info.run_id, keys.get("same_as"), keys.get("evaluates"))
     texts = {"table.md": md, "table.tex": render_latex(exp, rows, scale), "table.csv": render_csv(rows)}
     for name, text in texts.items():
         with atomic_path(out / name) as tmp:
@@ -619,9 +704,13 @@ def show_experiment(name: str, folder: Path = EXPERIMENTS_DIR) -> str:
         lines.append(f"departs from the paper: {exp.gaps.strip()}")
     for scale, spec in exp.scales.items():
         data = ", ".join(f"{a} → {b}" for a, b in spec.data.items()) or "as the cells name them"
-        lines.append(f"{scale} scale: {len(exp.cells())} cells × {len(spec.seeds)} seeds = "
-                     f"{len(exp.cells()) * len(spec.seeds)} trainings; data {data}"
-                     + (f"; {spec.note}" if spec.note else ""))
+        base, cells = resolve_cells(Params(), exp, path, scale)
+        same, evaluated = same_runs(base, cells), evaluation_cells(base, cells)
+        trained = len(cells) - len(same) - len(evaluated)
+        lines.append(f"{scale} scale: {len(cells)} cells × {len(spec.seeds)} seeds = {trained * len(spec.seeds)} "
+                     f"trainings" + (f" ({len(same)} cells share another's params)" if same else "")
+                     + (f" and {len(evaluated) * len(spec.seeds)} evaluations of trained cells" if evaluated else "")
+                     + f"; data {data}" + (f"; {spec.note}" if spec.note else ""))
     return "\n".join(lines)
 
 
