@@ -52,7 +52,7 @@ def test_bf16_steps_with_fq_and_sq_are_finite_run_in_bf16_and_keep_the_quantizer
             assert all(torch.isfinite(v).all() for v in ph.stats.values()), ph.stats
     assert seen and set(seen) == {torch.bfloat16}  # every G and D pass of the steps ran under bf16 autocast
     quantizers = [m for m in (*state.D.modules(), *state.G.modules()) if hasattr(m, "ema_sum")]
-    assert len(quantizers) >= 2  # FQ's and SQ's
+    assert len(quantizers) >= 2  # FQ after each quantized D block (SQ's codebook is a G parameter: checked below)
     for q in quantizers:
         assert {b.dtype for b in (q.codebook, q.ema_sum, q.ema_count)} == {torch.float32}
     assert {p_.dtype for p_ in (*state.G.parameters(), *state.D.parameters())} == {torch.float32}
@@ -152,9 +152,19 @@ def test_the_images_are_gathered_on_the_training_device_when_they_fit(tmp_path):
     assert ds.images.device.type == "cpu"  # the host copy stays for metrics and the collapse watch
 
 
-def test_a_mirrored_conditional_run_trains(tmp_path):
-    """data.mirror through the loop: an epoch of 2N samples, a flipped sample's class read through batch_labels."""
+def test_a_mirrored_conditional_run_trains(tmp_path, monkeypatch):
+    """data.mirror through the loop: an epoch of 2N samples (the loop draws flipped indices N … 2N−1), a flipped
+    sample's class read through batch_labels."""
     from sqgan.data.demo import build_demo
+
+    drawn: list[tuple[int, int]] = []  # (largest index of a training batch, N images)
+    plain_batch = ManifestDataset.batch
+
+    def spy(self, idx):
+        drawn.append((int(idx.max()), self.images.shape[0]))
+        return plain_batch(self, idx)
+
+    monkeypatch.setattr(ManifestDataset, "batch", spy)
 
     data = build_demo(tmp_path / "data" / "demo", resolution=32, stride=128, lfw_faces=30, labels=True)
     p = default_params(tiny_overrides(**{"data.mirror": "true", "model.conditional": "true", "model.num_classes": 2,
@@ -163,6 +173,7 @@ def test_a_mirrored_conditional_run_trains(tmp_path):
                                          "train.batch_size": 32}))
     result = train(p, data, tmp_path / "run")
     assert result.metrics and all(np.isfinite(v) for v in result.metrics.values())
+    assert drawn and max(i for i, _ in drawn) >= drawn[0][1]  # flipped samples were trained on
 
 
 def _compiled_twins(arch: dict, **extra) -> tuple:
