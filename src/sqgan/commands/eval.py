@@ -21,7 +21,7 @@ import torch
 from sqgan.config import Params
 from sqgan.io import write_json_atomic
 from sqgan.metrics.evaluate import Evaluator, RealFeatureCache, Reference, check_metric_names
-from sqgan.sampling.generator import eval_generator, truncation_metrics
+from sqgan.sampling.generator import eval_generator, record_truncation
 from sqgan.sampling.truncation import centres_path
 from sqgan.shells.tracking import (
     MlflowLogger,
@@ -92,10 +92,7 @@ def run_eval(
         sampled, truncation = eval_generator(params, G, cache)
         ev = evaluator(sampled, trained.model.z_dim, ep.num_fake, ep.metrics, lpips_pairs=ep.lpips_pairs,
                        progress=progress)
-        if truncation is not None:
-            for prov in ev.provenance.values():
-                prov.setdefault("truncation", truncation)  # pplu: always untruncated
-        ev.metrics.update(truncation_metrics(truncation))
+        record_truncation(ev, truncation)
         new_run = target is None
         if new_run:
             uri = resolve_tracking_uri(params, project_dir)

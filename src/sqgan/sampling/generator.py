@@ -127,7 +127,14 @@ def eval_generator(params: Params, G: nn.Module, cache: Path | None = None) -> t
 INERTIA_KEY = "truncation/kmeans_inertia"  # the metric an evaluation with multimodal truncation logs beside FID
 
 
-def truncation_metrics(info: dict[str, Any] | None) -> dict[str, float]:
-    """What an evaluation logs of its truncation (`eval_generator`'s info): the k-means inertia of the multimodal
-    centres (Σ over the fit_samples mapped w of the squared distance to the nearest centre), the elbow study's y."""
-    return {INERTIA_KEY: float(info["inertia"])} if info and "inertia" in info else {}
+def record_truncation(ev: Any, info: dict[str, Any] | None) -> None:
+    """What an evaluation (training's and `sqgan eval`'s) records of its truncation (`eval_generator`'s info): each
+    metric's provenance gains it (pplu, always untruncated, keeps its own) and the metrics the k-means inertia of the
+    multimodal centres (Σ over the fit_samples mapped w of the squared distance to the nearest centre), the elbow
+    study's y."""
+    if info is None:
+        return
+    for prov in ev.provenance.values():
+        prov.setdefault("truncation", info)
+    if "inertia" in info:
+        ev.metrics[INERTIA_KEY] = float(info["inertia"])

@@ -61,7 +61,7 @@ from sqgan.models.factory import (
 )
 from sqgan.quant.codebook_prior import load_prior, restore_codebook
 from sqgan.quant.digest import dictionary_digest
-from sqgan.sampling.generator import eval_generator, truncation_metrics
+from sqgan.sampling.generator import eval_generator, record_truncation
 from sqgan.tags import COLLAPSE_STEP, METRIC_PROVENANCE
 from sqgan.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -325,10 +325,7 @@ def evaluate(params: Params, evaluator: Any, g_ema: nn.Module, num_fake: int, ho
     (the collapse watch's) is logged in the same call."""
     g, truncation = eval_generator(params, g_ema)
     ev = evaluator(g, params.model.z_dim, num_fake, params.metrics.names, lpips_pairs=num_fake // 2)
-    if truncation is not None:
-        for prov in ev.provenance.values():
-            prov.setdefault("truncation", truncation)  # pplu: always untruncated
-    ev.metrics.update(truncation_metrics(truncation))
+    record_truncation(ev, truncation)
     hooks.log_metrics({**ev.metrics, **(extra or {})}, step)
     hooks.set_tags({f"{METRIC_PROVENANCE}{k}": json.dumps(v, sort_keys=True) for k, v in ev.provenance.items()})
     return ev
