@@ -263,6 +263,23 @@ def test_compile_on_a_torch_that_cannot_compile_is_one_clear_error_before_ray(tm
     check_environment(default_params(tiny_overrides(**off)), tmp_path)  # compile off: no probe, no error
 
 
+def test_a_sweep_that_compiles_in_some_trial_is_preflighted_too(demo_dir, tmp_path, monkeypatch):
+    """A grid or a cell that switches train.compile on is probed before Ray even when the base params train eagerly."""
+    from sqgan.shells.tune import _preflight, compiles_in_a_trial
+
+    infra = {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "ray.storage_path": str(tmp_path / "ray")}
+    grid = default_params(tiny_overrides(**infra, **{"tune.space": "{train: {compile: {grid: [false, true]}}}"}))
+    cells = default_params(tiny_overrides(**infra, **{"tune.cells": "{a: {train: {compile: 'true'}}, b: {}}"}))
+    eager = default_params(tiny_overrides(**infra, **{"tune.space": "{train: {compile: {grid: [false]}}}",
+                                                      "tune.cells": "{a: {fq: {enabled: true}}}"}))
+    assert compiles_in_a_trial(grid) and compiles_in_a_trial(cells) and not compiles_in_a_trial(eager)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    for p in (grid, cells):
+        with pytest.raises(RuntimeError, match="train.compile: this torch cannot compile here"):
+            _preflight(p, demo_dir, tmp_path)
+    _preflight(eager, demo_dir, tmp_path)  # no trial compiles: no probe
+
+
 def test_the_gpu_benchmark_runs_quick_on_cpu_and_writes_every_row(tmp_path):
     import json
     import subprocess

@@ -31,7 +31,7 @@ from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from sqgan.config import ConfigError, Params, _unknown_key_message, flatten, load_params
+from sqgan.config import ConfigError, Params, _unknown_key_message, flatten, flatten_space, load_params
 from sqgan.data.manifest import read_manifest
 from sqgan.data.stages import run_stage
 from sqgan.io import check_output, mark_output, sigint_observed, sigterm_as_interrupt, stage_of, write_json_atomic
@@ -43,6 +43,7 @@ from sqgan.shells import ray_train
 from sqgan.shells.ray_train import (
     available_resources,
     build_trainer,
+    check_compile,
     check_environment,
     node_label,
     node_resources,
@@ -569,7 +570,18 @@ def _preflight(base: Params, data_dir: Path, project_dir: Path,
     read_manifest(data_dir)
     for folder in (cell_data or {}).values():
         read_manifest(Path(folder))
-    return check_environment(base, project_dir)
+    use_gpu, storage, uri = check_environment(base, project_dir)
+    if not base.train.compile and compiles_in_a_trial(base):
+        check_compile(use_gpu)  # the base trains eagerly, so check_environment did not try
+    return use_gpu, storage, uri
+
+
+def compiles_in_a_trial(params: Params) -> bool:
+    """Whether a cell or an axis of the sweep switches train.compile on (its values as the schema reads them)."""
+    values = [flatten(v).get("train.compile") for v in params.tune.cells.values()]
+    space = flatten_space(params.tune.space).get("train.compile")
+    values += list(space[1]) if space and space[0] in ("grid", "choice") else []
+    return any(v is not None and Params().override({"train.compile": v}).train.compile for v in values)
 
 
 def _trainable(spec: SweepSpec) -> Any:
