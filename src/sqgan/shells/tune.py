@@ -499,8 +499,9 @@ def run_sweep(
         shutil.rmtree(out_dir)
     ray_train.init_ray(params)
     parent_run_id = open_sweep_run(params, base, data_dir, project_dir, tags)
+    client = mlflow_client(tracking_uri)
     for file, text in (files or {}).items():
-        mlflow_client(tracking_uri).log_text(parent_run_id, text, file)
+        client.log_text(parent_run_id, text, file)
     name = f"sweep-{parent_run_id[:12]}"
     out_dir.mkdir(parents=True, exist_ok=True)
     mark_output(out_dir, "sweep")
