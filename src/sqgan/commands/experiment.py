@@ -33,6 +33,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sqgan.commands.eval import run_eval
 from sqgan.commands.report import quiet_downloads
 from sqgan.config import ConfigError, Params, flatten
 from sqgan.data.manifest import read_manifest
@@ -41,7 +42,14 @@ from sqgan.io import atomic_path, write_json_atomic
 from sqgan.metrics.evaluate import METRICS
 from sqgan.metrics.names import parse_metric_key
 from sqgan.shells import tune as sweeps
-from sqgan.shells.tracking import child_runs, mlflow_client, open_existing, resolve_tracking_uri, search_all
+from sqgan.shells.tracking import (
+    checkpoint_of_run,
+    child_runs,
+    mlflow_client,
+    open_existing,
+    resolve_tracking_uri,
+    search_all,
+)
 from sqgan.shells.tune import CELL
 from sqgan.tags import (
     DATA_DIR,
@@ -405,9 +413,6 @@ def evaluate_cells(params: Params, tracking_uri: str, parent_id: str, project_di
     checkpoint evaluated by `sqgan eval` with the cell's params — the metrics its training would have logged
     (metrics.names on metrics.num_fake images) — in a run nested under the experiment's parent, tagged as the cell's
     trial, which `table` reads like any other. Runs in this process (the driver). Returns the new runs' ids."""
-    from sqgan.commands.eval import run_eval  # on demand: the metric networks' stack
-    from sqgan.shells.tracking import checkpoint_of_run
-
     client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_id)
     keys = json.loads(_artifact_text(client, parent_id, KEYS_ARTIFACT))
