@@ -83,14 +83,17 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="32², tiny widths, one round: the CPU check")
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu.json and gpu.md")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra params override (every row)")
+    ap.add_argument("--precision", dest="precisions", action="append", choices=list(PRECISIONS),
+                    help="only these precisions (repeatable; default: all)")
     a = ap.parse_args()
+    precisions = a.precisions or list(PRECISIONS)
     size = QUICK if a.quick else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rt = Runtime(device=device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     base = ["model.arch=stylegan2", f"model.resolution={size['resolution']}", f"train.batch_size={size['batch']}",
             "metrics.diversity_every=0", *size["sets"], *a.sets]
-    configs = {f"{m} {p}": base + METHODS[m] + PRECISIONS[p] for m in METHODS for p in PRECISIONS}
+    configs = {f"{m} {p}": base + METHODS[m] + PRECISIONS[p] for m in METHODS for p in precisions}
     data = RandomImages(max(64, 4 * size["batch"]), size["resolution"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -117,12 +120,12 @@ def main() -> int:
         report["not_measured"]["ray_1_vs_2_gpus"] = f"needs 2 GPUs; this machine has {torch.cuda.device_count()}"
     a.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(a.out / "gpu.json", report)
-    ref = {r["method"]: r["ms_per_step"] for r in rows if r["precision"] == "float32"}
+    ref = {r["method"]: r["ms_per_step"] for r in rows if r["precision"] == precisions[0]}
     lines = [f"# sqgan GPU benchmark: {name} ({device.type}), {report['date']}", "",
              f"StyleGAN2 {size['resolution']}², batch {size['batch']}, torch {torch.__version__}, "
              f"{size['steps']} × {size['rounds']} timed steps per row{' (--quick)' if a.quick else ''}; peak memory "
              f"{report['peak_memory']}; GPU utilisation {report['gpu_utilisation']}.", "",
-             "| method | precision | ms/step | sec/kimg | × float32 |", "|---|---|---|---|---|"]
+             f"| method | precision | ms/step | sec/kimg | × {precisions[0]} |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['precision']} | {r['ms_per_step']:.1f} | {r['sec_per_kimg']:.2f} | "
                      f"{r['ms_per_step'] / ref[r['method']]:.3f} |")

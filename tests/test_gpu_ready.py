@@ -281,21 +281,31 @@ def test_a_sweep_that_compiles_in_some_trial_is_preflighted_too(demo_dir, tmp_pa
 
 
 def test_the_gpu_benchmark_runs_quick_on_cpu_and_writes_every_row(tmp_path):
+    """--quick with the float32 and bf16 rows: the bf16+compile rows (the same setup() with train.compile, whose
+    compiled step the tests above check) cost ~2.5 minutes of cold compiling on 2 CPUs, so CI leaves them to `make
+    bench`; the default precisions are still all three."""
     import json
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu.PRECISIONS["bf16+compile"] == ["train.amp=bf16", "train.compile=true"]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--out", str(tmp_path),
+                        "--precision", "float32", "--precision", "bf16"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     got = {(row["method"], row["precision"]) for row in report["rows"]}
-    assert got == {(m, p) for m in ("plain", "fq+sq", "fq+sq+qcr/4") for p in ("float32", "bf16", "bf16+compile")}
+    assert got == {(m, p) for m in ("plain", "fq+sq", "fq+sq+qcr/4") for p in ("float32", "bf16")}
     assert all(row["sec_per_kimg"] > 0 and np.isfinite(row["sec_per_kimg"]) for row in report["rows"])
-    assert {row["precision"] for row in report["rows"] if row["compile"]} == {"bf16+compile"}
+    assert not any(row["compile"] for row in report["rows"])
     assert report["metric_pipeline"]["images_per_s"] > 0 and report["device"] == "cpu"
     assert "needs 2 GPUs" in report["not_measured"]["ray_1_vs_2_gpus"]
     table = (tmp_path / "gpu.md").read_text()
-    assert table.count("| fq+sq+qcr/4 |") == 3 and "sec/kimg" in table
+    assert table.count("| fq+sq+qcr/4 |") == 2 and "× float32" in table
