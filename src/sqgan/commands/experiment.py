@@ -414,18 +414,25 @@ def evaluate_cells(params: Params, tracking_uri: str, parent_id: str, project_di
     (metrics.names on metrics.num_fake images) — in a run nested under the experiment's parent, tagged as the cell's
     trial, which `table` reads like any other. Runs in this process (the driver). Returns the new runs' ids."""
     client = mlflow_client(tracking_uri)
-    exp, keys, per_cell = collect(tracking_uri, client.get_run(parent_id))  # the completed trials, as `table` reads
+    parent = client.get_run(parent_id)
+    keys = json.loads(_artifact_text(client, parent_id, KEYS_ARTIFACT))
     evaluates: dict[str, str] = keys.get("evaluates", {})
     if not evaluates:
         return []
+    exp = Experiment.model_validate(yaml.safe_load(_artifact_text(client, parent_id, FILE_ARTIFACT)))
     label = Path(f"{exp.name}.yaml (as run {parent_id})")
     base, cells = resolve_cells(params, exp, label, keys["scale"])
     base = base.override({"mlflow.tracking_uri": tracking_uri}, source=str(label))
+    done: dict[str, dict[Any, Any]] = {}  # cell → seed → its completed run
+    for run in child_runs(client, parent):
+        values = json.loads(run.data.tags.get(TRIAL_VALUES, "{}"))
+        if run.info.status == "FINISHED" and run.data.tags.get(TRIAL_STATUS) == "completed":
+            done.setdefault(values.get(CELL), {})[values.get("train.seed")] = run
     new = []
     for cell, trained in evaluates.items():
-        have = {r["seed"] for r in per_cell.get(cell, [])}
-        for seed, run in ((r["seed"], client.get_run(r["run_id"])) for r in per_cell.get(trained, [])
-                          if r["seed"] not in have):
+        for seed, run in sorted(done.get(trained, {}).items(), key=lambda kv: str(kv[0])):
+            if seed in done.get(cell, {}):
+                continue
             p = base.override({**cells[cell], "train.seed": seed}, source=f"{label}: cell '{cell}'")
             p = p.override({"eval.metrics": list(p.metrics.names), "eval.num_fake": p.metrics.num_fake,
                             "eval.lpips_pairs": max(1, p.metrics.num_fake // 2),
